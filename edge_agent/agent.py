@@ -1,0 +1,294 @@
+"""The agent's main loop: one thread, one inbox, one check at a time.
+
+Everything that happens to the agent (a desired tag over MQTT, a command, a Docker
+event, a signal) becomes a typed message in ``inbox``; ``step()`` takes the next
+one, handles it, and runs a check when one is due. Docker work happens only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.config import Settings
+from edge_agent.engine import Engine
+from edge_agent.errors import EdgeAgentError, RunConfigError, StorageError, TagError
+from edge_agent.reconcile import Desired, RemoteTag, Source, backoff_s, resolve_desired
+from edge_agent.registry import RegistryClient
+from edge_agent.status import Status, UpdateStatus
+from edge_agent.store import DataDir
+from edge_agent.tags import parse_tag_payload
+from edge_agent.updater import CheckResult, Updater
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE_S = 2.0
+RETRY_CAP_S = 300.0
+# Retained desired tags arrive one topic at a time after (re)connecting; wait this
+# long before acting so a fleet tag is never applied just before the device tag lands.
+REMOTE_SETTLE_S = 0.3
+
+Reply = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Check the registry now; ``install`` also applies a pending update in notify mode."""
+
+    request_id: str | None = None
+    install: bool = False
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True)
+class RemoteTagMessage:
+    """A desired-tag message from MQTT: scope is device, group or fleet."""
+
+    scope: Source
+    payload: bytes
+    topic: str = ""
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """Something Docker reported about the managed container (die, health_status, ...)."""
+
+    action: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do; makes ``step()`` look at ``should_exit`` and the clock again."""
+
+
+Message = CheckRequest | RemoteTagMessage | ContainerEvent | Wake
+
+
+class Agent:
+    """Owns the check schedule, the desired-tag sources and the updater."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        connect_engine: Callable[[], Engine] = Engine.connect,
+    ) -> None:
+        self.settings = settings
+        self.data = DataDir(settings.data_dir)
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.should_exit = False
+        self.status = Status(device_id=settings.device_id, image=settings.repository)
+        self.status.state_sinks.append(self._write_status_file)
+        self.status.event_sinks.append(_log_event)
+        self.state = self.data.load_state()
+        self.registry = RegistryClient(settings.repository)
+        self.remote: dict[tuple[Source, str | None], RemoteTag] = {}
+        self._connect_engine = connect_engine
+        self._updater: Updater | None = None
+        self._failures = 0
+        self._next_check = 0.0  # check at once on start
+        self._install_requested = False
+        self._replies: list[tuple[CheckRequest, Reply]] = []
+        self._rejected_file_tag: str | None = None
+        self._last_error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+    def request_exit(self) -> None:
+        """Ask the loop to stop (signal handler safe): finish the step, then return."""
+        self.should_exit = True
+        self.inbox.put(Wake())
+
+    def run(self) -> None:
+        log.info("edge-agent for %s (container %s, device %s) starting",
+                 self.settings.repository, self.settings.container_name, self.settings.device_id)
+        while not self.should_exit:
+            self.step()
+        self.close()
+        log.info("edge-agent stopped; %s keeps running", self.settings.container_name)
+
+    def close(self) -> None:
+        self.registry.close()
+        if self._updater is not None:
+            self._updater.engine.close()
+
+    def step(self, max_wait_s: float | None = None) -> None:
+        """Handle one message (or time out), then run a check if one is due."""
+        now = time.monotonic()
+        wait = min(self._next_check - now,
+                   self.status.last_published + self.settings.telemetry_interval_s - now)
+        if max_wait_s is not None:
+            wait = min(wait, max_wait_s)
+        try:
+            message = self.inbox.get(timeout=max(wait, 0.0))
+        except queue.Empty:
+            message = None
+        if message is not None:
+            self.handle(message)
+        if self.should_exit:
+            return
+        now = time.monotonic()
+        if now >= self._next_check:
+            self.check()
+        elif now - self.status.last_published >= self.settings.telemetry_interval_s:
+            self._heartbeat()
+
+    # -- messages ---------------------------------------------------------------
+    def handle(self, message: Message) -> None:
+        if isinstance(message, CheckRequest):
+            self._install_requested |= message.install
+            if message.reply is not None:
+                self._replies.append((message, message.reply))
+            self._next_check = 0.0
+        elif isinstance(message, RemoteTagMessage):
+            self._handle_remote_tag(message)
+        elif isinstance(message, ContainerEvent):
+            self._handle_container_event(message)
+
+    def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
+        try:
+            parsed = parse_tag_payload(message.payload)
+        except TagError as exc:
+            log.warning("rejected desired tag on %s: %s", message.topic, exc)
+            self.status.event("tag_rejected", topic=message.topic, reason=str(exc))
+            return
+        key = (message.scope, message.group)
+        if parsed.tag is None:
+            self.remote.pop(key, None)
+        else:
+            self.remote[key] = RemoteTag(parsed.tag, parsed.request_id)
+        self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
+
+    def _handle_container_event(self, message: ContainerEvent) -> None:
+        if message.action == "die" and self.status.update_status is UpdateStatus.IDLE:
+            code = message.attributes.get("exitCode")
+            log.warning("container %s exited (code %s)", self.settings.container_name, code)
+            self.status.event("container_exited", exit_code=code)
+        self._heartbeat()
+
+    # -- desired tag ------------------------------------------------------------
+    def resolve(self) -> Desired | None:
+        """The effective desired tag from every source, by precedence."""
+        groups = [(g, self.remote.get((Source.GROUP, g))) for g in self.settings.device_groups]
+        return resolve_desired(
+            device=self.remote.get((Source.DEVICE, None)),
+            groups=groups,
+            fleet=self.remote.get((Source.FLEET, None)),
+            file_tag=self._read_tag_file(),
+            image_tag=self.settings.image_tag,
+            fallback_tag=self.settings.fallback_tag,
+        )
+
+    def _read_tag_file(self) -> str | None:
+        try:
+            tag = self.data.read_tag()
+        except (TagError, StorageError) as exc:
+            message = str(exc)
+            if message != self._rejected_file_tag:
+                log.error("tag file ignored: %s", message)
+                self.status.event("tag_rejected", source="file", reason=message)
+                self._rejected_file_tag = message
+            return None
+        self._rejected_file_tag = None
+        return tag
+
+    def _persist(self, desired: Desired) -> None:
+        """A tag that came over MQTT becomes the tag file, so it survives a restart offline."""
+        if desired.source in (Source.DEVICE, Source.GROUP, Source.FLEET):
+            current = self._read_tag_file()
+            if current != desired.tag:
+                self.data.write_tag(desired.tag)
+
+    # -- checks -----------------------------------------------------------------
+    def check(self) -> CheckResult | None:
+        """One reconcile pass; never raises for faults it can wait out."""
+        install, self._install_requested = self._install_requested, False
+        replies, self._replies = self._replies, []
+        self._next_check = time.monotonic() + self.settings.poll_interval_s
+        result: CheckResult | None = None
+        error: str | None = None
+        try:
+            updater = self._ensure_updater()
+            desired = self.resolve()
+            self.status.desired = desired
+            if desired is None:
+                raise RunConfigError("no desired tag: set one, or a tag in CONTAINER_IMAGE, "
+                                     "or FALLBACK_TAG")
+            self._persist(desired)
+            result = updater.check(desired, install=install)
+        except RunConfigError as exc:
+            error = str(exc)
+            self._report_failure(error, event="config_error")
+        except EdgeAgentError as exc:
+            error = str(exc)
+            self._report_failure(error, event=None)
+        else:
+            self._failures = 0
+            self._last_error = None
+        for request, reply in replies:
+            reply(_check_answer(request, result, error))
+        return result
+
+    def _ensure_updater(self) -> Updater:
+        if self._updater is None:
+            engine = self._connect_engine()
+            updater = Updater(self.settings, engine, self.registry, self.data, self.state,
+                              self.status, should_abort=lambda: self.should_exit)
+            updater.recover()
+            self._updater = updater
+        return self._updater
+
+    def _report_failure(self, error: str, event: str | None) -> None:
+        self._failures += 1
+        delay = min(self.settings.poll_interval_s,
+                    backoff_s(self._failures, RETRY_BASE_S, RETRY_CAP_S))
+        self._next_check = time.monotonic() + delay
+        if error != self._last_error:
+            log.error("%s (retrying in %.0f s)", error, delay)
+            if event is not None:
+                self.status.event(event, error=error)
+        else:
+            log.debug("%s (again; retrying in %.0f s)", error, delay)
+        self._last_error = error
+        self.status.set_update(UpdateStatus.ERROR, error=error)
+        self._observe_quietly()
+
+    def _heartbeat(self) -> None:
+        self._observe_quietly()
+        self.status.publish()
+
+    def _observe_quietly(self) -> None:
+        if self._updater is None:
+            return
+        try:
+            self._updater.observe()
+        except EdgeAgentError as exc:
+            log.debug("cannot observe the container: %s", exc)
+
+    def _write_status_file(self, document: dict[str, Any]) -> None:
+        self.data.write_status(document)
+
+
+def _check_answer(
+    request: CheckRequest, result: CheckResult | None, error: str | None
+) -> dict[str, Any]:
+    answer: dict[str, Any] = {"request_id": request.request_id, "ok": error is None}
+    if result is not None:
+        answer.update(outcome=result.outcome, tag=result.target.tag, digest=result.target.digest)
+    if error is not None:
+        answer["error"] = error
+    return answer
+
+
+def _log_event(event: dict[str, Any]) -> None:
+    if event.get("event") == "pull_progress":
+        log.debug("pull %s%%", event.get("progress"))
+        return
+    skip = ("event", "ts", "device_id")
+    details = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
+    log.info("event %s %s", event.get("event"), details)

@@ -1,0 +1,202 @@
+"""Pure decision logic: no I/O, no clocks, no Docker. Everything here is unit-tested.
+
+The agent gathers facts (desired sources, the container, the registry's answer),
+and these functions say what to do about them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Source(enum.StrEnum):
+    """Where the effective desired tag came from, strongest first."""
+
+    DEVICE = "device"
+    GROUP = "group"
+    FLEET = "fleet"
+    FILE = "file"
+    IMAGE = "image"
+    FALLBACK = "fallback_tag"
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The tag the agent should run, where it came from and the request it answers."""
+
+    tag: str
+    source: Source
+    request_id: str | None = None
+    detail: str | None = None  # the group name when source is GROUP
+
+
+@dataclass(frozen=True)
+class RemoteTag:
+    """A desired tag received over MQTT (device, group or fleet topic)."""
+
+    tag: str
+    request_id: str | None = None
+
+
+def resolve_desired(
+    *,
+    device: RemoteTag | None,
+    groups: Sequence[tuple[str, RemoteTag | None]],
+    fleet: RemoteTag | None,
+    file_tag: str | None,
+    image_tag: str | None,
+    fallback_tag: str | None,
+) -> Desired | None:
+    """Apply the precedence device > group (first listed) > fleet > file > image > fallback."""
+    if device is not None:
+        return Desired(device.tag, Source.DEVICE, device.request_id)
+    for name, remote in groups:
+        if remote is not None:
+            return Desired(remote.tag, Source.GROUP, remote.request_id, detail=name)
+    if fleet is not None:
+        return Desired(fleet.tag, Source.FLEET, fleet.request_id)
+    if file_tag is not None:
+        return Desired(file_tag, Source.FILE)
+    if image_tag is not None:
+        return Desired(image_tag, Source.IMAGE)
+    if fallback_tag is not None:
+        return Desired(fallback_tag, Source.FALLBACK)
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The image a check decided to run: tag, registry digest (if known) and why."""
+
+    tag: str
+    digest: str | None
+    fallback_reason: str | None = None  # set when running FALLBACK_TAG instead of desired
+
+
+@dataclass(frozen=True)
+class Running:
+    """What the agent needs to know about the current container to decide."""
+
+    digests: frozenset[str]
+    tag: str | None
+    config_digest: str | None
+    running: bool
+
+
+class Action(enum.StrEnum):
+    NOTHING = "nothing"
+    START = "start"  # same image and config, but the container is not running
+    UPDATE = "update"
+    SKIP_FAILED = "skip_failed"  # this digest failed verification for this desired tag
+
+
+def decide(
+    target: Target,
+    running: Running | None,
+    config_digest: str,
+    failed_digests: frozenset[str],
+) -> Action:
+    """Compare the target with the running container.
+
+    A target without a digest (registry unreachable, image only known locally) matches
+    by tag. A digest that already failed verification for this desired tag is skipped.
+    """
+    if running is not None and running.config_digest == config_digest:
+        same_image = (
+            target.digest in running.digests if target.digest else target.tag == running.tag
+        )
+        if same_image:
+            return Action.NOTHING if running.running else Action.START
+    if target.digest is not None and target.digest in failed_digests:
+        return Action.SKIP_FAILED
+    return Action.UPDATE
+
+
+class Verdict(enum.StrEnum):
+    WAIT = "wait"
+    HEALTHY = "healthy"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One look at a container being verified."""
+
+    status: str
+    health: str | None
+    restart_count: int
+    elapsed_s: float
+
+
+STABLE_RUN_S = 10.0
+
+
+def judge(
+    probe: Probe, *, has_healthcheck: bool, initial_restarts: int, timeout_s: float
+) -> tuple[Verdict, str]:
+    """Decide whether a freshly started container has proven itself (SPEC section 5 step 4)."""
+    if probe.status in ("exited", "dead"):
+        return Verdict.FAILED, f"container {probe.status}"
+    if probe.restart_count > initial_restarts or probe.status == "restarting":
+        return Verdict.FAILED, "container restarted"
+    if has_healthcheck:
+        if probe.health == "healthy":
+            return Verdict.HEALTHY, "healthy"
+        if probe.health == "unhealthy":
+            return Verdict.FAILED, "container turned unhealthy"
+        if probe.elapsed_s >= timeout_s:
+            return Verdict.FAILED, f"not healthy within {timeout_s:g} s"
+        return Verdict.WAIT, "waiting for health check"
+    if probe.status != "running":
+        if probe.elapsed_s >= timeout_s:
+            return Verdict.FAILED, f"container {probe.status}"
+        return Verdict.WAIT, f"container {probe.status}"
+    if probe.elapsed_s >= min(STABLE_RUN_S, timeout_s):
+        return Verdict.HEALTHY, "kept running"
+    return Verdict.WAIT, "watching it run"
+
+
+@dataclass
+class PullProgress:
+    """Turns Docker's per-layer pull messages into one percentage."""
+
+    layers: dict[str, float] = field(default_factory=dict)
+    last_reported: float = -1.0
+
+    DONE_STATUSES = frozenset(
+        {"Pull complete", "Already exists", "Download complete", "Verifying Checksum"}
+    )
+
+    def update(self, message: Mapping[str, Any]) -> float | None:
+        """Feed one message; return the new percentage when it moved by at least 1."""
+        layer = message.get("id")
+        status = str(message.get("status", ""))
+        if not layer or not isinstance(layer, str) or ":" in layer:
+            return None
+        detail = message.get("progressDetail") or {}
+        current, total = detail.get("current"), detail.get("total")
+        fraction = self.layers.get(layer, 0.0)
+        if status == "Downloading" and total:
+            fraction = 0.9 * min(current or 0, total) / total
+        elif status == "Extracting" and total:
+            fraction = 0.9 + 0.1 * min(current or 0, total) / total
+        elif status in ("Pull complete", "Already exists"):
+            fraction = 1.0
+        elif status in ("Download complete", "Verifying Checksum"):
+            fraction = max(fraction, 0.9)
+        self.layers[layer] = fraction
+        percent = round(100 * sum(self.layers.values()) / len(self.layers), 1)
+        if percent >= self.last_reported + 1 or (percent == 100 and self.last_reported < 100):
+            self.last_reported = percent
+            return percent
+        return None
+
+
+def backoff_s(failures: int, base_s: float, cap_s: float) -> float:
+    """Delay before retrying after ``failures`` consecutive failures: doubling, capped."""
+    if failures <= 0:
+        return base_s
+    return float(min(cap_s, base_s * (2 ** min(failures - 1, 16))))
