@@ -227,6 +227,10 @@ class Agent:
         except EdgeAgentError as exc:
             error = str(exc)
             self._report_failure(error, event=None)
+        except Exception as exc:  # the loop boundary: a bug must not kill the agent
+            log.exception("unexpected error during a check; the container is left as it is")
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            self._report_failure(error, event=None)
         else:
             self._failures = 0
             self._last_error = None

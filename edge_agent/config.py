@@ -156,16 +156,16 @@ def _parse(raw: dict[str, str]) -> Settings:
         repository, image_tag = split_image(image)
     except TagError as exc:
         raise ConfigError(f"CONTAINER_IMAGE: {exc}") from None
-    if not re.match(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$", repository):
+    if not re.fullmatch(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$", repository):
         raise ConfigError(f"CONTAINER_IMAGE: {repository!r} is not a valid repository name")
 
     container_name = raw.get("CONTAINER_NAME") or "edge-app"
-    _check(NAME_RE.match(container_name), "CONTAINER_NAME", "must be a Docker container name")
+    _check(NAME_RE.fullmatch(container_name), "CONTAINER_NAME", "must be a Docker container name")
     device_id = raw.get("DEVICE_ID") or socket.gethostname()
-    _check(TOPIC_LEVEL_RE.match(device_id), "DEVICE_ID", "must not be empty or contain / # +")
+    _check(TOPIC_LEVEL_RE.fullmatch(device_id), "DEVICE_ID", "must not be empty or contain / # +")
     groups = tuple(g.strip() for g in raw.get("DEVICE_GROUPS", "").split(",") if g.strip())
     for group in groups:
-        _check(TOPIC_LEVEL_RE.match(group), "DEVICE_GROUPS", f"bad group name {group!r}")
+        _check(TOPIC_LEVEL_RE.fullmatch(group), "DEVICE_GROUPS", f"bad group name {group!r}")
 
     fallback_raw = raw.get("FALLBACK_TAG", "latest").strip()
     fallback_tag: str | None = None

@@ -15,7 +15,10 @@ from typing import Any
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.models.containers import Container
+from docker.models.containers import (  # type: ignore[attr-defined]
+    Container,
+    _create_container_args,  # the converter containers.run uses; no public twin
+)
 
 from edge_agent.errors import (
     DockerOperationError,
@@ -134,6 +137,19 @@ class Engine:
                 return None
         return _container_info(container)
 
+    def validate_run_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Fail fast: convert the kwargs the way ``containers.run`` would, without a request.
+
+        docker-py reports malformed values as TypeError, ValueError or AttributeError
+        from deep inside its converters; they all mean the same to an operator.
+        """
+        trial = {**kwargs, "image": "validation", "version": self._client.api.api_version}
+        try:
+            _create_container_args(trial)
+        except (TypeError, ValueError, AttributeError, KeyError, DockerException) as exc:
+            raise RunConfigError(f"docker_config.json: invalid containers.run arguments: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
     def create(
         self, image: str, name: str, kwargs: dict[str, Any], labels: dict[str, str]
     ) -> str:
@@ -150,7 +166,7 @@ class Engine:
             if "Conflict" in str(exc) or "already in use" in str(exc):
                 raise
             raise RunConfigError(f"Docker refused the run arguments: {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
             # docker-py rejects unknown or malformed keyword arguments before any request.
             raise RunConfigError(f"invalid containers.run arguments: {exc}") from None
         return str(container.id)

@@ -166,15 +166,18 @@ class PullProgress:
     layers: dict[str, float] = field(default_factory=dict)
     last_reported: float = -1.0
 
-    DONE_STATUSES = frozenset(
-        {"Pull complete", "Already exists", "Download complete", "Verifying Checksum"}
-    )
+    # Statuses Docker sends per layer; other messages (e.g. "Pulling from x" with the
+    # tag as its id) are not about a layer.
+    LAYER_STATUSES = frozenset({
+        "Pulling fs layer", "Waiting", "Downloading", "Verifying Checksum",
+        "Download complete", "Extracting", "Pull complete", "Already exists",
+    })
 
     def update(self, message: Mapping[str, Any]) -> float | None:
         """Feed one message; return the new percentage when it moved by at least 1."""
         layer = message.get("id")
         status = str(message.get("status", ""))
-        if not layer or not isinstance(layer, str) or ":" in layer:
+        if not isinstance(layer, str) or status not in self.LAYER_STATUSES:
             return None
         detail = message.get("progressDetail") or {}
         current, total = detail.get("current"), detail.get("total")

@@ -21,7 +21,7 @@ def validate_tag(tag: str) -> str:
     """Return ``tag`` if it is a Docker tag or a ``sha256:`` digest, else raise TagError."""
     if not isinstance(tag, str):
         raise TagError(f"tag must be a string, got {type(tag).__name__}")
-    if TAG_RE.match(tag) or DIGEST_RE.match(tag):
+    if TAG_RE.fullmatch(tag) or DIGEST_RE.fullmatch(tag):
         return tag
     shown = tag if len(tag) <= 40 else tag[:40] + "..."
     raise TagError(
@@ -31,7 +31,7 @@ def validate_tag(tag: str) -> str:
 
 def is_digest(tag: str) -> bool:
     """True when ``tag`` pins an image by digest rather than naming a tag."""
-    return bool(DIGEST_RE.match(tag))
+    return bool(DIGEST_RE.fullmatch(tag))
 
 
 @dataclass(frozen=True)

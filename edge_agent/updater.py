@@ -86,6 +86,7 @@ class Updater:
         # A failed digest is only remembered for the desired tag it failed under.
         self.state.failed = [f for f in self.state.failed if f.get("desired") == desired.tag]
         run_config = self.data.read_run_config()
+        self.engine.validate_run_kwargs(run_config.kwargs)
         for warning in run_config.warnings:
             log.warning("%s", warning)
         current = self.engine.container(self.name)
@@ -256,9 +257,9 @@ class Updater:
         if local is not None and (is_digest(target.tag) or self._tag_points_at(target, local)):
             return local
         self.status.set_update(UpdateStatus.PULLING, progress=0.0)
-        self._failpoint("pulling")
 
         def on_progress(percent: float) -> None:
+            self._failpoint("pulling")
             self.status.progress = percent
             self.status.event("pull_progress", tag=target.tag, progress=percent)
             self.status.publish()

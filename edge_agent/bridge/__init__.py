@@ -1,0 +1,7 @@
+"""``edge-bridge``: set desired tags over HTTP, read the fleet's state, serve the fleet page.
+
+The bridge is an MQTT client like any operator tool: it publishes the retained
+desired-tag topics of SPEC section 6 and keeps a device registry from the retained
+``state`` and ``availability`` topics (``fleet.Fleet``). ``server`` serves the HTTP
+API of SPEC section 7 with the standard library's ThreadingHTTPServer.
+"""

@@ -1,0 +1,430 @@
+"""The HTTP API of SPEC section 7 as a plain function of a request: no sockets here.
+
+``Api.handle(Request) -> Response``; ``server`` adapts it to http.server. Every
+input is validated here: ids are single MQTT topic levels, tags go through the
+agent's own ``validate_tag``, bodies are small JSON objects with known keys.
+Malformed input is a 4xx with ``{"error": ...}``, never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+from edge_agent.bridge.fleet import Fleet, TooManyWaiters, Verdict, iso_utc
+from edge_agent.bridge.link import BrokerUnavailable
+from edge_agent.errors import TagError
+from edge_agent.tags import validate_tag
+from edge_agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 4096
+MAX_ID_CHARS = 64
+# A single MQTT topic level: no separator, no wildcard, no NUL or other control
+# characters, and not "." or ".." (which HTTP clients collapse in paths).
+ID_RE = re.compile(r"^(?!\.{1,2}$)[^/#+\x00-\x1f\x7f]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+PUT_FIELDS = frozenset({"tag", "request_id"})
+JSON = "application/json"
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+            "img-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+STATIC_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+
+class Publisher(Protocol):
+    """What the API needs from the MQTT side (``link.MqttLink``)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # path and query as sent, e.g. /api/v1/devices/a/tag?wait=5
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes = b""
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class HttpError(Exception):
+    """Answer with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return Response(status, data, JSON, dict(headers or {}))
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response(status, {"error": message}, headers)
+
+
+Handler = Callable[["Call"], Response]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: tuple[str, ...]  # literal segments; "{id}" / "{group}" are parameters
+    handler: str  # Api method name
+    auth: bool = True
+
+
+@dataclass
+class Call:
+    """A matched request: decoded path parameters and query."""
+
+    request: Request
+    params: dict[str, str]
+    query: dict[str, str]
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", ("healthz",), "healthz", auth=False),
+    Route("GET", ("openapi.json",), "openapi", auth=False),
+    Route("GET", ("api", "v1", "devices"), "list_devices"),
+    Route("GET", ("api", "v1", "devices", "{id}"), "get_device"),
+    Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag"),
+    Route("DELETE", ("api", "v1", "devices", "{id}", "tag"), "delete_device_tag"),
+    Route("POST", ("api", "v1", "devices", "{id}", "check"), "check_device"),
+    Route("PUT", ("api", "v1", "groups", "{group}", "tag"), "put_group_tag"),
+    Route("DELETE", ("api", "v1", "groups", "{group}", "tag"), "delete_group_tag"),
+    Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag"),
+    Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
+    Route("POST", ("api", "v1", "fleet", "check"), "check_fleet"),
+)
+
+
+def load_resource(name: str) -> bytes:
+    return resources.files("edge_agent.bridge").joinpath(name).read_bytes()
+
+
+def openapi_document(max_wait_s: float) -> dict[str, Any]:
+    """The shipped OpenAPI document, with this bridge's ``?wait`` limit filled in."""
+    document: dict[str, Any] = json.loads(load_resource("openapi.json"))
+    wait = document["components"]["parameters"]["wait"]["schema"]
+    wait["maximum"] = max_wait_s
+    return document
+
+
+class Api:
+    """Routes, auth and validation; publishes through ``publisher``, reads ``fleet``."""
+
+    def __init__(
+        self,
+        token: str,
+        topics: Topics,
+        fleet: Fleet,
+        publisher: Publisher,
+        *,
+        max_wait_s: float = 300.0,
+        new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self._token = token.encode()
+        self.topics = topics
+        self.fleet = fleet
+        self.publisher = publisher
+        self.max_wait_s = max_wait_s
+        self._new_request_id = new_request_id
+        self._now = now
+        self._openapi = json.dumps(openapi_document(max_wait_s), indent=1).encode()
+        self._static = {path: (load_resource(name), ctype)
+                        for path, (name, ctype) in STATIC_FILES.items()}
+
+    # -- dispatch -------------------------------------------------------------------
+    def handle(self, request: Request) -> Response:
+        try:
+            response = self._dispatch(request)
+        except HttpError as exc:
+            response = error_response(exc.status, exc.message, exc.headers)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        if response.content_type == JSON:
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    def _dispatch(self, request: Request) -> Response:
+        path, _, query_text = request.target.partition("?")
+        path = path.partition("#")[0]
+        method = "GET" if request.method == "HEAD" else request.method
+        if path in self._static:
+            if method != "GET":
+                raise HttpError(405, f"{request.method} not allowed", {"Allow": "GET, HEAD"})
+            body, ctype = self._static[path]
+            return Response(200, body, ctype, {"Content-Security-Policy": PAGE_CSP,
+                                               "Cache-Control": "no-cache"})
+        if not path.startswith("/"):
+            raise HttpError(400, "request target must be an absolute path")
+        segments = tuple(_decode_segment(s) for s in path[1:].split("/"))
+        if segments[:1] == ("api",):
+            self._authenticate(request.headers)
+        candidates = [(route, params) for route in ROUTES
+                      if (params := _match(route.pattern, segments)) is not None]
+        if not candidates:
+            raise HttpError(404, "no such route")
+        for route, params in candidates:
+            if route.method == method:
+                if route.auth:
+                    self._authenticate(request.headers)
+                query = _parse_query(query_text)
+                handler: Handler = getattr(self, route.handler)
+                return handler(Call(request, params, query))
+        allowed = sorted({r.method for r, _ in candidates})
+        if "GET" in allowed:
+            allowed.append("HEAD")
+        raise HttpError(405, f"{request.method} not allowed here",
+                        {"Allow": ", ".join(allowed)})
+
+    def _authenticate(self, headers: Mapping[str, str]) -> None:
+        value = headers.get("authorization", "")
+        scheme, _, given = value.strip().partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), self._token)
+        if not ok:
+            raise HttpError(401, "missing or invalid bearer token",
+                            {"WWW-Authenticate": 'Bearer realm="edge-bridge"'})
+
+    # -- routes -------------------------------------------------------------------
+    def healthz(self, call: Call) -> Response:
+        connected = self.publisher.connected
+        body = {
+            "status": "ok" if connected else "unavailable",
+            "broker": "connected" if connected else "disconnected",
+            "devices": len(self.fleet),
+            "waiting": self.fleet.waiting,
+        }
+        return json_response(200 if connected else 503, body)
+
+    def openapi(self, call: Call) -> Response:
+        return Response(200, self._openapi, JSON, {"Cache-Control": "no-cache"})
+
+    def list_devices(self, call: Call) -> Response:
+        connected = b"true" if self.publisher.connected else b"false"
+        body = b'{"broker_connected":' + connected + b',"devices":' + self.fleet.list_json() + b"}"
+        return Response(200, body, JSON)
+
+    def get_device(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        view = self.fleet.device(device_id)
+        if view is None:
+            raise HttpError(404, f"no state or availability known for device {device_id!r}")
+        return json_response(200, view)
+
+    def put_device_tag(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        wait_s = self._wait_param(call.query)
+        tag, request_id = self._tag_body(call.request.body)
+        topic = self.topics.device_tag(device_id)
+        body = {"request_id": request_id, "scope": "device", "target": device_id, "tag": tag}
+        if wait_s is None:
+            self._publish_tag(topic, tag, request_id)
+            return json_response(202, body)
+        try:
+            waiter = self.fleet.add_waiter(device_id, request_id, tag)
+        except TooManyWaiters as exc:
+            raise HttpError(503, f"too many waiting requests ({exc}); retry later",
+                            {"Retry-After": "1"}) from None
+        try:
+            self._publish_tag(topic, tag, request_id)
+            verdict = waiter.wait(wait_s)
+        finally:
+            self.fleet.remove_waiter(waiter)
+        body["state"] = (self.fleet.device(device_id) or {}).get("state")
+        return self._wait_answer(body, verdict, device_id, wait_s)
+
+    def put_group_tag(self, call: Call) -> Response:
+        group = _id(call.params["group"], "group")
+        return self._put_scope("group", group, self.topics.group_tag(group), call)
+
+    def put_fleet_tag(self, call: Call) -> Response:
+        return self._put_scope("fleet", None, self.topics.fleet_tag, call)
+
+    def delete_device_tag(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        return self._clear("device", device_id, self.topics.device_tag(device_id))
+
+    def delete_group_tag(self, call: Call) -> Response:
+        group = _id(call.params["group"], "group")
+        return self._clear("group", group, self.topics.group_tag(group))
+
+    def delete_fleet_tag(self, call: Call) -> Response:
+        return self._clear("fleet", None, self.topics.fleet_tag)
+
+    def check_device(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        return self._check("device", device_id, self.topics.device_check(device_id))
+
+    def check_fleet(self, call: Call) -> Response:
+        return self._check("fleet", None, self.topics.fleet_check)
+
+    # -- helpers ------------------------------------------------------------------
+    def _put_scope(self, scope: str, target: str | None, topic: str, call: Call) -> Response:
+        if "wait" in call.query:
+            raise HttpError(400, "?wait is only supported for a single device "
+                                 "(PUT /api/v1/devices/{id}/tag)")
+        tag, request_id = self._tag_body(call.request.body)
+        self._publish_tag(topic, tag, request_id)
+        return json_response(202, {"request_id": request_id, "scope": scope, "target": target,
+                                   "tag": tag})
+
+    def _clear(self, scope: str, target: str | None, topic: str) -> Response:
+        self._publish(topic, b"")
+        log.info("cleared the %s desired tag%s", scope, f" of {target}" if target else "")
+        return json_response(200, {"scope": scope, "target": target, "cleared": True})
+
+    def _check(self, scope: str, target: str | None, topic: str) -> Response:
+        request_id = self._new_request_id()
+        payload = {"request_id": request_id, "issued_at": self._issued_at()}
+        self._publish(topic, json.dumps(payload).encode(), retain=False)
+        return json_response(202, {"request_id": request_id, "scope": scope, "target": target})
+
+    def _publish_tag(self, topic: str, tag: str, request_id: str) -> None:
+        payload = {"tag": tag, "request_id": request_id, "issued_at": self._issued_at()}
+        self._publish(topic, json.dumps(payload).encode())
+        log.info("published desired tag %s on %s (request %s)", tag, topic, request_id)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        try:
+            self.publisher.publish(topic, payload, retain=retain)
+        except BrokerUnavailable as exc:
+            log.warning("publish to %s failed: %s", topic, exc)
+            raise HttpError(503, str(exc), {"Retry-After": "5"}) from None
+
+    def _issued_at(self) -> str:
+        return iso_utc(self._now())
+
+    def _wait_param(self, query: Mapping[str, str]) -> float | None:
+        text = query.get("wait")
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise HttpError(400, f"wait must be a number of seconds, got {text[:20]!r}") from None
+        if not math.isfinite(value) or not 0 < value <= self.max_wait_s:
+            raise HttpError(400, f"wait must be more than 0 and at most {self.max_wait_s:g} s")
+        return value
+
+    def _tag_body(self, body: bytes) -> tuple[str, str]:
+        obj = _json_body(body)
+        unknown = set(obj) - PUT_FIELDS
+        if unknown:
+            raise HttpError(400, f"unknown field(s): {', '.join(sorted(unknown))[:100]}")
+        tag = obj.get("tag")
+        if not isinstance(tag, str):
+            raise HttpError(400, 'body needs "tag": a string (use DELETE to clear a tag)')
+        try:
+            validate_tag(tag)
+        except TagError as exc:
+            raise HttpError(400, str(exc)) from None
+        request_id = obj.get("request_id")
+        if request_id is None:
+            request_id = self._new_request_id()
+        elif not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+            raise HttpError(400, "request_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        return tag, request_id
+
+    def _wait_answer(
+        self, body: dict[str, Any], verdict: Verdict | None, device_id: str, wait_s: float
+    ) -> Response:
+        if verdict is None:
+            body["error"] = (f"device {device_id!r} did not answer within {wait_s:g} s; the "
+                             "desired tag stays published and applies when the device sees it")
+            return json_response(504, body)
+        if verdict.ok:
+            body["result"] = verdict.reason
+            return json_response(200, body)
+        body["error"] = verdict.reason
+        body["event"] = verdict.event
+        return json_response(409, body)
+
+
+def _decode_segment(segment: str) -> str:
+    try:
+        return unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise HttpError(400, "path is not valid UTF-8 after percent-decoding") from None
+
+
+def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str] | None:
+    if len(pattern) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for want, got in zip(pattern, segments, strict=True):
+        if want.startswith("{"):
+            params[want[1:-1]] = got
+        elif want != got:
+            return None
+    return params
+
+
+def _parse_query(text: str) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                          encoding="utf-8", errors="strict", max_num_fields=20)
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "malformed query string") from None
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        if key in query:
+            raise HttpError(400, f"query parameter {key[:20]!r} given twice")
+        query[key] = value
+    return query
+
+
+def _id(value: str, what: str) -> str:
+    if not ID_RE.match(value):
+        raise HttpError(400, f"{what} must be 1-{MAX_ID_CHARS} characters without / # + or "
+                             "control characters (one MQTT topic level)")
+    return value
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_BODY_BYTES:
+        raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        raise HttpError(400, 'body must be a JSON object like {"tag": "1.4.2"}') from None
+    if not isinstance(obj, dict):
+        raise HttpError(400, 'body must be a JSON object like {"tag": "1.4.2"}')
+    return obj

@@ -1,0 +1,115 @@
+"""Bridge settings from the environment: BRIDGE_* for HTTP, MQTT_* exactly as the agent."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.config import MqttSettings, load_mqtt_settings
+from edge_agent.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_WAIT_S = 300.0
+MAX_TOKEN_CHARS = 4096
+SHORT_TOKEN_CHARS = 16
+
+#: (variable, default as shown, meaning) for ``edge-bridge --help``
+BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
+    ("BRIDGE_TOKEN", "(required)", "bearer token every /api request must carry"),
+    ("BRIDGE_TOKEN_FILE", "(none)", "file holding the token (instead of BRIDGE_TOKEN)"),
+    ("BRIDGE_HOST", DEFAULT_HOST, "address to listen on (0.0.0.0 in a container)"),
+    ("BRIDGE_PORT", str(DEFAULT_PORT), "TCP port to listen on (0 = any free port)"),
+    ("BRIDGE_MAX_WAIT", f"{DEFAULT_MAX_WAIT_S:g}", "largest ?wait= in seconds a client may ask"),
+    ("MQTT_HOST ...", "", "MQTT_* broker settings, exactly as for edge-agent (MQTT_HOST required)"),
+    ("LOG_LEVEL / LOG_FORMAT", "INFO / text", "as for edge-agent"),
+)
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """Validated bridge configuration. ``token`` is never logged."""
+
+    token: str
+    host: str
+    port: int
+    max_wait_s: float
+    mqtt: MqttSettings
+    log_level: str
+    log_format: str
+
+    def __repr__(self) -> str:  # keep the token out of tracebacks and logs
+        return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
+                f"max_wait_s={self.max_wait_s:g}, mqtt={self.mqtt.host}:{self.mqtt.port})")
+
+
+def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSettings:
+    """Read and validate the bridge's settings; raise ConfigError naming the variable."""
+    env = dict(os.environ if environ is None else environ)
+    token = _token(env)
+    host = env.get("BRIDGE_HOST", "").strip() or DEFAULT_HOST
+    port = _int(env, "BRIDGE_PORT", DEFAULT_PORT, 0, 65535)
+    max_wait = _float(env, "BRIDGE_MAX_WAIT", DEFAULT_MAX_WAIT_S, 0.1, 3600.0)
+    mqtt = load_mqtt_settings(env)
+    log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
+    log_format = (env.get("LOG_FORMAT") or "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError("LOG_FORMAT: must be text or json")
+    return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format)
+
+
+def _token(env: dict[str, str]) -> str:
+    direct = env.get("BRIDGE_TOKEN", "")
+    path = env.get("BRIDGE_TOKEN_FILE", "").strip()
+    if direct and path:
+        raise ConfigError("BRIDGE_TOKEN: set BRIDGE_TOKEN or BRIDGE_TOKEN_FILE, not both")
+    name = "BRIDGE_TOKEN"
+    if path:
+        name = "BRIDGE_TOKEN_FILE"
+        try:
+            direct = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"BRIDGE_TOKEN_FILE: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"BRIDGE_TOKEN_FILE: {path} is not UTF-8 text") from None
+    token = direct.strip()
+    if not token:
+        raise ConfigError("BRIDGE_TOKEN: required (or BRIDGE_TOKEN_FILE); "
+                          "the bridge does not start without a token")
+    if len(token) > MAX_TOKEN_CHARS or not all("\x21" <= c <= "\x7e" for c in token):
+        raise ConfigError(f"{name}: the token must be 1-{MAX_TOKEN_CHARS} printable ASCII "
+                          "characters without spaces")
+    return token
+
+
+def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: {value} is not in {low}-{high}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: {text} is not in {low:g}-{high:g}")
+    return value
