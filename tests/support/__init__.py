@@ -1,0 +1,63 @@
+"""Test helpers shared by the test suite: images (tests.support.images), registries and
+their logs (tests.support.registry), and small utilities.
+
+Everything here talks to the stack that ``scripts/stack`` brings up: a Docker daemon and
+a registry on 127.0.0.1:5000 whose log is ``$STACK_DIR/registry.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = [
+    "DEFAULT_REGISTRY",
+    "REPO_ROOT",
+    "free_port",
+    "stack_dir",
+    "wait_until",
+]
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: the shared registry that scripts/stack starts (override with REGISTRY_ADDR)
+DEFAULT_REGISTRY = os.environ.get("REGISTRY_ADDR", "127.0.0.1:5000")
+
+
+def stack_dir() -> Path:
+    """Where scripts/stack keeps logs and state ($STACK_DIR, default /tmp/edge-agent-stack)."""
+    return Path(os.environ.get("STACK_DIR", "/tmp/edge-agent-stack"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
+    """Call ``predicate`` until it returns something truthy and return that.
+
+    Raises TimeoutError naming ``message`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(interval)
