@@ -67,7 +67,21 @@ class Wake:
     """Nothing to do; makes ``step()`` look at ``should_exit`` and the clock again."""
 
 
-Message = CheckRequest | RemoteTagMessage | ContainerEvent | Wake
+@dataclass(frozen=True)
+class RemoteReset:
+    """The MQTT session (re)started: forget the remote desired tags. The broker replays
+    the retained ones; a tag cleared while we were away must not linger."""
+
+
+@dataclass(frozen=True)
+class RemoteReady:
+    """The desired-tag subscriptions are acknowledged: publish a fresh state, and check
+    once the retained tags that follow have settled."""
+
+
+Message = (
+    CheckRequest | RemoteTagMessage | ContainerEvent | Wake | RemoteReset | RemoteReady
+)
 
 
 class Agent:
@@ -103,6 +117,12 @@ class Agent:
         """Ask the loop to stop (signal handler safe): finish the step, then return."""
         self.should_exit = True
         self.inbox.put(Wake())
+
+    def defer_first_check(self, seconds: float) -> None:
+        """Hold the first check so retained MQTT tags can arrive first (RemoteReady
+        brings it forward); without this a fresh device would run its initial tag only
+        to replace it a moment later."""
+        self._next_check = time.monotonic() + seconds
 
     def run(self) -> None:
         log.info("edge-agent for %s (container %s, device %s) starting",
@@ -149,6 +169,12 @@ class Agent:
             self._handle_remote_tag(message)
         elif isinstance(message, ContainerEvent):
             self._handle_container_event(message)
+        elif isinstance(message, RemoteReset):
+            self.remote.clear()
+        elif isinstance(message, RemoteReady):
+            self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
+            if self._updater is not None:  # before the first check there is nothing to show
+                self._heartbeat()
 
     def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
         try:
@@ -165,7 +191,12 @@ class Agent:
         self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
 
     def _handle_container_event(self, message: ContainerEvent) -> None:
-        if message.action == "die" and self.status.update_status is UpdateStatus.IDLE:
+        # A container the agent itself removed (rollback, recovery) is no longer the one
+        # shown as running by the time this event is handled: not a crash.
+        container_id = message.attributes.get("id")
+        current = container_id is None or container_id == self.status.running.container_id
+        if (message.action == "die" and current
+                and self.status.update_status is UpdateStatus.IDLE):
             code = message.attributes.get("exitCode")
             log.warning("container %s exited (code %s)", self.settings.container_name, code)
             self.status.event("container_exited", exit_code=code)
@@ -241,10 +272,8 @@ class Agent:
     def _ensure_updater(self) -> Updater:
         if self._updater is None:
             engine = self._connect_engine()
-            updater = Updater(self.settings, engine, self.registry, self.data, self.state,
-                              self.status, should_abort=lambda: self.should_exit)
-            updater.recover()
-            self._updater = updater
+            self._updater = Updater(self.settings, engine, self.registry, self.data, self.state,
+                                    self.status, should_abort=lambda: self.should_exit)
         return self._updater
 
     def _report_failure(self, error: str, event: str | None) -> None:

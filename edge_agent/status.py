@@ -154,5 +154,5 @@ def _call_sink(sink: Callable[[dict[str, Any]], None], body: dict[str, Any]) -> 
     """A failing sink (broker gone, disk full) must never break an update."""
     try:
         sink(body)
-    except Exception:
-        log.warning("could not publish %s", body.get("event", "state"), exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - sinks are plug-ins; one failing must not stop the rest
+        log.warning("could not publish %s: %s", body.get("event", "state"), exc)

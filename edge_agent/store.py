@@ -40,8 +40,12 @@ ACCEPTED_KWARGS = (
 ) - AGENT_OWNED_KWARGS - {"version"}
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new bytes, nothing else."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new bytes, nothing else.
+
+    ``durable=False`` skips the fsyncs: for derived files rewritten often (status.json),
+    where flash wear matters more than surviving a power cut.
+    """
     directory = path.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -50,12 +54,15 @@ def atomic_write(path: Path, data: bytes) -> None:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if not durable:
+            return
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -116,8 +123,6 @@ class AgentState:
     previous: ImageRef | None = None
     failed: list[dict[str, str]] = field(default_factory=list)
     pending: PendingUpdate | None = None
-    tag_source: str | None = None
-    request_ids: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, **asdict(self)}
@@ -148,8 +153,6 @@ class AgentState:
             previous=image(obj.get("previous")),
             failed=failed,
             pending=pending,
-            tag_source=obj.get("tag_source"),
-            request_ids=[str(r) for r in obj.get("request_ids", [])][-100:],
         )
 
 
@@ -206,7 +209,11 @@ class DataDir:
     def load_state(self) -> AgentState:
         """The remembered state; a missing or damaged file starts fresh (and says so)."""
         path = self.path / STATE_FILE
-        data = _read_small(path)
+        try:
+            data = _read_small(path)
+        except StorageError as exc:
+            log.error("%s; starting from what Docker shows", exc)
+            return AgentState()
         if data is None:
             return AgentState()
         try:
@@ -220,7 +227,7 @@ class DataDir:
 
     def write_status(self, status: dict[str, Any]) -> None:
         """The latest published state document, for standalone use and the healthcheck."""
-        atomic_write(self.path / STATUS_FILE, json.dumps(status, indent=1).encode())
+        atomic_write(self.path / STATUS_FILE, json.dumps(status, indent=1).encode(), durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
         data = _read_small(self.path / STATUS_FILE)

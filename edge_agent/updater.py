@@ -77,10 +77,15 @@ class Updater:
         self.next_name = f"{self.name}-next"
         self.previous_name = f"{self.name}-previous"
         self._kill_at = os.environ.get(KILL_AT_ENV)
+        self._recovered = False
 
     # -- check ------------------------------------------------------------------
     def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
         """One reconcile pass. Raises RegistryError, RunConfigError, Docker errors."""
+        if not self._recovered or self.state.pending is not None:
+            # At start, and after an update that a fault (daemon gone, disk error) broke off.
+            self.recover()
+            self._recovered = True
         self.status.last_check_at = utc_now()
         self.status.set_update(UpdateStatus.CHECKING)
         # A failed digest is only remembered for the desired tag it failed under.

@@ -1,0 +1,164 @@
+"""Update latency and downtime of a tag change, next to the floor, in one run.
+
+agent: the tag file changes, ``Agent.check()`` runs; we time from the check's start
+until the new version answers on the app port, and the longest window the port did
+not answer (an HTTP probe every 10 ms).
+floor: the same work done directly with docker-py (pull, create, stop old, start new,
+first answer), no agent.
+
+Needs the stack (scripts/stack). Prints a table and writes bench/results/update.json.
+Run: python bench/bench_update.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_agent.agent import Agent
+from edge_agent.config import load_settings
+from tests.support import free_port
+from tests.support.images import build_and_push, remove_repo_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Probe:
+    """Polls the app every 10 ms; records when each version first answered and the gaps."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/version"
+        self.first_seen: dict[str, float] = {}
+        self.longest_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._session = requests.Session()
+
+    def __enter__(self) -> Probe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        down_since: float | None = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                version = self._session.get(self.url, timeout=0.5).text.strip()
+            except requests.RequestException:
+                version = None
+            if version is None:
+                if down_since is None:
+                    down_since = now
+            else:
+                self.first_seen.setdefault(version, time.monotonic())
+                if down_since is not None:
+                    self.longest_gap = max(self.longest_gap, now - down_since)
+                    down_since = None
+            time.sleep(0.01)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out")
+        time.sleep(0.005)
+
+
+def agent_round(repo: str, name: str, port: int, data: Path, tag: str) -> tuple[float, float]:
+    (data / "tag").write_text(tag + "\n")
+    settings = load_settings({"CONTAINER_IMAGE": repo, "CONTAINER_NAME": name,
+                              "DATA_DIR": str(data), "HEALTH_TIMEOUT": "2", "DEVICE_ID": name})
+    agent = Agent(settings)
+    with Probe(port) as probe:
+        start = time.monotonic()
+        agent.check()
+        wait_for(lambda: tag in probe.first_seen)
+    agent.close()
+    return probe.first_seen[tag] - start, probe.longest_gap
+
+
+def floor_round(client: docker.DockerClient, repo: str, name: str, port: int,
+                tag: str) -> tuple[float, float]:
+    with Probe(port) as probe:
+        start = time.monotonic()
+        client.api.pull(repo, tag=tag)
+        new = client.containers.create(f"{repo}:{tag}", name=f"{name}-floor-next",
+                                       ports={"8080/tcp": port})
+        old = client.containers.get(name)
+        old.stop()
+        new.start()
+        wait_for(lambda: tag in probe.first_seen)
+        old.remove(force=True)
+        new.rename(name)
+    return probe.first_seen[tag] - start, probe.longest_gap
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    client = docker.from_env(version="auto")
+    run_id = uuid.uuid4().hex[:8]
+    repo = f"127.0.0.1:5000/bench{run_id}/app"
+    name = f"edge-bench-{run_id}"
+    port = free_port()
+    tags = [f"v{i}" for i in range(2 * args.rounds + 2)]
+    for tag in tags:
+        build_and_push(repo, tag, tag)
+    results: dict[str, list[tuple[float, float]]] = {"agent": [], "floor": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        (data / "docker_config.json").write_text(json.dumps({"ports": {"8080/tcp": port}}))
+        try:
+            remove_repo_images(repo)
+            agent_round(repo, name, port, data, tags[0])
+            for i in range(args.rounds):
+                remove_repo_images(repo)  # both sides pull for real
+                results["agent"].append(agent_round(repo, name, port, data, tags[2 * i + 1]))
+                remove_repo_images(repo)
+                results["floor"].append(
+                    floor_round(client, repo, name, port, tags[2 * i + 2]))
+                # hand the container back to the agent: it adopts nothing it did not make
+                client.containers.get(name).remove(force=True)
+                agent_round(repo, name, port, data, tags[2 * i + 2])
+        finally:
+            for container in client.containers.list(all=True, filters={"name": name}):
+                container.remove(force=True)
+            remove_repo_images(repo)
+    summary = {}
+    print(f"{'':8} {'latency median s':>18} {'downtime median s':>18} {'downtime max s':>15}")
+    for side, rows in results.items():
+        latency = statistics.median(r[0] for r in rows)
+        gaps = [r[1] for r in rows]
+        summary[side] = {"latency_median_s": latency, "downtime_median_s": statistics.median(gaps),
+                         "downtime_max_s": max(gaps), "rounds": rows}
+        print(f"{side:8} {latency:18.3f} {statistics.median(gaps):18.3f} {max(gaps):15.3f}")
+    ratio = summary["agent"]["latency_median_s"] / summary["floor"]["latency_median_s"]
+    floor_gap = max(summary["floor"]["downtime_median_s"], 1e-9)
+    gap_ratio = summary["agent"]["downtime_median_s"] / floor_gap
+    print(f"latency agent/floor = {ratio:.2f}x, downtime agent/floor = {gap_ratio:.2f}x")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "update.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
