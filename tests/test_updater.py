@@ -294,3 +294,19 @@ def test_sigterm_stops_fast_and_leaves_the_app_running(
     assert code == 0
     assert elapsed < 5, f"SIGTERM took {elapsed:.1f} s"
     assert docker_client.containers.get(device.name).status == "running"
+
+
+def test_keeps_current_and_previous_images_and_prunes_older(
+    device: Device, docker_client: docker.DockerClient
+) -> None:
+    for version in ("1.0", "2.0", "3.0"):
+        publish(device.repo, version, version)
+    agent = device.agent()
+    image_ids = {}
+    for version in ("1.0", "2.0", "3.0"):
+        device.write_tag(version)
+        agent.check()
+        image_ids[version] = docker_client.containers.get(device.name).image.id
+
+    local = {image.id for image in docker_client.images.list(name=device.repo)}
+    assert local == {image_ids["2.0"], image_ids["3.0"]}
