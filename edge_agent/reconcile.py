@@ -74,6 +74,7 @@ class Target:
     tag: str
     digest: str | None
     fallback_reason: str | None = None  # set when running FALLBACK_TAG instead of desired
+    registry_error: str | None = None  # set when decided from local images alone
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,7 @@ class Updater:
         for warning in run_config.warnings:
             log.warning("%s", warning)
         current = self.engine.container(self.name)
+        self.status.running = self.view(current)
         target = self._resolve_target(desired)
         self._show_fallback(desired, target)
         failed = frozenset(f["digest"] for f in self.state.failed)
@@ -102,7 +103,7 @@ class Updater:
 
         if action is Action.NOTHING:
             self._remember_applied(target, current)
-            self._finish_check(latest=target.tag)
+            self._finish_check(latest=target.tag, error=target.registry_error)
             return CheckResult(action, "unchanged", target)
         if action is Action.START:
             assert current is not None
@@ -154,8 +155,7 @@ class Updater:
             if self._local_image(tag) is None:
                 raise
             log.warning("%s; deciding with the local image of %s", exc, tag)
-            self.status.last_error = str(exc)
-            return Target(tag, None)
+            return Target(tag, None, registry_error=str(exc))
 
     def _local_image(self, tag: str) -> ImageInfo | None:
         separator = "@" if is_digest(tag) else ":"
