@@ -16,10 +16,16 @@ from typing import Any
 
 from edge_agent.config import Settings
 from edge_agent.engine import Engine
-from edge_agent.errors import EdgeAgentError, RunConfigError, StorageError, TagError
+from edge_agent.errors import (
+    EdgeAgentError,
+    ManifestUnknown,
+    RunConfigError,
+    StorageError,
+    TagError,
+)
 from edge_agent.reconcile import Desired, RemoteTag, Source, backoff_s, resolve_desired
 from edge_agent.registry import RegistryClient
-from edge_agent.status import Status, UpdateStatus
+from edge_agent.status import BUSY, Status, UpdateStatus
 from edge_agent.store import DataDir
 from edge_agent.tags import parse_tag_payload
 from edge_agent.updater import CheckResult, Updater
@@ -110,7 +116,9 @@ class Agent:
         self._install_requested = False
         self._replies: list[tuple[CheckRequest, Reply]] = []
         self._rejected_file_tag: str | None = None
-        self._last_error: str | None = None
+        # The last failure reported, with the request it concerned: a repeat is logged at
+        # DEBUG only, but a new request gets its own event so the bridge can answer it.
+        self._last_error: tuple[str, str | None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
     def request_exit(self) -> None:
@@ -197,7 +205,9 @@ class Agent:
         current = container_id is None or container_id == self.status.running.container_id
         if (message.action == "die" and current
                 and self.status.update_status is UpdateStatus.IDLE):
-            code = message.attributes.get("exitCode")
+            raw = message.attributes.get("exitCode", "")
+            # Docker's event attributes are strings; the updater reports an int.
+            code = int(raw) if raw.isdigit() else None
             log.warning("container %s exited (code %s)", self.settings.container_name, code)
             self.status.event("container_exited", exit_code=code)
         self._heartbeat()
@@ -256,8 +266,11 @@ class Agent:
             error = str(exc)
             self._report_failure(error, event="config_error")
         except EdgeAgentError as exc:
+            # An update that started and broke off, or a tag that exists nowhere (not even
+            # the fallback), is an answer for whoever asked; a registry blip is not.
+            final = isinstance(exc, ManifestUnknown) or self.status.update_status in BUSY
             error = str(exc)
-            self._report_failure(error, event=None)
+            self._report_failure(error, event="update_failed" if final else None)
         except Exception as exc:  # the loop boundary: a bug must not kill the agent
             log.exception("unexpected error during a check; the container is left as it is")
             error = f"internal error: {type(exc).__name__}: {exc}"
@@ -281,13 +294,15 @@ class Agent:
         delay = min(self.settings.poll_interval_s,
                     backoff_s(self._failures, RETRY_BASE_S, RETRY_CAP_S))
         self._next_check = time.monotonic() + delay
-        if error != self._last_error:
+        desired = self.status.desired
+        key = (error, desired.request_id if desired else None)
+        if key != self._last_error:
             log.error("%s (retrying in %.0f s)", error, delay)
             if event is not None:
-                self.status.event(event, error=error)
+                self.status.event(event, error=error, tag=desired.tag if desired else None)
         else:
             log.debug("%s (again; retrying in %.0f s)", error, delay)
-        self._last_error = error
+        self._last_error = key
         self.status.set_update(UpdateStatus.ERROR, error=error)
         self._observe_quietly()
 

@@ -18,10 +18,9 @@ import yaml
 
 from edge_agent.errors import ConfigError, TagError
 from edge_agent.tags import split_image, validate_tag
+from edge_agent.topics import ID_PATTERN, ID_RE
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-# MQTT topic levels must not contain wildcards or separators.
-TOPIC_LEVEL_RE = re.compile(r"^[^/#+\x00]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -162,10 +161,11 @@ def _parse(raw: dict[str, str]) -> Settings:
     container_name = raw.get("CONTAINER_NAME") or "edge-app"
     _check(NAME_RE.fullmatch(container_name), "CONTAINER_NAME", "must be a Docker container name")
     device_id = raw.get("DEVICE_ID") or socket.gethostname()
-    _check(TOPIC_LEVEL_RE.fullmatch(device_id), "DEVICE_ID", "must not be empty or contain / # +")
+    _check(ID_RE.fullmatch(device_id), "DEVICE_ID",
+           f"{device_id!r} must match {ID_PATTERN} (one MQTT topic level)")
     groups = tuple(g.strip() for g in raw.get("DEVICE_GROUPS", "").split(",") if g.strip())
     for group in groups:
-        _check(TOPIC_LEVEL_RE.fullmatch(group), "DEVICE_GROUPS", f"bad group name {group!r}")
+        _check(ID_RE.fullmatch(group), "DEVICE_GROUPS", f"group {group!r} must match {ID_PATTERN}")
 
     fallback_raw = raw.get("FALLBACK_TAG", "latest").strip()
     fallback_tag: str | None = None

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# Device ids and group names: one MQTT topic level in the character set that the shipped
+# broker setup accepts for user names (mosquitto/add-device): never a separator, wildcard,
+# control character or "..". The agent, the bridge and openapi.json all use this pattern.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+ID_RE = re.compile(ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,11 @@ class Topics:
     def events(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{device_id}/events"
 
+    def reply(self, device_id: str, token: str) -> str:
+        """A Response Topic for an MQTT 5 request to ``device_id``; the shipped ACL lets a
+        device write below its own ``reply/`` only, so requesters should use this."""
+        return f"{self.prefix}/devices/{device_id}/reply/{token}"
+
     # wildcards for observers (bridge, edge-ctl)
     @property
     def all_states(self) -> str:
@@ -55,6 +67,10 @@ class Topics:
     @property
     def all_events(self) -> str:
         return f"{self.prefix}/devices/+/events"
+
+    @property
+    def all_replies(self) -> str:
+        return f"{self.prefix}/devices/+/reply/#"
 
     def device_of(self, topic: str) -> str | None:
         """The device id in ``P/devices/<id>/...``, or None for other topics."""

@@ -26,7 +26,6 @@ from edge_agent.engine import (
 )
 from edge_agent.errors import (
     DockerOperationError,
-    EdgeAgentError,
     ManifestUnknown,
     RegistryError,
     RunConfigError,
@@ -207,11 +206,9 @@ class Updater:
         self.status.event("update_started", from_tag=from_tag, to_tag=target.tag,
                           digest=target.digest)
         self.status.last_error = None
-        try:
-            image = self._ensure_image(target)
-        except EdgeAgentError as exc:
-            self._fail_update(target, f"pull failed: {exc}")
-            raise
+        # Home Assistant shows "up to date" when latest == installed, even in progress.
+        self.status.latest_version = target.tag
+        image = self._ensure_image(target)
         ref = ImageRef(target.tag, target.digest, image.id)
         self.state.pending = PendingUpdate(
             step="creating", target=ref, old_container_id=current.id if current else None,
@@ -225,10 +222,9 @@ class Updater:
             labels[LABEL_DIGEST] = target.digest
         try:
             new_id = self.engine.create(image.id, self.next_name, run_config.kwargs, labels)
-        except RunConfigError as exc:
+        except RunConfigError:
             self.state.pending = None
             self.data.save_state(self.state)
-            self._fail_update(target, str(exc))
             raise
         self.state.pending.new_container_id = new_id
         self.state.pending.step = "swapping"
@@ -353,10 +349,6 @@ class Updater:
         self.status.event("rolled_back", tag=pending.target.tag, digest=pending.target.digest,
                           reason=reason, restored=old_id is not None,
                           request_id=pending.request_id)
-
-    def _fail_update(self, target: Target, reason: str) -> None:
-        self.status.event("update_failed", tag=target.tag, reason=reason)
-        self.status.set_update(UpdateStatus.ERROR, error=reason)
 
     def _prune(self) -> None:
         """Keep the current and previous images of the repository; remove the others."""

@@ -25,15 +25,12 @@ from edge_agent.bridge.fleet import Fleet, TooManyWaiters, Verdict, iso_utc
 from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.errors import TagError
 from edge_agent.tags import validate_tag
-from edge_agent.topics import Topics
+from edge_agent.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
 MAX_ID_CHARS = 64
-# A single MQTT topic level: no separator, no wildcard, no NUL or other control
-# characters, and not "." or ".." (which HTTP clients collapse in paths).
-ID_RE = re.compile(r"^(?!\.{1,2}$)[^/#+\x00-\x1f\x7f]{1,64}$")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 PUT_FIELDS = frozenset({"tag", "request_id"})
 JSON = "application/json"
@@ -167,7 +164,7 @@ class Api:
         self._new_request_id = new_request_id
         self._now = now
         self._openapi = json.dumps(openapi_document(max_wait_s), indent=1).encode()
-        self._static = {path: (load_resource(name), ctype)
+        self._static = {path: (load_resource(f"static/{name}"), ctype)
                         for path, (name, ctype) in STATIC_FILES.items()}
 
     # -- dispatch -------------------------------------------------------------------
@@ -254,7 +251,8 @@ class Api:
         wait_s = self._wait_param(call.query)
         tag, request_id = self._tag_body(call.request.body)
         topic = self.topics.device_tag(device_id)
-        body = {"request_id": request_id, "scope": "device", "target": device_id, "tag": tag}
+        body: dict[str, Any] = {"request_id": request_id, "scope": "device", "target": device_id,
+                                "tag": tag}
         if wait_s is None:
             self._publish_tag(topic, tag, request_id)
             return json_response(202, body)
@@ -356,10 +354,10 @@ class Api:
             validate_tag(tag)
         except TagError as exc:
             raise HttpError(400, str(exc)) from None
-        request_id = obj.get("request_id")
-        if request_id is None:
-            request_id = self._new_request_id()
-        elif not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+        if "request_id" not in obj:
+            return tag, self._new_request_id()
+        request_id = obj["request_id"]
+        if not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
             raise HttpError(400, "request_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
         return tag, request_id
 
@@ -368,7 +366,8 @@ class Api:
     ) -> Response:
         if verdict is None:
             body["error"] = (f"device {device_id!r} did not answer within {wait_s:g} s; the "
-                             "desired tag stays published and applies when the device sees it")
+                             "desired tag stays published and applies when the device sees it"
+                             + _pending_error(body.get("state"), body["request_id"]))
             return json_response(504, body)
         if verdict.ok:
             body["result"] = verdict.reason
@@ -376,6 +375,18 @@ class Api:
         body["error"] = verdict.reason
         body["event"] = verdict.event
         return json_response(409, body)
+
+
+def _pending_error(state: Any, request_id: str) -> str:
+    """The device's last error while it works on our request (it keeps retrying)."""
+    if not isinstance(state, dict):
+        return ""
+    desired, update = state.get("desired"), state.get("update")
+    if not isinstance(desired, dict) or desired.get("request_id") != request_id:
+        return ""
+    if not isinstance(update, dict) or not isinstance(update.get("last_error"), str):
+        return ""
+    return f" (it is retrying after: {update['last_error'][:300]})"
 
 
 def _decode_segment(segment: str) -> str:
@@ -412,9 +423,9 @@ def _parse_query(text: str) -> dict[str, str]:
 
 
 def _id(value: str, what: str) -> str:
-    if not ID_RE.match(value):
-        raise HttpError(400, f"{what} must be 1-{MAX_ID_CHARS} characters without / # + or "
-                             "control characters (one MQTT topic level)")
+    if not ID_RE.fullmatch(value):
+        raise HttpError(400, f"{what} must be 1-{MAX_ID_CHARS} letters, digits, _ . or -, "
+                             "starting with a letter or digit")
     return value
 
 

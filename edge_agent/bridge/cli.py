@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -15,6 +16,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.logs import setup_logging
 
 EXIT_CONFIG = 2
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-bridge: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.log_level, settings.log_format)
-    import logging  # noqa: PLC0415 - after setup_logging
-
-    log = logging.getLogger(__name__)
     if len(settings.token) < SHORT_TOKEN_CHARS:
         log.warning("BRIDGE_TOKEN is shorter than %d characters; use a long random token",
                     SHORT_TOKEN_CHARS)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_STATE_BYTES = 256 * 1024
 MAX_DEVICES = 10_000
 MAX_WAITERS = 1_000
+REFINE_S = 1.0
 AVAILABILITY_VALUES = frozenset({"online", "offline"})
 CONFLICT_EVENTS = frozenset(
     {"rolled_back", "update_failed", "fallback", "tag_rejected", "config_error"}
@@ -112,16 +113,30 @@ class Waiter:
     tag: str
     verdict: Verdict | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    refined: threading.Event = field(default_factory=threading.Event)
 
     def settle(self, verdict: Verdict) -> None:
+        """The first verdict wins, except that the event explaining a conflict seen in
+        the state (the agent publishes the state just before the event) refines it."""
         if self.verdict is None:
             self.verdict = verdict
             self.done.set()
+        elif (not self.verdict.ok and self.verdict.event is None and not verdict.ok
+              and verdict.event is not None):
+            self.verdict = verdict
+            self.refined.set()
 
-    def wait(self, timeout_s: float) -> Verdict | None:
-        """The verdict, or None when the device did not answer within ``timeout_s``."""
+    def wait(self, timeout_s: float, refine_s: float = REFINE_S) -> Verdict | None:
+        """The verdict, or None when the device did not answer within ``timeout_s``.
+        A conflict seen only in the state waits up to ``refine_s`` for its event."""
+        deadline = time.monotonic() + timeout_s
         self.done.wait(timeout_s)
-        return self.verdict
+        verdict = self.verdict
+        if verdict is not None and not verdict.ok and verdict.event is None:
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and self.refined.wait(min(refine_s, remaining)):
+                verdict = self.verdict
+        return verdict
 
 
 class TooManyWaiters(Exception):

@@ -1,6 +1,7 @@
 """The bridge's MQTT connection: publishes desired tags, feeds ``Fleet`` from device topics.
 
-paho's network thread (``loop_start``) reconnects on its own; writes check the
+The connection itself is the shared ``edge_agent.mqtt.connect_client`` (TLS, auth,
+reconnect with backoff, subscriptions remade at every connect). Writes check the
 connection first and wait a bounded time for the broker's PUBACK, so a broker that
 is gone turns into ``BrokerUnavailable`` (HTTP 503), never a hanging request.
 """
@@ -8,25 +9,18 @@ is gone turns into ``BrokerUnavailable`` (HTTP 503), never a hanging request.
 from __future__ import annotations
 
 import logging
-import ssl
-import threading
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.client import Client, MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
 
 from edge_agent.config import MqttSettings
+from edge_agent.mqtt import connect_client, disconnect_client
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 5.0
-KEEPALIVE_S = 30
-RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 30
 
 MessageHandler = Callable[[str, bytes, bool], None]
 
@@ -36,7 +30,7 @@ class BrokerUnavailable(Exception):
 
 
 class MqttLink:
-    """One paho client: subscriptions are (re)made at every connect."""
+    """One MQTT client for the bridge; ``publish`` is safe from any thread."""
 
     def __init__(
         self,
@@ -50,58 +44,44 @@ class MqttLink:
         self.settings = settings
         self.subscriptions = tuple(subscriptions)
         self.publish_timeout_s = publish_timeout_s
+        self.client_id = client_id or f"edge-bridge-{uuid.uuid4().hex[:12]}"
         self._on_message = on_message
-        self._connected = threading.Event()
-        self._v5 = settings.protocol == "5"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edge-bridge-{uuid.uuid4().hex[:12]}",
-            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self._v5 else True,
-        )
-        if settings.username:
-            self.client.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            self.client.tls_set(
-                ca_certs=str(settings.ca_file) if settings.ca_file else None,
-                certfile=str(settings.cert_file) if settings.cert_file else None,
-                keyfile=str(settings.key_file) if settings.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        self.client.on_connect = self._handle_connect
-        self.client.on_disconnect = self._handle_disconnect
-        self.client.on_message = self._handle_message
+        self._client: Client | None = None
 
-    # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; the bridge serves (and answers 503) meanwhile."""
-        log.info("connecting to MQTT broker %s:%d%s", self.settings.host, self.settings.port,
-                 " (TLS)" if self.settings.tls else "")
-        self.client.connect_async(self.settings.host, self.settings.port, KEEPALIVE_S,
-                                  clean_start=True)
-        self.client.loop_start()
+        log.info("MQTT: connecting to %s:%d as %s (topics under %s/)", self.settings.host,
+                 self.settings.port, self.settings.username or "anonymous",
+                 self.settings.topic_prefix)
+        self._client = connect_client(self.settings, self.client_id,
+                                      subscriptions=self.subscriptions,
+                                      on_message=self._handle_message, wait_s=None)
 
     def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        self._connected.clear()
+        client, self._client = self._client, None
+        if client is not None:
+            disconnect_client(client)
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        client = self._client
+        return client is not None and client.is_connected()
 
-    def wait_connected(self, timeout_s: float) -> bool:
-        return self._connected.wait(timeout_s)
-
-    # -- publishing ---------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         """Publish with QoS 1 and wait for the PUBACK; raise BrokerUnavailable otherwise."""
-        if not self.connected:
+        client = self._client
+        if client is None or not client.is_connected():
             raise BrokerUnavailable("not connected to the MQTT broker; nothing was published")
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            raise BrokerUnavailable(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
+        try:
+            info = client.publish(topic, payload, qos=1, retain=retain)
+        except (ValueError, RuntimeError) as exc:  # e.g. a topic paho refuses
+            raise BrokerUnavailable(f"MQTT publish failed: {exc}") from None
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise BrokerUnavailable("too many messages wait for the MQTT broker; "
+                                    "nothing was published")
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # paho keeps it for the reconnect
+            raise BrokerUnavailable("lost the MQTT broker while publishing; the message may "
+                                    "still be delivered when the connection returns")
         try:
             info.wait_for_publish(self.publish_timeout_s)
         except (RuntimeError, ValueError) as exc:
@@ -112,37 +92,9 @@ class MqttLink:
                 "the message may still be delivered when the connection returns"
             )
 
-    # -- paho callbacks (network thread) ------------------------------------------
-    def _handle_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason_code.is_failure:
-            log.error("MQTT broker refused the connection: %s", reason_code)
-            return
-        log.info("connected to MQTT broker %s:%d", self.settings.host, self.settings.port)
-        client.subscribe([(topic, 1) for topic in self.subscriptions])
-        self._connected.set()
-
-    def _handle_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if self._connected.is_set():
-            log.warning("disconnected from MQTT broker: %s; reconnecting", reason_code)
-        self._connected.clear()
-
-    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _handle_message(self, client: Client, message: MQTTMessage) -> None:
         try:
-            self._on_message(msg.topic, msg.payload, bool(msg.retain))
-        except Exception:
-            # a bug in one message must not kill paho's network thread
-            log.exception("failed to handle a message on %s", msg.topic)
+            topic = message.topic
+        except UnicodeDecodeError:
+            return  # not a topic of ours
+        self._on_message(topic, bytes(message.payload), bool(message.retain))

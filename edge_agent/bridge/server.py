@@ -7,6 +7,7 @@ connections is bounded; past the bound a client gets an immediate 503.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -36,32 +37,16 @@ class BridgeHandler(BaseHTTPRequestHandler):
     server: BridgeServer
     protocol_version = "HTTP/1.1"  # keep-alive
     server_version = "edge-bridge"
-    sys_version = ""
     timeout = SOCKET_TIMEOUT_S  # idle keep-alive and slow clients
 
-    def do_GET(self) -> None:
-        self._serve()
+    def version_string(self) -> str:
+        return self.server_version
 
-    def do_HEAD(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
-
-    def do_PATCH(self) -> None:
-        self._serve()
-
-    def do_OPTIONS(self) -> None:
-        self._serve()
-
-    def do_TRACE(self) -> None:
-        self._serve()
+    def __getattr__(self, name: str) -> Any:
+        """Every other method (QUERY, FOO, ...) reaches the API too: 405, not http.server's 501."""
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
 
     def _serve(self) -> None:
         body = self._read_body()
@@ -131,7 +116,7 @@ class BridgeHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
 
@@ -153,10 +138,8 @@ class BridgeServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            try:
+            with contextlib.suppress(OSError):
                 request.sendall(BUSY)
-            except OSError:
-                pass
             self.shutdown_request(request)
             return
         try:

@@ -1,0 +1,222 @@
+"""Helpers for the bridge's tests and bench: an in-process bridge on the real broker,
+simulated devices, and real agents as subprocesses.
+
+``SimulatedDevices`` is one MQTT client that plays many devices: it publishes their
+retained ``state``/``availability`` (documents built by the agent's own ``Status``)
+and answers desired-tag messages at once, as an agent that had nothing to pull would.
+It logs in as an operator whose ACL section also lets it write device telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from paho.mqtt.client import Client, MQTTMessage
+
+from edge_agent.bridge.server import Bridge
+from edge_agent.bridge.settings import BridgeSettings
+from edge_agent.errors import TagError
+from edge_agent.mqtt import connect_client, disconnect_client
+from edge_agent.reconcile import Desired, Source
+from edge_agent.status import RunningView, Status
+from edge_agent.tags import parse_tag_payload
+from edge_agent.topics import Topics
+from tests.support import REPO_ROOT, free_port, wait_until
+from tests.support.broker import Broker
+
+TOKEN = "test-token-" + "x" * 20
+SIMULATOR_ACL = (
+    "topic write +/devices/+/state\n"
+    "topic write +/devices/+/availability\n"
+    "topic write +/devices/+/events\n"
+)
+
+
+def unique_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def add_simulator_user(broker: Broker, name: str = "simulator") -> str:
+    """An operator that may also write device telemetry (test-only ACL lines)."""
+    broker.add_operator(name)
+    acl = broker.config_dir / "acl"
+    text = acl.read_text()
+    marker = f"# <<< user {name}\n"
+    acl.write_text(text.replace(marker, SIMULATOR_ACL + marker))
+    broker.reload()
+    return name
+
+
+@contextmanager
+def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",
+                   max_wait_s: float = 120.0, token: str = TOKEN) -> Iterator[Bridge]:
+    """An in-process bridge on a free port, connected to ``broker`` as ``user``."""
+    settings = BridgeSettings(token=token, host="127.0.0.1", port=0, max_wait_s=max_wait_s,
+                              mqtt=broker.settings(user, prefix=prefix), log_level="INFO",
+                              log_format="text")
+    bridge = Bridge(settings)
+    bridge.start()
+    try:
+        wait_until(lambda: bridge.link.connected, timeout=10, message="bridge connected")
+        yield bridge
+    finally:
+        bridge.stop()
+
+
+class ApiClient(requests.Session):
+    """requests.Session with the base URL and the bearer token."""
+
+    def __init__(self, base: str, token: str = TOKEN) -> None:
+        super().__init__()
+        self.base = base
+        self.headers["Authorization"] = f"Bearer {token}"
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any,
+                **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 150)
+        return super().request(method, f"{self.base}{url!s}", *args, **kwargs)
+
+
+def state_document(device_id: str, tag: str, request_id: str | None = None,
+                   source: Source = Source.DEVICE) -> dict[str, Any]:
+    """What an agent publishes when it runs ``tag`` and is idle (the agent's own code)."""
+    status = Status(device_id=device_id, image="127.0.0.1:5000/sim/app")
+    status.desired = Desired(tag, source, request_id)
+    status.running = RunningView(tag=tag, digest="sha256:" + "0" * 64,
+                                 container_id=uuid.uuid4().hex, status="running",
+                                 health="healthy", started_at="2024-01-01T00:00:00Z")
+    status.latest_version = tag
+    return status.document()
+
+
+class SimulatedDevices:
+    """Many devices on one MQTT connection; answers desired tags at once."""
+
+    def __init__(self, broker: Broker, prefix: str, user: str = "simulator",
+                 *, answer_any: bool = False) -> None:
+        self.topics = Topics(prefix)
+        self.settings = broker.settings(user, prefix=prefix)
+        self.answer_any = answer_any
+        self.devices: dict[str, str] = {}  # id -> running tag
+        self._lock = threading.Lock()
+        self._client: Client | None = None
+
+    def start(self) -> SimulatedDevices:
+        ready = threading.Event()
+        self._client = connect_client(
+            self.settings, f"sim-{uuid.uuid4().hex[:8]}",
+            subscriptions=[self.topics.device_tag("+")], on_message=self._on_message,
+            on_subscribed=lambda _c: ready.set())
+        if not ready.wait(10):
+            raise TimeoutError("simulator: no SUBACK")
+        return self
+
+    def add(self, device_ids: Iterable[str], tag: str = "1.0") -> None:
+        for device_id in device_ids:
+            with self._lock:
+                self.devices[device_id] = tag
+            self._publish(self.topics.availability(device_id), b"online")
+            self._publish(self.topics.state(device_id),
+                          json.dumps(state_document(device_id, tag)).encode())
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        assert self._client is not None
+        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def _on_message(self, client: Client, message: MQTTMessage) -> None:
+        device_id = self.topics.device_of(message.topic)
+        if device_id is None or not message.payload:
+            return
+        with self._lock:
+            known = device_id in self.devices
+        if not (known or self.answer_any):
+            return
+        try:
+            desired = parse_tag_payload(bytes(message.payload))
+        except TagError:
+            return
+        if desired.tag is None:
+            return
+        with self._lock:
+            self.devices[device_id] = desired.tag
+        document = state_document(device_id, desired.tag, desired.request_id)
+        client.publish(self.topics.state(device_id), json.dumps(document), qos=1, retain=True)
+
+    def close(self) -> None:
+        if self._client is not None:
+            disconnect_client(self._client)
+            self._client = None
+
+
+@dataclass
+class AgentProcess:
+    """A real agent (``python -m edge_agent``) with its own container and port."""
+
+    device_id: str
+    repo: str
+    data_dir: Path
+    app_port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def serving(self) -> str | None:
+        try:
+            response = requests.get(f"http://127.0.0.1:{self.app_port}/version", timeout=1)
+        except requests.RequestException:
+            return None
+        return response.text.strip() if response.ok else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def spawn_agent(broker: Broker, prefix: str, device_id: str, repo: str, tag: str,
+                work_dir: Path, groups: Iterable[str] = (), **extra: str) -> AgentProcess:
+    """Register ``device_id`` with the broker (add-device) and start its agent."""
+    groups = list(groups)
+    broker.add_device(device_id, groups)
+    data_dir = work_dir / device_id
+    data_dir.mkdir(parents=True, exist_ok=True)
+    app_port = free_port()
+    (data_dir / "docker_config.json").write_text(
+        json.dumps({"ports": {"8080/tcp": app_port}}))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "CONTAINER_IMAGE": f"{repo}:{tag}",
+        "CONTAINER_NAME": device_id,
+        "DATA_DIR": str(data_dir),
+        "DEVICE_ID": device_id,
+        "DEVICE_GROUPS": ",".join(groups),
+        "POLL_INTERVAL": "10",
+        "HEALTH_TIMEOUT": "20",
+        "TELEMETRY_INTERVAL": "30",
+        "FALLBACK_TAG": "",
+        **broker.agent_env(device_id, prefix),
+        **extra,
+    }
+    log_path = work_dir / f"{device_id}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent"], env=env, cwd=REPO_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return AgentProcess(device_id, repo, data_dir, app_port, proc, log_path)
