@@ -203,8 +203,9 @@ class Agent:
         # shown as running by the time this event is handled: not a crash.
         container_id = message.attributes.get("id")
         current = container_id is None or container_id == self.status.running.container_id
-        if (message.action == "die" and current
-                and self.status.update_status is UpdateStatus.IDLE):
+        # Not while an update handles containers; but idle, error and notify mode's
+        # "available" all leave the container to itself.
+        if message.action == "die" and current and self.status.update_status not in BUSY:
             raw = message.attributes.get("exitCode", "")
             # Docker's event attributes are strings; the updater reports an int.
             code = int(raw) if raw.isdigit() else None

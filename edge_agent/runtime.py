@@ -1,4 +1,5 @@
-"""Wires the agent to the outside world for ``edge-agent run``."""
+"""Wires the agent to the outside world for ``edge-agent run``: the MQTT link (when
+MQTT_HOST is set) and the Docker-events watcher feed the agent's inbox."""
 
 from __future__ import annotations
 
@@ -7,13 +8,42 @@ from collections.abc import Callable
 
 from edge_agent.agent import Agent
 from edge_agent.config import Settings
+from edge_agent.errors import ConfigError
+from edge_agent.mqtt import MqttLink
+from edge_agent.watcher import ContainerWatcher
 
 log = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2
+# With MQTT, the first check waits this long at most for the broker's retained desired
+# tags (it runs as soon as they have settled); a broker that is down costs no more.
+FIRST_CHECK_HOLD_S = 5.0
 
 
 def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]], None]) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
     agent = Agent(settings)
+    link: MqttLink | None = None
+    if settings.mqtt is not None:
+        try:
+            link = MqttLink(settings, agent.inbox)
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            return EXIT_CONFIG
+        agent.status.state_sinks.append(link.publish_state)
+        agent.status.event_sinks.append(link.publish_event)
+        agent.defer_first_check(FIRST_CHECK_HOLD_S)
+    else:
+        log.info("MQTT_HOST is not set: standalone (tag file and polling only)")
+    watcher = ContainerWatcher(settings.container_name, agent.inbox)
     install_signals(agent.request_exit)
-    agent.run()
+    watcher.start()
+    if link is not None:
+        link.start()
+    try:
+        agent.run()
+    finally:
+        watcher.stop()
+        if link is not None:
+            link.stop()
     return 0
