@@ -263,12 +263,12 @@ def repo_image_ids(
 
 
 def _references(client: docker.DockerClient) -> dict[str, list[str]]:
+    # One listing call: images.list() inspects each image afterwards, which races with
+    # other tests removing images in between (ImageNotFound).
     out: dict[str, list[str]] = {}
-    for image in client.images.list():
-        attrs = image.attrs
+    for attrs in client.api.images():
         refs = [*(attrs.get("RepoTags") or []), *(attrs.get("RepoDigests") or [])]
-        if image.id:
-            out[image.id] = [ref for ref in refs if not ref.startswith("<none>")]
+        out[str(attrs["Id"])] = [ref for ref in refs if not ref.startswith("<none>")]
     return out
 
 
