@@ -23,6 +23,7 @@ from edge_agent.errors import (
     StorageError,
     TagError,
 )
+from edge_agent.logs import REQUEST_ID
 from edge_agent.reconcile import Desired, RemoteTag, Source, backoff_s, resolve_desired
 from edge_agent.registry import RegistryClient
 from edge_agent.status import BUSY, Status, UpdateStatus
@@ -258,6 +259,7 @@ class Agent:
             updater = self._ensure_updater()
             desired = self.resolve()
             self.status.desired = desired
+            REQUEST_ID.set(desired.request_id if desired else None)
             if desired is None:
                 raise RunConfigError("no desired tag: set one, or a tag in CONTAINER_IMAGE, "
                                      "or FALLBACK_TAG")
@@ -279,6 +281,8 @@ class Agent:
         else:
             self._failures = 0
             self._last_error = None
+        finally:
+            REQUEST_ID.set(None)
         for request, reply in replies:
             reply(_check_answer(request, result, error))
         return result
@@ -340,4 +344,5 @@ def _log_event(event: dict[str, Any]) -> None:
         return
     skip = ("event", "ts", "device_id")
     details = " ".join(f"{k}={v}" for k, v in event.items() if k not in skip)
-    log.info("event %s %s", event.get("event"), details)
+    log.info("event %s %s", event.get("event"), details,
+             extra={"request_id": event.get("request_id")})

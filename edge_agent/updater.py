@@ -221,7 +221,8 @@ class Updater:
         if target.digest:
             labels[LABEL_DIGEST] = target.digest
         try:
-            new_id = self.engine.create(image.id, self.next_name, run_config.kwargs, labels)
+            new_id = self.engine.create(self._reference(target), self.next_name,
+                                        run_config.kwargs, labels)
         except RunConfigError:
             self.state.pending = None
             self.data.save_state(self.state)
@@ -266,6 +267,13 @@ class Updater:
             self.status.publish()
 
         return self.engine.pull(repo, target.tag, on_progress, self.should_abort)
+
+    def _reference(self, target: Target) -> str:
+        """How the container names its image: by digest when known (exact, and what
+        ``docker ps`` shows an operator), else by tag (a local-only image)."""
+        if target.digest:
+            return f"{self.settings.repository}@{target.digest}"
+        return f"{self.settings.repository}:{target.tag}"
 
     def _tag_points_at(self, target: Target, image: ImageInfo) -> bool:
         return f"{self.settings.repository}:{target.tag}" in image.tags

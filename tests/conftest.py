@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 
 import docker
 import docker.errors
@@ -27,7 +27,7 @@ import pytest
 import requests
 
 from tests.support import DEFAULT_REGISTRY
-from tests.support.images import remove_registry_images, remove_repo_images, repo_image_ids
+from tests.support.images import remove_registry_images, remove_repo_images
 from tests.support.registry import PrivateRegistry, RegistryLog, registry_answers
 
 TEST_LABEL = "io.edge-agent.test"
@@ -102,10 +102,10 @@ def remove_test_containers(
     test_id: str,
     name: str,
     image_repo: str | None = None,
-    image_ids: Collection[str] = (),
 ) -> None:
-    """Force-remove every container of a test: by name prefix, by label, or by image
-    (named by ``image_repo``, or created from one of ``image_ids``)."""
+    """Force-remove every container of a test: by name prefix, by label, or by the
+    repository its image reference names (the agent creates ``repo@digest``). Never by
+    image id: identical test images share ids across repositories and tests."""
     doomed: dict[str, str] = {}
     try:
         for container in client.containers.list(all=True, filters={"name": name}):
@@ -115,13 +115,10 @@ def remove_test_containers(
         for container in labelled:
             if container.id:
                 doomed[container.id] = container.name or container.id
-        if image_repo or image_ids:
+        if image_repo:
             for container in client.containers.list(all=True):
                 image = str(container.attrs.get("Config", {}).get("Image", ""))
-                by_name = bool(image_repo) and image.startswith(
-                    (f"{image_repo}:", f"{image_repo}@")
-                )
-                if (by_name or container.attrs.get("Image") in image_ids) and container.id:
+                if image.startswith((f"{image_repo}:", f"{image_repo}@")) and container.id:
                     doomed[container.id] = container.name or container.id
     except docker.errors.APIError:
         pass
@@ -142,8 +139,7 @@ def container_name(docker_client: docker.DockerClient, test_id: str) -> Iterator
 def unique_repo(docker_client: docker.DockerClient, registry: str, test_id: str) -> Iterator[str]:
     repo = f"{registry}/t{test_id}/app"
     yield repo
-    ids = repo_image_ids(repo, client=docker_client)
-    remove_test_containers(docker_client, test_id, f"{CONTAINER_PREFIX}{test_id}", repo, ids)
+    remove_test_containers(docker_client, test_id, f"{CONTAINER_PREFIX}{test_id}", repo)
     remove_repo_images(repo, client=docker_client)
 
 

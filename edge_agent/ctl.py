@@ -1,0 +1,824 @@
+"""``edge-ctl``: the operator's command line for a fleet, over MQTT (SPEC section 6).
+
+    edge-ctl devices                           table of the fleet
+    edge-ctl set-tag 2.0 --device dev1 --wait  set a desired tag, wait for the device
+    edge-ctl set-tag 2.0 --group lab           ... or for a group, or --fleet
+    edge-ctl clear-tag --device dev1           remove an override
+    edge-ctl check --device dev1 --wait        ask for a registry check now
+    edge-ctl install --device dev1 --wait      apply a pending update (UPDATE_MODE=notify)
+    edge-ctl watch                             live events, with pull progress
+
+The broker is configured like the agent's (MQTT_HOST, MQTT_PORT, MQTT_USERNAME,
+MQTT_PASSWORD(_FILE), MQTT_TLS, MQTT_CA_FILE, ..., MQTT_TOPIC_PREFIX); options override
+them. The user needs the operator ACL (``mosquitto/add-device --operator NAME``).
+Human output by default, ``--json`` for scripts. This module is a CLI entry point: it
+prints.
+
+Exit codes: 0 done; 1 the device did not apply it (rolled back, rejected, failed, ...);
+2 usage or configuration error; 3 no answer in time, or the broker is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from paho.mqtt.client import Client, MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent import __version__
+from edge_agent.config import MqttSettings, load_mqtt_settings
+from edge_agent.errors import ConfigError, TagError
+from edge_agent.mqtt import MqttConnectError, connect_client, disconnect_client
+from edge_agent.tags import validate_tag
+from edge_agent.topics import ID_PATTERN, ID_RE, Topics
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 10.0
+# Retained messages arrive right after the SUBACK; this much silence means "all here".
+RETAINED_QUIET_S = 0.3
+RETAINED_MAX_S = 3.0
+DEFAULT_WAIT_S = 300.0
+BAR_WIDTH = 20
+# as the bridge accepts them (edge_agent/bridge/api.py)
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class CtlError(Exception):
+    """Ends the command with ``code`` and a one-line message on stderr."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- the MQTT session -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retained: bool
+    correlation: bytes | None = None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.payload)
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
+class Session:
+    """One MQTT connection: subscribed before anything is published; messages queue up."""
+
+    def __init__(self, settings: MqttSettings, subscriptions: Sequence[str]) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.subscriptions = tuple(subscriptions)
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self._subscribed = threading.Event()
+        self._subscribe_mid: int | None = None
+        self._sub_refused: list[str] = []
+        self._refused: dict[int, str] = {}
+        self._lock = threading.Lock()
+        try:
+            self.client = connect_client(
+                settings, f"edge-ctl-{uuid.uuid4().hex[:12]}",
+                on_message=self._on_message, on_connect=self._subscribe,
+                wait_s=CONNECT_TIMEOUT_S,
+            )
+        except MqttConnectError as exc:
+            raise CtlError(f"cannot use the MQTT broker: {exc}", EXIT_TIMEOUT) from None
+        self._chain_on_publish()
+        if not self.subscriptions:
+            return
+        if not self._subscribed.wait(CONNECT_TIMEOUT_S):
+            self.close()
+            raise CtlError("the broker did not acknowledge the subscriptions", EXIT_TIMEOUT)
+        if self._sub_refused:
+            self.close()
+            raise CtlError(f"the broker refused the subscription to "
+                           f"{', '.join(self._sub_refused)}; does "
+                           f"{settings.username or 'this user'} have the operator ACL?")
+
+    def _subscribe(self, client: Client) -> None:
+        """At every (re)connect, on paho's thread: subscribe and watch for the SUBACK."""
+        if not self.subscriptions:
+            return
+        client.on_subscribe = self._on_subscribe
+        _result, mid = client.subscribe([(topic, 1) for topic in self.subscriptions])
+        self._subscribe_mid = mid
+
+    def _on_subscribe(self, client: Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        if mid != self._subscribe_mid:
+            return
+        self._sub_refused = [f"{topic} ({reason})" for topic, reason
+                             in zip(self.subscriptions, reasons, strict=False) if reason.is_failure]
+        self._subscribed.set()
+
+    def _chain_on_publish(self) -> None:
+        """Remember publishes the broker refused (MQTT 5 reason codes; usually the ACL).
+        Replaces connect_client's handler, which only logs them: ``publish`` reports them."""
+
+        def on_publish(client: Client, userdata: Any, mid: int, reason: ReasonCode,
+                       properties: Properties) -> None:
+            if reason.is_failure:
+                with self._lock:
+                    self._refused[mid] = str(reason)
+
+        self.client.on_publish = on_publish
+
+    def _on_message(self, client: Client, message: MQTTMessage) -> None:
+        properties = getattr(message, "properties", None)
+        correlation = getattr(properties, "CorrelationData", None)
+        self.inbox.put(Incoming(message.topic, bytes(message.payload), bool(message.retain),
+                                bytes(correlation) if correlation is not None else None))
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool,
+                properties: Properties | None = None) -> None:
+        """QoS 1; returns once the broker has acknowledged it, raises CtlError otherwise."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        try:
+            info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        except (RuntimeError, ValueError) as exc:
+            raise CtlError(f"publishing to {topic} failed: {exc}", EXIT_TIMEOUT) from None
+        if not info.is_published():
+            raise CtlError(f"the broker did not acknowledge the message to {topic} within "
+                           f"{PUBLISH_TIMEOUT_S:g} s", EXIT_TIMEOUT)
+        with self._lock:
+            refused = self._refused.pop(info.mid, None)
+        if refused is not None:
+            raise CtlError(f"the broker refused the message to {topic} ({refused}); does "
+                           f"{self.settings.username or 'this user'} have the operator ACL?")
+
+    def messages(self, timeout_s: float | None) -> Iterator[Incoming]:
+        """Messages as they arrive, until ``timeout_s`` (None: forever) has passed."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            try:
+                yield self.inbox.get(timeout=1.0 if remaining is None else min(remaining, 1.0))
+            except queue.Empty:
+                continue
+
+    def retained(self) -> list[Incoming]:
+        """The retained messages of the subscriptions (everything until a short silence)."""
+        found: list[Incoming] = []
+        deadline = time.monotonic() + RETAINED_MAX_S
+        while time.monotonic() < deadline:
+            try:
+                found.append(self.inbox.get(timeout=RETAINED_QUIET_S))
+            except queue.Empty:
+                break
+        return found
+
+    def close(self) -> None:
+        disconnect_client(self.client)
+
+
+# -- the fleet view ---------------------------------------------------------------------
+@dataclass
+class DeviceView:
+    device_id: str
+    online: bool | None = None
+    state: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "online": self.online, "state": self.state}
+
+
+def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, DeviceView]:
+    devices: dict[str, DeviceView] = {}
+    for message in messages:
+        device_id = topics.device_of(message.topic)
+        if device_id is None or not message.payload:
+            continue
+        view = devices.setdefault(device_id, DeviceView(device_id))
+        if message.topic == topics.availability(device_id):
+            view.online = message.payload.strip() == b"online"
+        elif message.topic == topics.state(device_id):
+            state = message.json()
+            if isinstance(state, dict):
+                view.state = state
+    return devices
+
+
+def _get(document: dict[str, Any] | None, *path: str) -> Any:
+    value: Any = document
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def status_text(state: dict[str, Any] | None) -> str:
+    """The update status as an operator reads it: ``pulling 45%``, ``fallback``, ..."""
+    if state is None:
+        return "-"
+    status = str(_get(state, "update", "status") or "-")
+    progress = _get(state, "update", "progress")
+    if status == "pulling" and isinstance(progress, int | float):
+        status = f"pulling {progress:.0f}%"
+    if _get(state, "fallback", "active"):
+        status += f" (fallback: {_get(state, 'fallback', 'requested_tag')} not found)"
+    return status
+
+
+def devices_table(devices: Sequence[DeviceView]) -> str:
+    header = ("DEVICE", "ONLINE", "RUNNING", "DESIRED", "STATUS", "HEALTH", "LAST CHECK", "NOTE")
+    rows = [header]
+    for view in devices:
+        state = view.state
+        desired = _get(state, "desired", "tag")
+        source = _get(state, "desired", "source")
+        group = _get(state, "desired", "group")
+        if desired and source:
+            desired = f"{desired} ({source}{':' + group if group else ''})"
+        running = _get(state, "running", "tag")
+        container = _get(state, "running", "status")
+        if running and container not in (None, "running"):
+            running = f"{running} ({container})"
+        elif not running and container:
+            running = f"- ({container})"
+        rows.append((
+            view.device_id,
+            {True: "yes", False: "no", None: "?"}[view.online],
+            str(running or "-"),
+            str(desired or "-"),
+            status_text(state),
+            str(_get(state, "running", "health") or "-"),
+            _short_time(_get(state, "update", "last_check_at")),
+            str(_get(state, "update", "last_error") or ""),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  " + row[-1]
+        for row in rows
+    ).rstrip()
+
+
+def _short_time(value: Any) -> str:
+    if not isinstance(value, str):
+        return "-"
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- waiting for a device -------------------------------------------------------------------
+@dataclass
+class Outcome:
+    """How a device answered a desired tag; ``ok`` None means "still waiting"."""
+
+    ok: bool | None = None
+    outcome: str = "waiting"
+    reason: str | None = None
+    state: dict[str, Any] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def judge_state(state: dict[str, Any], tag: str, request_id: str) -> Outcome | None:
+    """The verdict a state document gives on ``request_id``, or None if it says nothing yet."""
+    if _get(state, "desired", "request_id") != request_id:
+        return None
+    status = _get(state, "update", "status")
+    running = _get(state, "running", "tag")
+    if _get(state, "fallback", "active") and _get(state, "fallback", "requested_tag") == tag:
+        reason = _get(state, "fallback", "reason") or f"tag {tag} not found"
+        return Outcome(False, "fallback", f"{reason}; running {running} instead", state)
+    if status == "available":
+        return Outcome(False, "available", f"update to {tag} is available but the device is "
+                       "in notify mode: run edge-ctl install --device "
+                       f"{state.get('device_id')}", state)
+    if status != "idle":
+        return None
+    container = _get(state, "running", "status")
+    if running == tag and container == "running":
+        return Outcome(True, "applied", None, state)
+    reason = _get(state, "update", "last_error") or f"the device still runs {running}"
+    return Outcome(False, "not_applied", str(reason), state)
+
+
+def judge_event(event: dict[str, Any], tag: str, request_id: str) -> Outcome | None:
+    if event.get("request_id") != request_id:
+        return None
+    name = event.get("event")
+    if name == "rolled_back":
+        return Outcome(False, "rolled_back",
+                       f"update to {event.get('tag')} rolled back: {event.get('reason')}")
+    if name == "update_failed":
+        return Outcome(False, "failed", f"update to {event.get('tag')} failed: "
+                       f"{event.get('reason')} (the agent retries at its next check)")
+    if name == "tag_rejected":
+        return Outcome(False, "rejected", f"tag rejected: {event.get('reason')}")
+    if name == "config_error":
+        return Outcome(False, "config_error", f"configuration error: {event.get('error')}")
+    if name == "update_succeeded" and event.get("tag") == tag:
+        return Outcome(True, "updated")
+    return None
+
+
+# -- output ---------------------------------------------------------------------------------
+class Printer:
+    """Human output (progress to stderr, results to stdout) or JSON lines on stdout."""
+
+    def __init__(self, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+                 ) -> None:
+        self.as_json = as_json
+        self.out = out
+        self.err = err
+        self.tty = err.isatty()
+        self._bar_open = False
+        self._last_bucket: dict[tuple[str, str], int] = {}
+
+    def result(self, obj: Any, text: str) -> None:
+        self._close_bar()
+        if self.as_json:
+            print(json.dumps(obj, sort_keys=True), file=self.out, flush=True)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        """Progress for humans (stderr); nothing in JSON mode."""
+        if self.as_json:
+            return
+        self._close_bar()
+        print(text, file=self.err, flush=True)
+
+    def progress(self, device_id: str, tag: str, percent: float) -> None:
+        """A progress bar on a terminal; lines every 10 % otherwise."""
+        if self.as_json:
+            return
+        line = f"{device_id}: pulling {tag} {bar(percent)} {percent:5.1f}%"
+        if self.tty:
+            print(f"\r{line}", end="", file=self.err, flush=True)
+            self._bar_open = True
+            return
+        bucket = int(percent // 10)
+        if self._last_bucket.get((device_id, tag)) != bucket:
+            self._last_bucket[(device_id, tag)] = bucket
+            print(line, file=self.err, flush=True)
+
+    def new_pull(self, device_id: str) -> None:
+        """An update starts: its progress is shown from 0 again."""
+        for key in [k for k in self._last_bucket if k[0] == device_id]:
+            del self._last_bucket[key]
+
+    def _close_bar(self) -> None:
+        if self._bar_open:
+            print(file=self.err, flush=True)
+            self._bar_open = False
+
+
+def bar(percent: float) -> str:
+    filled = max(0, min(BAR_WIDTH, round(percent / 100 * BAR_WIDTH)))
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]"
+
+
+def _clock(ts: Any) -> str:
+    if isinstance(ts, str):
+        try:
+            return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone() \
+                .strftime("%H:%M:%S")
+        except ValueError:
+            pass
+    return datetime.now(UTC).astimezone().strftime("%H:%M:%S")
+
+
+# -- commands -----------------------------------------------------------------------------
+def _target(args: argparse.Namespace, topics: Topics) -> tuple[str, str]:
+    """(description, desired-tag topic) of --device / --group / --fleet."""
+    if args.device:
+        return f"device {args.device}", topics.device_tag(args.device)
+    if args.group:
+        return f"group {args.group}", topics.group_tag(args.group)
+    return "the fleet", topics.fleet_tag
+
+
+def cmd_devices(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    session = Session(settings, [topics.all_states, topics.all_availability])
+    try:
+        devices = collect_devices(topics, session.retained())
+    finally:
+        session.close()
+    wanted = set(args.device or ())
+    shown = sorted((v for k, v in devices.items() if not wanted or k in wanted),
+                   key=lambda v: v.device_id)
+    text = devices_table(shown) if shown else (
+        f"no devices have reported under {topics.prefix}/ (or {settings.username or 'this user'} "
+        "may not read them: operators need the operator ACL)")
+    printer.result([v.to_json() for v in shown], text)
+    return EXIT_OK
+
+
+def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    try:
+        tag = validate_tag(args.tag)
+    except TagError as exc:
+        raise CtlError(f"invalid tag: {exc}", EXIT_USAGE) from None
+    if args.wait and not args.device:
+        raise CtlError("--wait needs --device (a group or the fleet has no single answer)",
+                       EXIT_USAGE)
+    topics = Topics(settings.topic_prefix)
+    what, topic = _target(args, topics)
+    request_id = args.request_id or uuid.uuid4().hex
+    payload = json.dumps({"tag": tag, "request_id": request_id,
+                          "issued_at": datetime.now(UTC).isoformat(timespec="seconds")
+                          .replace("+00:00", "Z")}).encode()
+    subscriptions = []
+    if args.wait:
+        subscriptions = [topics.state(args.device), topics.events(args.device),
+                         topics.availability(args.device)]
+    session = Session(settings, subscriptions)
+    try:
+        if args.wait:
+            session.retained()  # the old state and availability: not an answer
+        session.publish(topic, payload, retain=True)
+        if not args.wait:
+            printer.result({"tag": tag, "topic": topic, "request_id": request_id},
+                           f"desired tag of {what} set to {tag} (request {request_id})")
+            return EXIT_OK
+        printer.note(f"desired tag of {what} set to {tag}; waiting for the device "
+                     f"(up to {args.timeout:g} s)")
+        outcome = wait_for_tag(session, args.device, tag, request_id, args.timeout, printer)
+    finally:
+        session.close()
+    return report_outcome(args.device, tag, request_id, outcome, printer)
+
+
+def wait_for_tag(session: Session, device_id: str, tag: str, request_id: str,
+                 timeout_s: float, printer: Printer) -> Outcome:
+    topics = session.topics
+    last_state: dict[str, Any] | None = None
+    shown_status: str | None = None
+    events: list[dict[str, Any]] = []
+    for message in session.messages(timeout_s):
+        body = message.json()
+        if message.topic == topics.availability(device_id):
+            if message.payload.strip() == b"offline":
+                printer.note(f"{device_id} is offline; the desired tag is retained and applies "
+                             "when it reconnects")
+            continue
+        if not isinstance(body, dict):
+            continue
+        if message.topic == topics.events(device_id):
+            if body.get("request_id") != request_id:
+                continue
+            events.append(body)
+            if body.get("event") == "pull_progress":
+                printer.progress(device_id, tag, float(body.get("progress") or 0))
+                continue
+            if body.get("event") == "update_started":
+                printer.new_pull(device_id)
+                printer.note(f"{device_id}: updating {body.get('from_tag')} -> {tag}")
+            verdict = judge_event(body, tag, request_id)
+        else:
+            last_state = body
+            status = status_text(body) if body.get("desired", {}).get("request_id") == \
+                request_id else None
+            if status and status != shown_status and not status.startswith(("pulling", "idle")):
+                printer.note(f"{device_id}: {status}")
+                shown_status = status
+            if status and status.startswith("pulling") and \
+                    isinstance(_get(body, "update", "progress"), int | float):
+                printer.progress(device_id, tag, float(_get(body, "update", "progress")))
+            verdict = judge_state(body, tag, request_id)
+        if verdict is not None:
+            verdict.state = verdict.state or last_state
+            verdict.events = events
+            return verdict
+    running = _get(last_state, "running", "tag")
+    return Outcome(None, "timeout", f"no answer from {device_id} within {timeout_s:g} s"
+                   + (f" (last seen running {running}, {status_text(last_state)})"
+                      if last_state else ""), last_state, events)
+
+
+def report_outcome(device_id: str, tag: str, request_id: str, outcome: Outcome,
+                   printer: Printer) -> int:
+    # the state that settles it comes just before update_succeeded: update_started tells
+    updated = any(e.get("event") in ("update_started", "update_succeeded")
+                  for e in outcome.events)
+    if outcome.ok:
+        text = f"{device_id}: {'updated to' if updated else 'already runs'} {tag}"
+        kind = "updated" if updated else "unchanged"
+    else:
+        text = f"{device_id}: {tag} not applied: {outcome.reason}"
+        kind = outcome.outcome
+    printer.result({"device_id": device_id, "tag": tag, "request_id": request_id,
+                    "ok": bool(outcome.ok), "outcome": kind, "reason": outcome.reason,
+                    "state": outcome.state}, text)
+    if outcome.ok:
+        return EXIT_OK
+    if not printer.as_json:
+        print(f"edge-ctl: {text}", file=printer.err)
+    return EXIT_TIMEOUT if outcome.ok is None else EXIT_FAILED
+
+
+def cmd_clear_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    what, topic = _target(args, topics)
+    session = Session(settings, [])
+    try:
+        session.publish(topic, b"", retain=True)
+    finally:
+        session.close()
+    printer.result({"topic": topic, "cleared": True}, f"desired tag of {what} cleared")
+    return EXIT_OK
+
+
+def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    """``check`` and ``install``: a command, answered on an MQTT 5 response topic."""
+    install = args.command == "install"
+    topics = Topics(settings.topic_prefix)
+    request_id = uuid.uuid4().hex
+    if args.device:
+        topic = topics.device_install(args.device) if install else topics.device_check(
+            args.device)
+    else:
+        topic = topics.fleet_check
+    if args.wait and not args.device:
+        raise CtlError("--wait needs --device", EXIT_USAGE)
+    if args.wait and settings.protocol != "5":
+        raise CtlError("--wait needs MQTT 5 (response topics); unset MQTT_PROTOCOL", EXIT_USAGE)
+    response_topic = topics.reply(args.device, request_id) if args.wait else None
+    properties = None
+    if response_topic is not None:
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.ResponseTopic = response_topic
+        properties.CorrelationData = request_id.encode()
+    session = Session(settings, [response_topic] if response_topic else [])
+    try:
+        session.publish(topic, json.dumps({"request_id": request_id}).encode(), retain=False,
+                        properties=properties)
+        if response_topic is None:
+            printer.result({"topic": topic, "request_id": request_id},
+                           f"{args.command} sent to {topic}")
+            return EXIT_OK
+        printer.note(f"{args.command} sent to {args.device}; waiting for its answer")
+        for message in session.messages(args.timeout):
+            answer = message.json()
+            if message.correlation == request_id.encode() and isinstance(answer, dict):
+                break
+        else:
+            raise CtlError(f"no answer from {args.device} within {args.timeout:g} s "
+                           "(offline, or busy with an update?)", EXIT_TIMEOUT)
+    finally:
+        session.close()
+    ok = bool(answer.get("ok")) and answer.get("outcome") not in ("rolled_back", "skipped")
+    if answer.get("error"):
+        text = f"{args.device}: {args.command} failed: {answer['error']}"
+    else:
+        text = f"{args.device}: {describe_outcome(answer)}"
+    printer.result(answer, text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+OUTCOMES = {
+    "unchanged": "up to date: runs {tag}",
+    "updated": "updated to {tag}",
+    "started": "{tag} was not running: started it",
+    "rolled_back": "update to {tag} rolled back",
+    "skipped": "{tag} not applied: this digest failed verification before "
+               "(push a new image or set another tag)",
+    "available": "update to {tag} available (UPDATE_MODE=notify): edge-ctl install",
+    "interrupted": "update to {tag} interrupted (the agent is stopping)",
+}
+
+
+def describe_outcome(answer: dict[str, Any]) -> str:
+    """A device's answer to check/install in words."""
+    outcome = str(answer.get("outcome"))
+    template = OUTCOMES.get(outcome, outcome + " ({tag})")
+    return template.format(tag=answer.get("tag"))
+
+
+def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    if args.device:
+        subscriptions = [topics.events(args.device), topics.availability(args.device),
+                         topics.state(args.device)]
+    else:
+        subscriptions = [topics.all_events, topics.all_availability, topics.all_states]
+    session = Session(settings, subscriptions)
+    statuses: dict[str, str] = {}
+    count = 0
+    try:
+        for message in session.retained():  # where everyone stands; not news
+            device_id = topics.device_of(message.topic)
+            body = message.json()
+            if device_id and message.topic == topics.state(device_id) and isinstance(body, dict):
+                statuses[device_id] = str(_get(body, "update", "status"))
+        printer.note(f"watching {args.device or 'every device'} under {topics.prefix}/ "
+                     "(Ctrl-C to stop)")
+        for message in session.messages(args.timeout):
+            if watch_line(topics, message, statuses, printer):
+                count += 1
+                if args.count and count >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return EXIT_OK
+
+
+def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],
+               printer: Printer) -> bool:
+    """Show one message; True when it was an event (what --count counts)."""
+    device_id = topics.device_of(message.topic) or "?"
+    body = message.json()
+    if message.topic == topics.availability(device_id):
+        text = message.payload.decode(errors="replace").strip() or "(cleared)"
+        printer.result({"type": "availability", "device_id": device_id, "availability": text},
+                       f"{_clock(None)}  {device_id}  is {text}")
+        return False
+    if not isinstance(body, dict):
+        return False
+    if message.topic == topics.state(device_id):
+        status = str(_get(body, "update", "status"))
+        if statuses.get(device_id) == status:
+            return False
+        statuses[device_id] = status
+        if status == "pulling":
+            return False  # the progress events tell that story
+        printer.result({"type": "status", "device_id": device_id, "status": status,
+                        "state": body},
+                       f"{_clock(body.get('ts'))}  {device_id}  status {status_text(body)}")
+        return False
+    name = str(body.get("event"))
+    if name == "update_started":
+        printer.new_pull(device_id)
+    if name == "pull_progress" and not printer.as_json:
+        printer.progress(device_id, str(body.get("tag")), float(body.get("progress") or 0))
+        return True
+    skip = ("event", "ts", "device_id", "request_id")
+    details = " ".join(f"{k}={v}" for k, v in body.items() if k not in skip and v is not None)
+    request = f"  [request {body['request_id']}]" if body.get("request_id") else ""
+    printer.result({"type": "event", **body},
+                   f"{_clock(body.get('ts'))}  {device_id}  {name}  {details}{request}")
+    return True
+
+
+# -- the command line ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group(
+        "common options (the broker options override the MQTT_* environment)")
+    group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="machine-readable output (JSON; one object per line for watch)")
+    group.add_argument("-H", "--host", default=argparse.SUPPRESS,
+                       help="broker host (MQTT_HOST; default localhost)")
+    group.add_argument("-p", "--port", default=argparse.SUPPRESS, help="broker port (MQTT_PORT)")
+    group.add_argument("-u", "--username", default=argparse.SUPPRESS,
+                       help="user with the operator ACL (MQTT_USERNAME)")
+    group.add_argument("--password-file", default=argparse.SUPPRESS,
+                       help="file holding the password (MQTT_PASSWORD_FILE)")
+    group.add_argument("--prefix", default=argparse.SUPPRESS,
+                       help="topic prefix (MQTT_TOPIC_PREFIX; default edge)")
+
+    parser = argparse.ArgumentParser(
+        prog="edge-ctl", parents=[common],
+        description="Operate an edge-agent fleet over MQTT: list devices, set desired tags, "
+        "send checks, watch updates.",
+        epilog="The broker connection uses the agent's MQTT_* variables (see edge-agent "
+        "--help). Exit codes: 0 done, 1 not applied (rolled back, rejected, failed), "
+        "2 usage, 3 no answer in time or broker unreachable.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-ctl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    devices = commands.add_parser("devices", parents=[common],
+                                  help="table of the fleet: online, running/desired tag, status")
+    devices.add_argument("device", nargs="*", help="only these devices")
+
+    def scope(sub: argparse.ArgumentParser, *, groups: bool = True) -> None:
+        target = sub.add_mutually_exclusive_group(required=True)
+        target.add_argument("--device", "-d", metavar="ID")
+        if groups:
+            target.add_argument("--group", "-g", metavar="NAME")
+        target.add_argument("--fleet", action="store_true")
+
+    def waiting(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument("--wait", action="store_true", help=what)
+        sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="S",
+                         help=f"how long --wait waits (default {DEFAULT_WAIT_S:g} s)")
+
+    set_tag = commands.add_parser(
+        "set-tag", parents=[common], help="set the desired tag of a device, a group or the fleet")
+    set_tag.add_argument("tag", help="image tag, or sha256:<digest>")
+    scope(set_tag)
+    waiting(set_tag, "(with --device) return once the device runs it; exit 1 with the reason "
+            "if it rolled back or refused it")
+    set_tag.add_argument("--request-id", help="request id to send (default: a random one)")
+
+    clear_tag = commands.add_parser("clear-tag", parents=[common],
+                                    help="remove the desired tag of a device, group or fleet")
+    scope(clear_tag)
+
+    check = commands.add_parser("check", parents=[common],
+                                help="ask a device (or the fleet) to check the registry now")
+    scope(check, groups=False)
+    waiting(check, "(with --device) wait for the device's answer")
+
+    install = commands.add_parser(
+        "install", parents=[common], help="apply a pending update (UPDATE_MODE=notify)")
+    install.add_argument("--device", "-d", metavar="ID", required=True)
+    install.set_defaults(fleet=False)
+    waiting(install, "wait for the device's answer (the update's outcome)")
+
+    watch = commands.add_parser("watch", parents=[common],
+                                help="live view of events and status changes, with pull progress")
+    watch.add_argument("--device", "-d", metavar="ID", help="only this device")
+    watch.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
+    watch.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, MqttSettings, Printer], int]] = {
+    "devices": cmd_devices,
+    "set-tag": cmd_set_tag,
+    "clear-tag": cmd_clear_tag,
+    "check": cmd_request,
+    "install": cmd_request,
+    "watch": cmd_watch,
+}
+
+
+def check_ids(args: argparse.Namespace) -> None:
+    """Device ids and group names are one topic level: no wildcards, no separators."""
+    for option in ("device", "group"):
+        values = getattr(args, option, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not ID_RE.fullmatch(value):
+                raise CtlError(f"--{option} {value!r} must match {ID_PATTERN}", EXIT_USAGE)
+    request_id = getattr(args, "request_id", None)
+    if request_id is not None and not REQUEST_ID_RE.fullmatch(request_id):
+        raise CtlError(f"--request-id must match {REQUEST_ID_RE.pattern}", EXIT_USAGE)
+
+
+def mqtt_settings(args: argparse.Namespace, environ: dict[str, str]) -> MqttSettings:
+    env = dict(environ)
+    overrides = {"host": "MQTT_HOST", "port": "MQTT_PORT", "username": "MQTT_USERNAME",
+                 "password_file": "MQTT_PASSWORD_FILE", "prefix": "MQTT_TOPIC_PREFIX"}
+    for option, variable in overrides.items():
+        value = getattr(args, option, None)
+        if value is not None:
+            env[variable] = str(value)
+    if getattr(args, "password_file", None):
+        env.pop("MQTT_PASSWORD", None)
+    env.setdefault("MQTT_HOST", "localhost")
+    if not env["MQTT_HOST"].strip():
+        env["MQTT_HOST"] = "localhost"
+    return load_mqtt_settings(env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="edge-ctl: %(message)s")
+    # connect_client logs its retries at WARNING; for a one-shot tool the final error says it
+    logging.getLogger("edge_agent.mqtt").setLevel(logging.ERROR)
+    printer = Printer(bool(getattr(args, "json", False)))
+    try:
+        check_ids(args)
+        settings = mqtt_settings(args, dict(os.environ))
+        return COMMANDS[args.command](args, settings, printer)
+    except ConfigError as exc:
+        print(f"edge-ctl: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CtlError as exc:
+        print(f"edge-ctl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

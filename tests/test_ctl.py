@@ -1,0 +1,340 @@
+"""``edge-ctl`` against a real Mosquitto (from ``mosquitto/``), a real agent process, the
+real Docker daemon and the test registry. edge-ctl runs as its own process, as an
+operator would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.ctl import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    DeviceView,
+    bar,
+    devices_table,
+    judge_state,
+)
+from edge_agent.topics import Topics
+from tests.support import REPO_ROOT, wait_until
+from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker, MqttWatcher
+from tests.support.device import Device, publish
+
+OPERATOR = "ops"
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    with Broker() as started:
+        started.add_operator(OPERATOR)
+        yield started
+
+
+def ctl(broker: Broker | None, *args: str, user: str = OPERATOR, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``edge-ctl ARGS`` as a process, logged in as ``user``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT)
+    if broker is not None:
+        environ.update(MQTT_HOST="127.0.0.1", MQTT_PORT=str(broker.port), MQTT_USERNAME=user,
+                       MQTT_PASSWORD=broker.passwords.get(user, "wrong"))
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edge_agent.ctl", *args], env=environ,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Fleet:
+    """One device with a running agent, logged in to ``broker`` as its DEVICE_ID."""
+
+    device: Device
+    agent: AgentProcess
+    v1: str
+    v2: str
+
+    @property
+    def name(self) -> str:
+        return self.device.name
+
+
+@pytest.fixture
+def fleet(broker: Broker, unique_repo: str, container_name: str,
+          tmp_path: Path) -> Iterator[Fleet]:
+    # Versions of their own: unique image ids (other tests remove containers by image id).
+    v1, v2 = f"1.0 {container_name}", f"2.0 {container_name}"
+    publish(unique_repo, "1.0", v1)
+    publish(unique_repo, "2.0", v2)
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    broker.add_device(container_name, ["lab"])
+    env = device.agent_env(**{
+        "CONTAINER_IMAGE": f"{unique_repo}:1.0", "HEALTH_TIMEOUT": "1", "FALLBACK_TAG": "",
+        "DEVICE_GROUPS": "lab", "TELEMETRY_INTERVAL": "60",
+        **broker.agent_env(container_name, "edge"),
+    })
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    try:
+        wait_until(lambda: device.serving() == v1, timeout=60, message="the app at 1.0")
+        yield Fleet(device, agent, v1, v2)
+    finally:
+        if agent.alive:
+            agent.stop(signal.SIGTERM)
+        print(agent.log()[-6000:])
+        # retained desired tags would reach the next test's agent with the same name
+        for topic in (Topics("edge").device_tag(container_name), Topics("edge").group_tag("lab")):
+            ctl_clear = MqttWatcher(broker.settings(OPERATOR), []).start()
+            ctl_clear.publish(topic, b"", retain=True)
+            ctl_clear.close()
+
+
+def test_set_tag_wait_returns_once_the_agent_applied_it(broker: Broker, fleet: Fleet) -> None:
+    result = ctl(broker, "set-tag", "2.0", "--device", fleet.name, "--wait")
+    assert result.returncode == EXIT_OK, result.stderr
+    # returned after the real agent applied it: the new version answers right now
+    assert fleet.device.serving() == fleet.v2
+    assert f"{fleet.name}: updated to 2.0" in result.stdout
+    assert "updating" in result.stderr  # progress for humans goes to stderr
+
+    again = ctl(broker, "set-tag", "2.0", "--device", fleet.name, "--wait", "--json")
+    assert again.returncode == EXIT_OK, again.stderr
+    answer = json.loads(again.stdout)
+    assert answer["ok"] is True and answer["outcome"] == "unchanged"
+    assert answer["state"]["running"]["tag"] == "2.0"
+    assert answer["state"]["desired"]["request_id"] == answer["request_id"]
+
+
+def test_set_tag_wait_exits_non_zero_with_the_reason_on_rollback(
+    broker: Broker, fleet: Fleet, unique_repo: str
+) -> None:
+    publish(unique_repo, "3.0", f"3.0 {fleet.name}", kind="unhealthy")
+    result = ctl(broker, "set-tag", "3.0", "--device", fleet.name, "--wait")
+    assert result.returncode == EXIT_FAILED, result.stdout + result.stderr
+    assert "rolled back" in result.stderr
+    # the agent's own reason, as its state shows it
+    reason = fleet.device.status()["update"]["last_error"]
+    assert reason.startswith("update to 3.0 rolled back: ")
+    assert reason in result.stderr
+    assert fleet.device.serving() == fleet.v1  # the old version is back
+
+    # the same digest is not retried: a second --wait says so at once instead of hanging
+    again = ctl(broker, "set-tag", "3.0", "--device", fleet.name, "--wait", "--json",
+                "--timeout", "60")
+    assert again.returncode == EXIT_FAILED, again.stdout + again.stderr
+    answer = json.loads(again.stdout)
+    assert answer["ok"] is False
+    assert "failed verification before" in answer["reason"]
+
+
+def test_devices_lists_the_fleet(broker: Broker, fleet: Fleet) -> None:
+    assert ctl(broker, "set-tag", "2.0", "--group", "lab").returncode == EXIT_OK
+    watcher = MqttWatcher(broker.settings(OPERATOR), [Topics("edge").state(fleet.name)]).start()
+    try:
+        watcher.wait_for(Topics("edge").state(fleet.name),
+                         lambda m: m.json()["running"]["tag"] == "2.0"
+                         and m.json()["update"]["status"] == "idle", timeout=60)
+    finally:
+        watcher.close()
+
+    listed = ctl(broker, "devices", "--json")
+    assert listed.returncode == EXIT_OK, listed.stderr
+    mine = [d for d in json.loads(listed.stdout) if d["device_id"] == fleet.name]
+    assert len(mine) == 1
+    assert mine[0]["online"] is True
+    assert mine[0]["state"]["running"]["tag"] == "2.0"
+    assert mine[0]["state"]["desired"] == {"tag": "2.0", "source": "group", "group": "lab",
+                                           "request_id": mine[0]["state"]["desired"]["request_id"]}
+
+    table = ctl(broker, "devices", fleet.name)
+    assert table.returncode == EXIT_OK, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:5] == ["DEVICE", "ONLINE", "RUNNING", "DESIRED", "STATUS"]
+    assert row.split()[:6] == [fleet.name, "yes", "2.0", "2.0", "(group:lab)", "idle"]
+
+    # after the agent stops, the device is listed offline (its retained availability)
+    fleet.agent.stop(signal.SIGTERM)
+    offline = json.loads(ctl(broker, "devices", "--json", fleet.name).stdout)
+    assert offline[0]["online"] is False
+
+
+def test_clear_tag_removes_the_override(broker: Broker, fleet: Fleet) -> None:
+    assert ctl(broker, "set-tag", "2.0", "--device", fleet.name, "--wait").returncode == EXIT_OK
+    topics = Topics("edge")
+    watcher = MqttWatcher(broker.settings(OPERATOR), [topics.state(fleet.name)]).start()
+    try:
+        cleared = ctl(broker, "clear-tag", "--device", fleet.name)
+        assert cleared.returncode == EXIT_OK, cleared.stderr
+        assert "cleared" in cleared.stdout
+        # the agent falls back to its tag file (which kept 2.0), and says so
+        watcher.wait_for(topics.state(fleet.name),
+                         lambda m: m.json()["desired"]["source"] == "file", timeout=60)
+    finally:
+        watcher.close()
+    probe = MqttWatcher(broker.settings(OPERATOR), [topics.device_tag(fleet.name)]).start()
+    try:
+        assert probe.last(topics.device_tag(fleet.name)) is None  # no retained override left
+    finally:
+        probe.close()
+
+
+def test_watch_shows_the_update_with_pull_progress(broker: Broker, fleet: Fleet) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.ctl", "watch", "--device", fleet.name, "--json",
+         "--timeout", "120"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("MQTT_")},
+             "PYTHONPATH": str(REPO_ROOT), "MQTT_HOST": "127.0.0.1",
+             "MQTT_PORT": str(broker.port), "MQTT_USERNAME": OPERATOR,
+             "MQTT_PASSWORD": broker.passwords[OPERATOR]},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert watch.stdout is not None and watch.stderr is not None
+    try:
+        # in step once it shows something: each check makes the agent's status change
+        def shows_a_check() -> bool:
+            assert ctl(broker, "check", "--device", fleet.name).returncode == EXIT_OK
+            return _readable(watch.stdout, 2.0)
+
+        wait_until(shows_a_check, timeout=60, interval=0, message="watch to show a check")
+        result = ctl(broker, "set-tag", "2.0", "--device", fleet.name, "--wait")
+        assert result.returncode == EXIT_OK, result.stderr
+        lines: list[dict[str, Any]] = []
+        while not any(line.get("event") == "update_succeeded" for line in lines):
+            line = watch.stdout.readline()
+            assert line, f"watch ended early: {watch.stderr.read()}"
+            lines.append(json.loads(line))
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == EXIT_OK
+        watch.stdout.close()
+        watch.stderr.close()
+    lines = [line for line in lines if line["type"] != "status" or line["status"] != "checking"
+             or line["state"]["desired"]["tag"] == "2.0"]
+    events = [line["event"] for line in lines if line["type"] == "event"]
+    assert events[0] == "update_started", events
+    assert "pull_progress" in events
+    progress = [line["progress"] for line in lines if line.get("event") == "pull_progress"]
+    assert progress == sorted(progress) and progress[0] >= 0 and progress[-1] <= 100
+    statuses = [line["status"] for line in lines if line["type"] == "status"]
+    assert "installing" in statuses and "verifying" in statuses, statuses
+
+
+def _readable(stream: Any, timeout: float) -> bool:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return bool(ready)
+
+
+def test_check_wait_gets_the_device_answer(broker: Broker, fleet: Fleet) -> None:
+    result = ctl(broker, "check", "--device", fleet.name, "--wait", "--json", "--timeout", "60")
+    assert result.returncode == EXIT_OK, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["ok"] is True
+    assert answer["outcome"] == "unchanged"
+    assert answer["tag"] == "1.0"
+    human = ctl(broker, "check", "--device", fleet.name, "--wait", "--timeout", "60")
+    assert human.returncode == EXIT_OK, human.stderr
+    assert human.stdout == f"{fleet.name}: up to date: runs 1.0\n"
+
+
+# -- errors an operator meets ------------------------------------------------------------
+def test_invalid_tag_is_a_usage_error_before_anything_is_sent() -> None:
+    result = ctl(None, "set-tag", "not a tag", "--device", "dev1",
+                 env={"MQTT_HOST": "127.0.0.1", "MQTT_PORT": "1"})
+    assert result.returncode == EXIT_USAGE
+    assert "invalid tag" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("set-tag", "2.0", "--device", "dev/+"),
+    ("clear-tag", "--group", "lab#"),
+    ("devices", "dev1", "../x"),
+    ("set-tag", "2.0", "--device", "dev1", "--request-id", "has space"),
+])
+def test_ids_that_are_not_one_topic_level_are_usage_errors(args: tuple[str, ...]) -> None:
+    result = ctl(None, *args, env={"MQTT_HOST": "127.0.0.1", "MQTT_PORT": "1"})
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "must match" in result.stderr
+
+
+def test_wait_needs_a_device() -> None:
+    result = ctl(None, "set-tag", "2.0", "--fleet", "--wait",
+                 env={"MQTT_HOST": "127.0.0.1", "MQTT_PORT": "1"})
+    assert result.returncode == EXIT_USAGE
+    assert "--wait needs --device" in result.stderr
+
+
+def test_wrong_password_is_reported(broker: Broker) -> None:
+    result = ctl(broker, "devices", user="nobody")
+    assert result.returncode == EXIT_TIMEOUT
+    assert "Bad user name or password" in result.stderr or "Not authorized" in result.stderr
+
+
+def test_a_device_login_cannot_set_tags(broker: Broker, test_id: str) -> None:
+    """The ACL is the broker's; edge-ctl must report the refusal, not claim success."""
+    device = f"dev-{test_id}"
+    broker.add_device(device)
+    result = ctl(broker, "set-tag", "2.0", "--fleet", user=device)
+    assert result.returncode == EXIT_FAILED, result.stdout
+    assert "refused the message" in result.stderr
+    assert "operator ACL" in result.stderr
+
+
+def test_set_tag_wait_times_out_for_a_device_that_never_answers(broker: Broker,
+                                                                test_id: str) -> None:
+    ghost = f"ghost-{test_id}"
+    try:
+        result = ctl(broker, "set-tag", "2.0", "--device", ghost, "--wait", "--timeout", "1")
+        assert result.returncode == EXIT_TIMEOUT
+        assert f"no answer from {ghost}" in result.stderr
+    finally:
+        ctl(broker, "clear-tag", "--device", ghost)
+
+
+# -- formatting (pure) -------------------------------------------------------------------
+def test_table_and_bar_formatting() -> None:
+    state = {
+        "device_id": "dev1",
+        "desired": {"tag": "2.0", "source": "device", "group": None, "request_id": "r"},
+        "running": {"tag": "1.0", "status": "running", "health": "healthy"},
+        "update": {"status": "pulling", "progress": 45.2, "last_check_at": None,
+                   "last_error": None},
+        "fallback": {"active": False},
+    }
+    table = devices_table([DeviceView("dev1", True, state), DeviceView("dev2", None, None)])
+    lines = table.splitlines()
+    assert lines[1].split()[:7] == ["dev1", "yes", "1.0", "2.0", "(device)", "pulling", "45%"]
+    assert lines[2].split()[:3] == ["dev2", "?", "-"]
+    assert bar(0) == "[" + "." * 20 + "]"
+    assert bar(50) == "[" + "#" * 10 + "." * 10 + "]"
+    assert bar(100) == "[" + "#" * 20 + "]"
+
+
+def test_judge_state_needs_the_request_and_a_settled_status() -> None:
+    def state(request_id: str, status: str, running: str, **extra: Any) -> dict[str, Any]:
+        return {"device_id": "d", "desired": {"tag": "2.0", "request_id": request_id},
+                "running": {"tag": running, "status": "running"},
+                "update": {"status": status, "last_error": extra.get("error")},
+                "fallback": extra.get("fallback", {"active": False})}
+
+    assert judge_state(state("other", "idle", "2.0"), "2.0", "r") is None
+    assert judge_state(state("r", "verifying", "2.0"), "2.0", "r") is None
+    applied = judge_state(state("r", "idle", "2.0"), "2.0", "r")
+    assert applied is not None and applied.ok is True
+    rolled = judge_state(state("r", "idle", "1.0", error="rolled back: x"), "2.0", "r")
+    assert rolled is not None and rolled.ok is False and rolled.reason == "rolled back: x"
+    fallback = judge_state(state("r", "idle", "latest", fallback={
+        "active": True, "requested_tag": "2.0", "reason": "tag 2.0 not found"}), "2.0", "r")
+    assert fallback is not None and fallback.outcome == "fallback"
+    notify = judge_state(state("r", "available", "1.0"), "2.0", "r")
+    assert notify is not None and notify.ok is False and "install" in (notify.reason or "")

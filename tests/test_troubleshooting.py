@@ -1,0 +1,91 @@
+"""docs/TROUBLESHOOTING.md keeps up with the code: every error or warning the agent can
+log, and every error message it raises, has its fixed text in the document.
+
+The check reads the agent's modules (not edge-ctl, not the bridge), takes the literal
+text of each message up to its first placeholder, and looks for it in the document.
+Messages that start with a placeholder (``"%s (retrying in ...)"``) carry another
+message, which is checked where it is made.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+from tests.support import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "edge_agent"
+DOC = REPO_ROOT / "docs" / "TROUBLESHOOTING.md"
+LEVELS = {"error", "warning", "exception", "critical"}
+ERRORS = {"ConfigError", "TagError", "RunConfigError", "DockerUnavailable",
+          "DockerOperationError", "RegistryError", "ManifestUnknown", "StorageError",
+          "MqttConnectError"}
+# Shorter fixed texts ("pull ", "container ") say too little to look for.
+MIN_CHARS = 10
+
+
+def literal_prefix(node: ast.expr) -> str | None:
+    """The message's fixed text before its first placeholder (%s, {...})."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        text = node.value
+    elif isinstance(node, ast.JoinedStr):
+        text = "".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values)
+    else:
+        return None
+    return re.split(r"%[-0-9.]*[sdfr]|\0", text)[0].strip()
+
+
+def agent_messages() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "ctl.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            message = None
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "log"
+                    and node.args):
+                if node.func.attr in LEVELS:
+                    message = literal_prefix(node.args[0])
+                elif node.func.attr == "log" and len(node.args) > 1:
+                    message = literal_prefix(node.args[1])
+            elif (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                  and isinstance(node.exc.func, ast.Name) and node.exc.func.id in ERRORS
+                  and node.exc.args):
+                message = literal_prefix(node.exc.args[0])
+            if message and len(message) >= MIN_CHARS:
+                found.append((f"{path.name}:{getattr(node, 'lineno', 0)}", message))
+    return found
+
+
+def test_the_extraction_finds_the_messages() -> None:
+    messages = {text for _, text in agent_messages()}
+    # a few that must be there, or the extraction itself is broken
+    assert "registry unreachable:" in messages
+    assert "tag file ignored:" in messages
+    assert "CONTAINER_IMAGE: required (an image repository, e.g. registry/app)" in messages
+    assert len(messages) > 40
+
+
+def test_every_agent_message_is_in_troubleshooting() -> None:
+    doc = DOC.read_text()
+    missing = [f"{where}: {text!r}" for where, text in agent_messages() if text not in doc]
+    assert not missing, "add these to docs/TROUBLESHOOTING.md:\n" + "\n".join(missing)
+
+
+def test_connection_errors_are_in_troubleshooting() -> None:
+    """mqtt.describe_connect_error's texts are returned, not raised: checked here."""
+    doc = DOC.read_text()
+    function = next(node for node in ast.walk(ast.parse((PACKAGE / "mqtt.py").read_text()))
+                    if isinstance(node, ast.FunctionDef)
+                    and node.name == "describe_connect_error")
+    texts = [literal_prefix(node.value) for node in ast.walk(function)
+             if isinstance(node, ast.Return) and node.value is not None]
+    assert len(texts) >= 5
+    for text in texts:
+        if text and len(text) >= MIN_CHARS:
+            assert text in doc, text
+
+
+def test_doc_is_linked() -> None:
+    assert "docs/TROUBLESHOOTING.md" in (REPO_ROOT / "README.md").read_text()
