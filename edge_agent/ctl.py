@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -41,6 +41,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
+from edge_agent.answers import Answer, judge_event, judge_state
+from edge_agent.answers import lookup as _get
 from edge_agent.config import MqttSettings, load_mqtt_settings
 from edge_agent.errors import ConfigError, TagError
 from edge_agent.mqtt import MqttConnectError, connect_client, disconnect_client
@@ -226,15 +228,6 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
     return devices
 
 
-def _get(document: dict[str, Any] | None, *path: str) -> Any:
-    value: Any = document
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
 def status_text(state: dict[str, Any] | None) -> str:
     """The update status as an operator reads it: ``pulling 45%``, ``fallback``, ..."""
     if state is None:
@@ -294,55 +287,13 @@ def _short_time(value: Any) -> str:
 
 # -- waiting for a device -------------------------------------------------------------------
 @dataclass
-class Outcome:
-    """How a device answered a desired tag; ``ok`` None means "still waiting"."""
+class Waited:
+    """What ``set-tag --wait`` saw: the answer (None: none in time), the device's last
+    state and the events of the request."""
 
-    ok: bool | None = None
-    outcome: str = "waiting"
-    reason: str | None = None
-    state: dict[str, Any] | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-
-def judge_state(state: dict[str, Any], tag: str, request_id: str) -> Outcome | None:
-    """The verdict a state document gives on ``request_id``, or None if it says nothing yet."""
-    if _get(state, "desired", "request_id") != request_id:
-        return None
-    status = _get(state, "update", "status")
-    running = _get(state, "running", "tag")
-    if _get(state, "fallback", "active") and _get(state, "fallback", "requested_tag") == tag:
-        reason = _get(state, "fallback", "reason") or f"tag {tag} not found"
-        return Outcome(False, "fallback", f"{reason}; running {running} instead", state)
-    if status == "available":
-        return Outcome(False, "available", f"update to {tag} is available but the device is "
-                       "in notify mode: run edge-ctl install --device "
-                       f"{state.get('device_id')}", state)
-    if status != "idle":
-        return None
-    container = _get(state, "running", "status")
-    if running == tag and container == "running":
-        return Outcome(True, "applied", None, state)
-    reason = _get(state, "update", "last_error") or f"the device still runs {running}"
-    return Outcome(False, "not_applied", str(reason), state)
-
-
-def judge_event(event: dict[str, Any], tag: str, request_id: str) -> Outcome | None:
-    if event.get("request_id") != request_id:
-        return None
-    name = event.get("event")
-    if name == "rolled_back":
-        return Outcome(False, "rolled_back",
-                       f"update to {event.get('tag')} rolled back: {event.get('reason')}")
-    if name == "update_failed":
-        return Outcome(False, "failed", f"update to {event.get('tag')} failed: "
-                       f"{event.get('reason')} (the agent retries at its next check)")
-    if name == "tag_rejected":
-        return Outcome(False, "rejected", f"tag rejected: {event.get('reason')}")
-    if name == "config_error":
-        return Outcome(False, "config_error", f"configuration error: {event.get('error')}")
-    if name == "update_succeeded" and event.get("tag") == tag:
-        return Outcome(True, "updated")
-    return None
+    answer: Answer | None
+    state: dict[str, Any] | None
+    events: list[dict[str, Any]]
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -468,14 +419,17 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
             return EXIT_OK
         printer.note(f"desired tag of {what} set to {tag}; waiting for the device "
                      f"(up to {args.timeout:g} s)")
-        outcome = wait_for_tag(session, args.device, tag, request_id, args.timeout, printer)
+        waited = wait_for_tag(session, args.device, tag, request_id, args.timeout, printer)
     finally:
         session.close()
-    return report_outcome(args.device, tag, request_id, outcome, printer)
+    return report_outcome(args.device, tag, request_id, waited, args.timeout, printer)
 
 
 def wait_for_tag(session: Session, device_id: str, tag: str, request_id: str,
-                 timeout_s: float, printer: Printer) -> Outcome:
+                 timeout_s: float, printer: Printer) -> Waited:
+    """Until the device answers. Unlike the bridge, edge-ctl ends on notify mode's
+    "available" (not settled: the operator has to run install) and on update_succeeded;
+    a fallback only once the check that shows it has settled."""
     topics = session.topics
     last_state: dict[str, Any] | None = None
     shown_status: str | None = None
@@ -499,47 +453,52 @@ def wait_for_tag(session: Session, device_id: str, tag: str, request_id: str,
             if body.get("event") == "update_started":
                 printer.new_pull(device_id)
                 printer.note(f"{device_id}: updating {body.get('from_tag')} -> {tag}")
-            verdict = judge_event(body, tag, request_id)
+            answer = judge_event(body, request_id, tag)
+            if answer is not None and answer.outcome == "fallback":
+                answer = None  # the state that follows says it, and the report shows that state
         else:
             last_state = body
-            status = status_text(body) if body.get("desired", {}).get("request_id") == \
-                request_id else None
+            status = status_text(body) if _get(body, "desired", "request_id") == request_id \
+                else None
             if status and status != shown_status and not status.startswith(("pulling", "idle")):
                 printer.note(f"{device_id}: {status}")
                 shown_status = status
             if status and status.startswith("pulling") and \
                     isinstance(_get(body, "update", "progress"), int | float):
                 printer.progress(device_id, tag, float(_get(body, "update", "progress")))
-            verdict = judge_state(body, tag, request_id)
-        if verdict is not None:
-            verdict.state = verdict.state or last_state
-            verdict.events = events
-            return verdict
-    running = _get(last_state, "running", "tag")
-    return Outcome(None, "timeout", f"no answer from {device_id} within {timeout_s:g} s"
-                   + (f" (last seen running {running}, {status_text(last_state)})"
-                      if last_state else ""), last_state, events)
+            answer = judge_state(body, request_id, tag)
+            if answer is not None and answer.outcome == "fallback" and not answer.settled:
+                # a fallback from an earlier check, shown while this one still runs
+                answer = None
+        if answer is not None:
+            return Waited(answer, last_state, events)
+    return Waited(None, last_state, events)
 
 
-def report_outcome(device_id: str, tag: str, request_id: str, outcome: Outcome,
-                   printer: Printer) -> int:
-    # the state that settles it comes just before update_succeeded: update_started tells
-    updated = any(e.get("event") in ("update_started", "update_succeeded")
-                  for e in outcome.events)
-    if outcome.ok:
-        text = f"{device_id}: {'updated to' if updated else 'already runs'} {tag}"
-        kind = "updated" if updated else "unchanged"
-    else:
-        text = f"{device_id}: {tag} not applied: {outcome.reason}"
-        kind = outcome.outcome
-    printer.result({"device_id": device_id, "tag": tag, "request_id": request_id,
-                    "ok": bool(outcome.ok), "outcome": kind, "reason": outcome.reason,
-                    "state": outcome.state}, text)
-    if outcome.ok:
+def report_outcome(device_id: str, tag: str, request_id: str, waited: Waited,
+                   timeout_s: float, printer: Printer) -> int:
+    answer, state = waited.answer, waited.state
+    about = {"device_id": device_id, "tag": tag, "request_id": request_id, "state": state}
+    if answer is not None and answer.ok:
+        # the state that settles it comes just before update_succeeded: update_started tells
+        updated = any(e.get("event") in ("update_started", "update_succeeded")
+                      for e in waited.events)
+        printer.result({**about, "ok": True, "outcome": "updated" if updated else "unchanged",
+                        "reason": None},
+                       f"{device_id}: {'updated to' if updated else 'already runs'} {tag}")
         return EXIT_OK
+    if answer is None:
+        running = _get(state, "running", "tag")
+        kind, code = "timeout", EXIT_TIMEOUT
+        reason = f"no answer from {device_id} within {timeout_s:g} s" + (
+            f" (last seen running {running}, {status_text(state)})" if state else "")
+    else:
+        kind, code, reason = answer.outcome, EXIT_FAILED, answer.reason
+    text = f"{device_id}: {tag} not applied: {reason}"
+    printer.result({**about, "ok": False, "outcome": kind, "reason": reason}, text)
     if not printer.as_json:
         print(f"edge-ctl: {text}", file=printer.err)
-    return EXIT_TIMEOUT if outcome.ok is None else EXIT_FAILED
+    return code
 
 
 def cmd_clear_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:

@@ -5,6 +5,7 @@ operator would run it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -24,15 +25,19 @@ from edge_agent.ctl import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
     DeviceView,
+    Incoming,
+    Printer,
     bar,
     devices_table,
-    judge_state,
+    report_outcome,
+    wait_for_tag,
 )
 from edge_agent.topics import Topics
 from tests.support import REPO_ROOT, wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device, publish
+from tests.test_answers import fallen_back, state
 
 OPERATOR = "ops"
 
@@ -320,21 +325,77 @@ def test_table_and_bar_formatting() -> None:
     assert bar(100) == "[" + "#" * 20 + "]"
 
 
-def test_judge_state_needs_the_request_and_a_settled_status() -> None:
-    def state(request_id: str, status: str, running: str, **extra: Any) -> dict[str, Any]:
-        return {"device_id": "d", "desired": {"tag": "2.0", "request_id": request_id},
-                "running": {"tag": running, "status": "running"},
-                "update": {"status": status, "last_error": extra.get("error")},
-                "fallback": extra.get("fallback", {"active": False})}
+# -- which answers end set-tag --wait (pure; the judges: tests/test_answers.py) -----------
+class ScriptedSession:
+    """What wait_for_tag reads of a Session: its topics and these messages, in order."""
 
-    assert judge_state(state("other", "idle", "2.0"), "2.0", "r") is None
-    assert judge_state(state("r", "verifying", "2.0"), "2.0", "r") is None
-    applied = judge_state(state("r", "idle", "2.0"), "2.0", "r")
-    assert applied is not None and applied.ok is True
-    rolled = judge_state(state("r", "idle", "1.0", error="rolled back: x"), "2.0", "r")
-    assert rolled is not None and rolled.ok is False and rolled.reason == "rolled back: x"
-    fallback = judge_state(state("r", "idle", "latest", fallback={
-        "active": True, "requested_tag": "2.0", "reason": "tag 2.0 not found"}), "2.0", "r")
-    assert fallback is not None and fallback.outcome == "fallback"
-    notify = judge_state(state("r", "available", "1.0"), "2.0", "r")
-    assert notify is not None and notify.ok is False and "install" in (notify.reason or "")
+    def __init__(self, *messages: tuple[str, dict[str, Any]]) -> None:
+        self.topics = Topics("edge")
+        self.script = [Incoming(self.topics.state("dev1") if kind == "state"
+                                else self.topics.events("dev1"), json.dumps(body).encode(),
+                                False) for kind, body in messages]
+
+    def messages(self, timeout_s: float | None) -> Iterator[Incoming]:
+        yield from self.script
+
+
+def set_tag_wait(*messages: tuple[str, dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
+    """(exit code, JSON result, human stderr) of waiting for tag 2.0, request r1."""
+    results = []
+    for as_json in (True, False):
+        out, err = io.StringIO(), io.StringIO()
+        printer = Printer(as_json, out, err)
+        waited = wait_for_tag(ScriptedSession(*messages), "dev1", "2.0", "r1",  # type: ignore[arg-type]
+                              1.0, printer)
+        results.append((report_outcome("dev1", "2.0", "r1", waited, 1.0, printer),
+                        out.getvalue(), err.getvalue()))
+    (code, out, _), (human_code, _, err) = results
+    assert code == human_code
+    return code, json.loads(out), err
+
+
+def test_wait_ends_on_the_state_or_update_succeeded() -> None:
+    code, result, _ = set_tag_wait(("state", state(update={"status": "verifying"})),
+                                   ("state", state()))
+    assert code == EXIT_OK and result["outcome"] == "unchanged" and result["reason"] is None
+    code, result, _ = set_tag_wait(("events", {"event": "update_started", "request_id": "r1"}),
+                                   ("events", {"event": "update_succeeded", "request_id": "r1",
+                                               "tag": "2.0"}))
+    assert code == EXIT_OK and result["outcome"] == "updated" and result["state"] is None
+
+
+def test_notify_mode_available_ends_the_wait_with_the_install_hint() -> None:
+    code, result, err = set_tag_wait(("state", state(update={"status": "available"})))
+    assert code == EXIT_FAILED and result["outcome"] == "available"
+    assert "edge-ctl install --device dev1" in err
+
+
+def test_fallback_ends_the_wait_on_the_settled_state_not_on_the_event() -> None:
+    code, result, err = set_tag_wait(
+        ("events", {"event": "fallback", "request_id": "r1", "requested_tag": "2.0",
+                    "tag": "latest", "reason": "tag 2.0 not found"}),
+        ("state", fallen_back("pulling")),
+        ("state", fallen_back("idle")))
+    assert code == EXIT_FAILED and result["outcome"] == "fallback"
+    assert result["state"]["update"]["status"] == "idle"
+    assert result["state"]["fallback"]["active"] is True
+    assert "running the fallback tag: tag 2.0 not found" in err
+
+
+def test_a_stale_fallback_does_not_end_the_wait() -> None:
+    # 2.0 fell back earlier and has been pushed since: while the new check runs the state
+    # still shows the old fallback; the answer is what that check settles on.
+    code, result, _ = set_tag_wait(("state", fallen_back("checking")), ("state", state()))
+    assert code == 0 and result["outcome"] == "unchanged"
+
+
+def test_stopped_container_is_not_applied() -> None:
+    code, result, _ = set_tag_wait(("state", state(running={"status": "exited"})))
+    assert code == EXIT_FAILED and result["outcome"] == "not_running"
+
+
+def test_no_answer_is_a_timeout_with_the_last_state() -> None:
+    code, result, err = set_tag_wait(("state", state(update={"status": "pulling",
+                                                             "progress": 40})))
+    assert code == EXIT_TIMEOUT and result["outcome"] == "timeout" and result["ok"] is False
+    assert "no answer from dev1 within 1 s (last seen running 2.0, pulling 40%)" in err

@@ -21,7 +21,8 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from edge_agent.bridge.fleet import Fleet, TooManyWaiters, Verdict, iso_utc
+from edge_agent.answers import Answer
+from edge_agent.bridge.fleet import Fleet, TooManyWaiters, iso_utc
 from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.errors import TagError
 from edge_agent.tags import validate_tag
@@ -263,11 +264,11 @@ class Api:
                             {"Retry-After": "1"}) from None
         try:
             self._publish_tag(topic, tag, request_id)
-            verdict = waiter.wait(wait_s)
+            answer = waiter.wait(wait_s)
         finally:
             self.fleet.remove_waiter(waiter)
         body["state"] = (self.fleet.device(device_id) or {}).get("state")
-        return self._wait_answer(body, verdict, device_id, wait_s)
+        return self._wait_answer(body, answer, device_id, wait_s)
 
     def put_group_tag(self, call: Call) -> Response:
         group = _id(call.params["group"], "group")
@@ -362,18 +363,18 @@ class Api:
         return tag, request_id
 
     def _wait_answer(
-        self, body: dict[str, Any], verdict: Verdict | None, device_id: str, wait_s: float
+        self, body: dict[str, Any], answer: Answer | None, device_id: str, wait_s: float
     ) -> Response:
-        if verdict is None:
+        if answer is None:
             body["error"] = (f"device {device_id!r} did not answer within {wait_s:g} s; the "
                              "desired tag stays published and applies when the device sees it"
                              + _pending_error(body.get("state"), body["request_id"]))
             return json_response(504, body)
-        if verdict.ok:
-            body["result"] = verdict.reason
+        if answer.ok:
+            body["result"] = answer.reason
             return json_response(200, body)
-        body["error"] = verdict.reason
-        body["event"] = verdict.event
+        body["error"] = answer.reason
+        body["event"] = answer.event
         return json_response(409, body)
 
 

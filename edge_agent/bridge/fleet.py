@@ -4,18 +4,10 @@
 and ``.../events`` (from the MQTT network thread); HTTP threads read snapshots and
 wait on ``Waiter`` objects. All shared data sits behind one lock, held only briefly.
 
-How a ``?wait`` request is judged (SPEC section 7; the agent's side is SPEC section 6):
-
-- a ``state`` whose ``desired.request_id`` is ours and whose ``update.status`` is
-  ``idle`` is final: ``installed_version == tag`` (and no fallback) is success,
-  either because the update was verified or because nothing had to change; any
-  other idle state means the device settled on something else (rolled back, or a
-  digest that failed verification before, or a fallback) and is a conflict;
-- an ``events`` message carrying our request id that reports ``rolled_back``,
-  ``update_failed``, ``fallback``, ``tag_rejected`` or ``config_error`` is a conflict,
-  with the event's reason;
-- anything else (checking, pulling, verifying, error while the registry is
-  unreachable, notify mode waiting for install) keeps waiting until the deadline.
+``?wait`` (SPEC section 7) ends on the answers of ``edge_agent.answers`` that
+``wait_answer`` keeps: 200 when ok, 409 otherwise; anything else keeps waiting until
+the deadline (checking, pulling, verifying, an error the device retries after, notify
+mode waiting for install).
 """
 
 from __future__ import annotations
@@ -25,10 +17,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from edge_agent.answers import Answer, judge_event, judge_state
 from edge_agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -38,9 +31,6 @@ MAX_DEVICES = 10_000
 MAX_WAITERS = 1_000
 REFINE_S = 1.0
 AVAILABILITY_VALUES = frozenset({"online", "offline"})
-CONFLICT_EVENTS = frozenset(
-    {"rolled_back", "update_failed", "fallback", "tag_rejected", "config_error"}
-)
 # event fields worth showing on the fleet page, in this order
 EVENT_SUMMARY_FIELDS = ("event", "ts", "request_id", "tag", "reason", "error")
 
@@ -64,44 +54,17 @@ def parse_ts(value: object) -> float | None:
     return parsed.timestamp()
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """How a ``?wait`` ended: ``ok`` (HTTP 200) or a conflict (409) with its reason."""
-
-    ok: bool
-    reason: str
-    event: str | None = None
-
-
-def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Verdict | None:
-    """A verdict if this state document settles our request, else None (keep waiting)."""
-    desired = state.get("desired")
-    update = state.get("update")
-    if not isinstance(desired, dict) or desired.get("request_id") != request_id:
-        return None
-    if not isinstance(update, dict) or update.get("status") != "idle":
-        return None
-    fallback = state.get("fallback")
-    if isinstance(fallback, dict) and fallback.get("active"):
-        reason = fallback.get("reason") or f"tag {tag} is not available"
-        return Verdict(False, f"running the fallback tag: {reason}", "fallback")
-    installed = state.get("installed_version")
-    if installed == tag:
-        return Verdict(True, f"device runs {tag}")
-    last_error = update.get("last_error")
-    why = f": {last_error}" if isinstance(last_error, str) and last_error else ""
-    return Verdict(False, f"device settled on {installed!r} instead of {tag!r}{why}")
-
-
-def judge_event(event: dict[str, Any], request_id: str) -> Verdict | None:
-    """A verdict if this event answers our request with a failure, else None."""
-    if event.get("request_id") != request_id:
-        return None
-    name = event.get("event")
-    if name not in CONFLICT_EVENTS:
-        return None
-    detail = event.get("reason") or event.get("error") or ""
-    return Verdict(False, f"{name}: {detail}" if detail else str(name), str(name))
+def wait_answer(answer: Answer | None) -> Answer | None:
+    """The answer that ends a ``?wait`` (200 if ok, else 409); None keeps waiting."""
+    if answer is None or not answer.settled:
+        return None  # not the last word yet: notify mode's "available", a fallback pulling
+    if answer.outcome == "updated":
+        return None  # the idle state just before update_succeeded answers, state and all
+    if answer.outcome == "not_running":
+        # ?wait answers on the installed tag (installed_version); whether its container
+        # still runs is for GET /api/v1/devices to show
+        return replace(answer, ok=True)
+    return answer
 
 
 @dataclass(eq=False)
@@ -111,32 +74,36 @@ class Waiter:
     device_id: str
     request_id: str
     tag: str
-    verdict: Verdict | None = None
+    answer: Answer | None = None
     done: threading.Event = field(default_factory=threading.Event)
     refined: threading.Event = field(default_factory=threading.Event)
 
-    def settle(self, verdict: Verdict) -> None:
-        """The first verdict wins, except that the event explaining a conflict seen in
-        the state (the agent publishes the state just before the event) refines it."""
-        if self.verdict is None:
-            self.verdict = verdict
+    def settle(self, answer: Answer | None) -> None:
+        """The first answer that ends the wait wins, except that the event explaining a
+        conflict seen in the state (the agent publishes the state just before the event)
+        refines it."""
+        answer = wait_answer(answer)
+        if answer is None:
+            return
+        if self.answer is None:
+            self.answer = answer
             self.done.set()
-        elif (not self.verdict.ok and self.verdict.event is None and not verdict.ok
-              and verdict.event is not None):
-            self.verdict = verdict
+        elif (not self.answer.ok and self.answer.event is None and not answer.ok
+              and answer.event is not None):
+            self.answer = answer
             self.refined.set()
 
-    def wait(self, timeout_s: float, refine_s: float = REFINE_S) -> Verdict | None:
-        """The verdict, or None when the device did not answer within ``timeout_s``.
+    def wait(self, timeout_s: float, refine_s: float = REFINE_S) -> Answer | None:
+        """The answer, or None when the device did not answer within ``timeout_s``.
         A conflict seen only in the state waits up to ``refine_s`` for its event."""
         deadline = time.monotonic() + timeout_s
         self.done.wait(timeout_s)
-        verdict = self.verdict
-        if verdict is not None and not verdict.ok and verdict.event is None:
+        answer = self.answer
+        if answer is not None and not answer.ok and answer.event is None:
             remaining = deadline - time.monotonic()
             if remaining > 0 and self.refined.wait(min(refine_s, remaining)):
-                verdict = self.verdict
-        return verdict
+                answer = self.answer
+        return answer
 
 
 class TooManyWaiters(Exception):
@@ -231,9 +198,7 @@ class Fleet:
             self._version += 1
             waiters = list(self._waiters.get(device_id, ()))
         for waiter in waiters:
-            verdict = judge_state(document, waiter.request_id, waiter.tag)
-            if verdict is not None:
-                waiter.settle(verdict)
+            waiter.settle(judge_state(document, waiter.request_id, waiter.tag))
 
     def _on_availability(self, device_id: str, payload: bytes, retained: bool) -> None:
         value = payload.decode("utf-8", "replace").strip().lower()
@@ -270,9 +235,7 @@ class Fleet:
                     device.last_event = {k: event[k] for k in EVENT_SUMMARY_FIELDS if k in event}
                 self._version += 1
         for waiter in waiters:
-            verdict = judge_event(event, waiter.request_id)
-            if verdict is not None:
-                waiter.settle(verdict)
+            waiter.settle(judge_event(event, waiter.request_id, waiter.tag))
 
     def _device(self, device_id: str) -> Device | None:
         """The device, created if there is room (caller holds the lock)."""
@@ -323,9 +286,7 @@ class Fleet:
             state = device.state if device is not None else None
         # a retried request id may already be settled (idempotent retries)
         if state is not None:
-            verdict = judge_state(state, request_id, tag)
-            if verdict is not None:
-                waiter.settle(verdict)
+            waiter.settle(judge_state(state, request_id, tag))
         return waiter
 
     def remove_waiter(self, waiter: Waiter) -> None:

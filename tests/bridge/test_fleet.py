@@ -1,4 +1,5 @@
-"""Unit tests of the device registry and the ?wait verdicts (no broker)."""
+"""Unit tests of the device registry and of how ?wait uses the answers (no broker).
+The judges themselves are tested in tests/test_answers.py."""
 
 from __future__ import annotations
 
@@ -8,89 +9,16 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bridge.fleet import Fleet, TooManyWaiters, judge_event, judge_state
+from edge_agent.bridge.fleet import Fleet, TooManyWaiters
 from edge_agent.topics import Topics
+from tests.test_answers import fallen_back, settled_on, state
 
 T = Topics("edge")
-
-
-def state(**overrides: Any) -> dict[str, Any]:
-    """An agent state document (SPEC section 6) with a few fields overridden."""
-    doc: dict[str, Any] = {
-        "device_id": "dev1",
-        "agent_version": "0.1.0",
-        "ts": "2024-05-01T12:00:00.000Z",
-        "image": "registry/app",
-        "desired": {"tag": "2.0", "source": "device", "group": None, "request_id": "r1"},
-        "running": {"tag": "2.0", "digest": "sha256:" + "a" * 64, "container_id": "c",
-                    "status": "running", "health": None, "started_at": None,
-                    "restart_count": 0},
-        "fallback": {"active": False, "requested_tag": None, "reason": None},
-        "update": {"status": "idle", "progress": None, "last_check_at": None,
-                   "last_success_at": None, "last_error": None},
-        "installed_version": "2.0",
-        "latest_version": "2.0",
-        "in_progress": False,
-        "update_percentage": None,
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict):
-            doc[key] = {**doc[key], **value}
-        else:
-            doc[key] = value
-    return doc
 
 
 def send(fleet: Fleet, device: str, kind: str, body: Any, retained: bool = False) -> None:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     fleet.handle(f"edge/devices/{device}/{kind}", payload, retained)
-
-
-# -- verdicts -----------------------------------------------------------------------
-def test_idle_state_with_our_request_and_tag_is_success() -> None:
-    verdict = judge_state(state(), "r1", "2.0")
-    assert verdict is not None and verdict.ok
-
-
-@pytest.mark.parametrize("status", ["checking", "pulling", "installing", "verifying",
-                                    "rolling_back", "error", "available"])
-def test_busy_or_erroring_state_keeps_waiting(status: str) -> None:
-    assert judge_state(state(update={"status": status}), "r1", "2.0") is None
-
-
-def test_state_for_another_request_is_ignored() -> None:
-    assert judge_state(state(), "other", "2.0") is None
-    assert judge_state({"desired": None}, "r1", "2.0") is None
-    assert judge_state({}, "r1", "2.0") is None
-
-
-def test_idle_on_another_tag_is_a_conflict_with_the_last_error() -> None:
-    doc = state(installed_version="1.0", update={"last_error": "rolled back: unhealthy"})
-    verdict = judge_state(doc, "r1", "2.0")
-    assert verdict is not None and not verdict.ok
-    assert "rolled back: unhealthy" in verdict.reason
-
-
-def test_fallback_state_is_a_conflict() -> None:
-    doc = state(installed_version="latest",
-                fallback={"active": True, "requested_tag": "2.0", "reason": "tag 2.0 not found"})
-    verdict = judge_state(doc, "r1", "2.0")
-    assert verdict is not None and not verdict.ok and verdict.event == "fallback"
-    assert "tag 2.0 not found" in verdict.reason
-
-
-@pytest.mark.parametrize("name", ["rolled_back", "update_failed", "fallback", "tag_rejected",
-                                  "config_error"])
-def test_failure_events_for_our_request_are_conflicts(name: str) -> None:
-    verdict = judge_event({"event": name, "request_id": "r1", "reason": "why"}, "r1")
-    assert verdict is not None and not verdict.ok and verdict.event == name
-    assert verdict.reason == f"{name}: why"
-
-
-def test_other_events_do_not_settle() -> None:
-    assert judge_event({"event": "update_started", "request_id": "r1"}, "r1") is None
-    assert judge_event({"event": "rolled_back", "request_id": "r2"}, "r1") is None
-    assert judge_event({"event": "rolled_back"}, "r1") is None
 
 
 # -- registry -----------------------------------------------------------------------
@@ -171,21 +99,21 @@ def test_waiter_settles_on_state() -> None:
     fleet = Fleet(T)
     waiter = fleet.add_waiter("dev1", "r1", "2.0")
     send(fleet, "dev1", "state", state(update={"status": "pulling"}))
-    assert waiter.verdict is None
+    assert waiter.answer is None
     send(fleet, "dev1", "state", state())
-    verdict = waiter.wait(0)
-    assert verdict is not None and verdict.ok
+    answer = waiter.wait(0)
+    assert answer is not None and answer.ok
     fleet.remove_waiter(waiter)
     assert fleet.waiting == 0
 
 
-def test_waiter_settles_on_failure_event_and_first_verdict_wins() -> None:
+def test_waiter_settles_on_failure_event_and_first_answer_wins() -> None:
     fleet = Fleet(T)
     waiter = fleet.add_waiter("dev1", "r1", "2.0")
     send(fleet, "dev1", "events", {"event": "rolled_back", "request_id": "r1", "reason": "x"})
     send(fleet, "dev1", "state", state())
-    verdict = waiter.wait(0)
-    assert verdict is not None and not verdict.ok and verdict.event == "rolled_back"
+    answer = waiter.wait(0)
+    assert answer is not None and not answer.ok and answer.event == "rolled_back"
 
 
 def test_waiter_for_a_settled_request_id_answers_at_once() -> None:
@@ -227,18 +155,47 @@ def test_waiters_are_bounded_and_removed() -> None:
 def test_conflict_seen_in_the_state_is_refined_by_the_following_event() -> None:
     fleet = Fleet(T)
     waiter = fleet.add_waiter("dev1", "r1", "2.0")
-    send(fleet, "dev1", "state", state(installed_version="1.0",
-                                       update={"last_error": "update to 2.0 rolled back"}))
+    send(fleet, "dev1", "state", settled_on("1.0",
+                                            update={"last_error": "update to 2.0 rolled back"}))
     send(fleet, "dev1", "events", {"event": "rolled_back", "request_id": "r1",
                                    "reason": "unhealthy"})
-    verdict = waiter.wait(1)
-    assert verdict is not None and verdict.event == "rolled_back"
-    assert verdict.reason == "rolled_back: unhealthy"
+    answer = waiter.wait(1)
+    assert answer is not None and answer.event == "rolled_back"
+    assert answer.reason == "rolled_back: unhealthy"
 
 
 def test_conflict_without_an_event_is_answered_after_the_grace() -> None:
     fleet = Fleet(T)
     waiter = fleet.add_waiter("dev1", "r1", "2.0")
-    send(fleet, "dev1", "state", state(installed_version="1.0"))
-    verdict = waiter.wait(5, refine_s=0.01)
-    assert verdict is not None and not verdict.ok and verdict.event is None
+    send(fleet, "dev1", "state", settled_on("1.0"))
+    answer = waiter.wait(5, refine_s=0.01)
+    assert answer is not None and not answer.ok and answer.event is None
+
+
+# -- which answers end a ?wait (the judges: tests/test_answers.py) -------------------
+@pytest.mark.parametrize(("kind", "body"), [
+    ("state", state(update={"status": "available"})),  # notify mode: waits for install
+    ("state", fallen_back("pulling")),  # not settled until the fallback runs
+    ("events", {"event": "update_succeeded", "request_id": "r1", "tag": "2.0"}),
+])
+def test_answers_the_bridge_keeps_waiting_on(kind: str, body: dict[str, Any]) -> None:
+    fleet = Fleet(T)
+    waiter = fleet.add_waiter("dev1", "r1", "2.0")
+    send(fleet, "dev1", kind, body)
+    assert waiter.wait(0) is None
+
+
+def test_settled_fallback_is_a_409() -> None:
+    fleet = Fleet(T)
+    waiter = fleet.add_waiter("dev1", "r1", "2.0")
+    send(fleet, "dev1", "state", fallen_back())
+    answer = waiter.wait(0)
+    assert answer is not None and not answer.ok and answer.event == "fallback"
+
+
+def test_installed_tag_with_a_stopped_container_is_a_200() -> None:
+    fleet = Fleet(T)
+    waiter = fleet.add_waiter("dev1", "r1", "2.0")
+    send(fleet, "dev1", "state", state(running={"status": "exited"}))
+    answer = waiter.wait(0)
+    assert answer is not None and answer.ok and answer.outcome == "not_running"

@@ -1,0 +1,108 @@
+"""Has a device answered a desired-tag request yet, and how? Pure: no I/O.
+
+The agent answers a desired tag published with a ``request_id`` (SPEC section 6) in its
+state document (``desired.request_id``) and in events carrying that ``request_id``.
+``judge_state`` and ``judge_event`` say what one of them means; what to do with the
+answer is up to the caller, because the bridge's ``?wait`` (``bridge/fleet.py``) and
+``edge-ctl set-tag --wait`` (``ctl.py``) do not end their wait on the same outcomes.
+
+Outcomes (``ok``: ``applied`` and ``updated``):
+
+- ``applied``: state idle, the tag's container runs; ``updated``: ``update_succeeded``
+- ``not_applied``: state idle on another tag (rolled back, a digest that failed before)
+- ``not_running``: state idle on the tag, but its container is not running
+- ``fallback``: the tag is not in the registry, FALLBACK_TAG runs (state or event)
+- ``available``: notify mode, the update waits for ``cmd/install`` (never settled)
+- ``rolled_back``, ``failed``, ``rejected``, ``config_error``: the events ``rolled_back``,
+  ``update_failed``, ``tag_rejected``, ``config_error``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Outcome = Literal["applied", "updated", "not_applied", "not_running", "fallback", "available",
+                  "rolled_back", "failed", "rejected", "config_error"]
+
+# events that answer a request with a failure, and their outcome
+FAILURE_EVENTS: dict[str, Outcome] = {
+    "rolled_back": "rolled_back",
+    "update_failed": "failed",
+    "fallback": "fallback",
+    "tag_rejected": "rejected",
+    "config_error": "config_error",
+}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one state document or event says about a request."""
+
+    outcome: Outcome
+    ok: bool
+    reason: str
+    # The event that said it ("fallback" also for a fallback the state shows: the bridge
+    # reports it so); None when only the state says it.
+    event: str | None = None
+    # False while the device still works on the request (update.status is not idle).
+    settled: bool = True
+
+
+def lookup(document: Any, *path: str) -> Any:
+    """``document[path[0]][path[1]]...``, or None where a level is missing or no object."""
+    value = document
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Answer | None:
+    """What a state document says about ``request_id`` (for ``tag``); None: nothing yet."""
+    if lookup(state, "desired", "request_id") != request_id:
+        return None
+    status = lookup(state, "update", "status")
+    settled = status == "idle"
+    # A fallback left from an earlier desired tag shows until the next check: not ours.
+    if lookup(state, "fallback", "active") and lookup(state, "fallback", "requested_tag") == tag:
+        why = lookup(state, "fallback", "reason") or f"tag {tag} is not available"
+        return Answer("fallback", False, f"running the fallback tag: {why}", "fallback", settled)
+    if status == "available":
+        return Answer("available", False,
+                      f"update to {tag} is available but the device is in notify mode: run "
+                      f"edge-ctl install --device {state.get('device_id')}", settled=False)
+    if not settled:
+        return None
+    running = lookup(state, "running", "tag")  # installed_version repeats it for Home Assistant
+    last_error = lookup(state, "update", "last_error")
+    why = f": {last_error}" if isinstance(last_error, str) and last_error else ""
+    if running != tag:
+        return Answer("not_applied", False,
+                      f"device settled on {running!r} instead of {tag!r}{why}")
+    container = lookup(state, "running", "status")
+    if container != "running":
+        return Answer("not_running", False,
+                      f"device has {tag} but its container is {container}{why}")
+    return Answer("applied", True, f"device runs {tag}")
+
+
+def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | None:
+    """What an event says about ``request_id`` (for ``tag``); None: nothing."""
+    name = event.get("event")
+    if event.get("request_id") != request_id or not isinstance(name, str):
+        return None
+    if name == "update_succeeded":
+        # an update to the fallback tag answers our request id too, with its own tag
+        if event.get("tag") != tag:
+            return None
+        return Answer("updated", True, f"device runs {tag}", name)
+    outcome = FAILURE_EVENTS.get(name)
+    if outcome is None:
+        return None
+    detail = event.get("reason") or event.get("error") or ""
+    reason = f"{name}: {detail}" if detail else name
+    if outcome == "failed":
+        reason += " (the agent retries at its next check)"
+    return Answer(outcome, False, reason, name)
