@@ -310,3 +310,15 @@ def test_keeps_current_and_previous_images_and_prunes_older(
 
     local = {image.id for image in docker_client.images.list(name=device.repo)}
     assert local == {image_ids["2.0"], image_ids["3.0"]}
+
+
+def test_digest_pin(device: Device, docker_client: docker.DockerClient) -> None:
+    digest = publish(device.repo, "1.0", "pinned")
+    publish(device.repo, "1.0", "moved-on")  # the tag moves; the pin must not
+    device.write_tag(digest)
+    agent = device.agent()
+    result = agent.check()
+    assert result is not None and result.outcome == "updated"
+    assert device.serving() == "pinned"
+    assert docker_client.containers.get(device.name).attrs["Config"]["Image"] == f"{device.repo}@{digest}"
+    assert agent.check().outcome == "unchanged"  # type: ignore[union-attr]
