@@ -17,61 +17,22 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import docker
-import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import Probe, by_mode
 from edge_agent.agent import Agent
 from edge_agent.config import load_settings
 from tests.support import free_port
 from tests.support.images import build_and_push, remove_repo_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class Probe:
-    """Polls the app every 10 ms; records when each version first answered and the gaps."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/version"
-        self.first_seen: dict[str, float] = {}
-        self.longest_gap = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._session = requests.Session()
-
-    def __enter__(self) -> Probe:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        down_since: float | None = None
-        while not self._stop.is_set():
-            now = time.monotonic()
-            try:
-                version = self._session.get(self.url, timeout=0.5).text.strip()
-            except requests.RequestException:
-                version = None
-            if version is None:
-                if down_since is None:
-                    down_since = now
-            else:
-                self.first_seen.setdefault(version, time.monotonic())
-                if down_since is not None:
-                    self.longest_gap = max(self.longest_gap, now - down_since)
-                    down_since = None
-            time.sleep(0.01)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
@@ -121,13 +82,13 @@ def main() -> int:
     name = f"edge-bench-{run_id}"
     port = free_port()
     tags = [f"v{i}" for i in range(2 * args.rounds + 2)]
-    for tag in tags:
-        build_and_push(repo, tag, tag)
     results: dict[str, list[tuple[float, float]]] = {"agent": [], "floor": []}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         (data / "docker_config.json").write_text(json.dumps({"ports": {"8080/tcp": port}}))
         try:
+            for tag in tags:
+                build_and_push(repo, tag, tag)
             remove_repo_images(repo)
             agent_round(repo, name, port, data, tags[0])
             for i in range(args.rounds):
@@ -155,6 +116,16 @@ def main() -> int:
     floor_gap = max(summary["floor"]["downtime_median_s"], 1e-9)
     gap_ratio = summary["agent"]["downtime_median_s"] / floor_gap
     print(f"latency agent/floor = {ratio:.2f}x, downtime agent/floor = {gap_ratio:.2f}x")
+    modes = by_mode({side: [{"latency_s": r[0], "downtime_s": r[1]} for r in rows]
+                     for side, rows in results.items()})
+    summary["modes"] = modes
+    for side, mode in modes.items():
+        for name_ in ("fast", "slow"):
+            m = mode[name_]
+            if m["n"]:
+                print(f"{side:6} {name_} rounds: {m['n']}, latency median "
+                      f"{m['latency_median_s']:.3f} s, "
+                      f"downtime median {m['downtime_median_s']:.3f} s")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "update.json").write_text(json.dumps(summary, indent=1))
     return 0

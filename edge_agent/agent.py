@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE_S = 2.0
 RETRY_CAP_S = 300.0
-# Retained desired tags arrive one topic at a time after (re)connecting; wait this
-# long before acting so a fleet tag is never applied just before the device tag lands.
+# Retained desired tags arrive one topic at a time after (re)connecting; wait this long
+# before acting on a retained one, so a fleet tag is never applied just before the
+# device tag lands. Live publishes (retain flag clear on delivery) need no wait.
 REMOTE_SETTLE_S = 0.3
 
 Reply = Callable[[dict[str, Any]], None]
@@ -59,6 +60,8 @@ class RemoteTagMessage:
     payload: bytes
     topic: str = ""
     group: str | None = None
+    # Retained (a replay after (re)connecting) or live (an operator publishing now).
+    retained: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,9 @@ class Agent:
             self.remote.pop(key, None)
         else:
             self.remote[key] = RemoteTag(parsed.tag, parsed.request_id)
-        self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
+        # A live publish is acted on at once; a retained replay waits for its siblings.
+        settle = REMOTE_SETTLE_S if message.retained else 0.0
+        self._next_check = min(self._next_check, time.monotonic() + settle)
 
     def _handle_container_event(self, message: ContainerEvent) -> None:
         # A container the agent itself removed (rollback, recovery) is no longer the one

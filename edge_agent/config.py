@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.errors import ConfigError, TagError
 from edge_agent.tags import split_image, validate_tag
 from edge_agent.topics import ID_PATTERN, ID_RE
@@ -117,6 +115,9 @@ def _merge_yaml(env: dict[str, str], data_dir: Path) -> dict[str, str]:
     path = Path(explicit) if explicit else data_dir / "agent.yaml"
     merged: dict[str, str] = {}
     if explicit or path.exists():
+        # imported only when there is a file: PyYAML costs ~1 MB of RSS (docs/BENCHMARKS.md)
+        import yaml  # noqa: PLC0415
+
         try:
             loaded: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:

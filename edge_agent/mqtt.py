@@ -380,12 +380,12 @@ def route(
 ) -> Message | None:
     """The inbox message for one MQTT message, or None when it is not for this agent."""
     if topic == topics.device_tag(device_id):
-        return RemoteTagMessage(Source.DEVICE, payload, topic)
+        return RemoteTagMessage(Source.DEVICE, payload, topic, retained=retained)
     if topic == topics.fleet_tag:
-        return RemoteTagMessage(Source.FLEET, payload, topic)
+        return RemoteTagMessage(Source.FLEET, payload, topic, retained=retained)
     for group in groups:
         if topic == topics.group_tag(group):
-            return RemoteTagMessage(Source.GROUP, payload, topic, group)
+            return RemoteTagMessage(Source.GROUP, payload, topic, group, retained=retained)
     install = topic == topics.device_install(device_id)
     if install or topic in (topics.device_check(device_id), topics.fleet_check):
         if retained:

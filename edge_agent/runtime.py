@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edge_agent.agent import Agent
 from edge_agent.config import Settings
 from edge_agent.errors import ConfigError
-from edge_agent.mqtt import MqttLink
 from edge_agent.watcher import ContainerWatcher
+
+if TYPE_CHECKING:
+    from edge_agent.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]]
     agent = Agent(settings)
     link: MqttLink | None = None
     if settings.mqtt is not None:
+        # imported only with MQTT_HOST: paho-mqtt costs ~1 MB of RSS (docs/BENCHMARKS.md)
+        from edge_agent.mqtt import MqttLink  # noqa: PLC0415
+
         try:
             link = MqttLink(settings, agent.inbox)
         except ConfigError as exc:

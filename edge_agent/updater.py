@@ -77,6 +77,9 @@ class Updater:
         self.previous_name = f"{self.name}-previous"
         self._kill_at = os.environ.get(KILL_AT_ENV)
         self._recovered = False
+        # Images of this repository other than current and previous may be lying around:
+        # at start, and after any update that did not commit (rollback, crash, bad config).
+        self._prune_due = True
 
     # -- check ------------------------------------------------------------------
     def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
@@ -102,6 +105,8 @@ class Updater:
 
         if action is Action.NOTHING:
             self._remember_applied(target, current)
+            if self._prune_due and current is not None and current.running:
+                self._prune()
             self._finish_check(latest=target.tag, error=target.registry_error)
             return CheckResult(action, "unchanged", target)
         if action is Action.START:
@@ -208,6 +213,7 @@ class Updater:
         self.status.last_error = None
         # Home Assistant shows "up to date" when latest == installed, even in progress.
         self.status.latest_version = target.tag
+        self._prune_due = True  # cleared by the prune of a commit
         image = self._ensure_image(target)
         ref = ImageRef(target.tag, target.digest, image.id)
         self.state.pending = PendingUpdate(
@@ -360,6 +366,7 @@ class Updater:
 
     def _prune(self) -> None:
         """Keep the current and previous images of the repository; remove the others."""
+        self._prune_due = False
         keep = {ref.image_id for ref in (self.state.applied, self.state.previous) if ref}
         for image in self.engine.repository_images(self.settings.repository):
             if image.id not in keep:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import RETRY_BASE_S, Agent, CheckRequest, RemoteTagMessage
+from edge_agent.agent import (
+    REMOTE_SETTLE_S,
+    RETRY_BASE_S,
+    Agent,
+    CheckRequest,
+    RemoteTagMessage,
+)
 from edge_agent.config import load_settings
 from edge_agent.reconcile import Source
 
@@ -67,6 +73,16 @@ def test_remote_tags_follow_precedence_and_clear(tmp_path: Path) -> None:
     agent.handle(RemoteTagMessage(Source.GROUP, b"", group="south"))
     desired = agent.resolve()
     assert desired is not None and (desired.tag, desired.source) == ("1.0", Source.FLEET)
+
+
+def test_live_tags_are_acted_on_at_once_retained_ones_settle(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path)
+    agent._next_check = time.monotonic() + 3600
+    agent.handle(RemoteTagMessage(Source.FLEET, b"1.0", retained=True))
+    settle_until = agent._next_check
+    assert time.monotonic() < settle_until <= time.monotonic() + REMOTE_SETTLE_S
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"2.0", retained=False))
+    assert agent._next_check <= time.monotonic()
 
 
 def test_check_request_is_answered_even_when_the_check_fails(

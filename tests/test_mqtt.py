@@ -51,14 +51,15 @@ T = Topics("edge")
 
 
 def test_desired_tag_topics_route_by_scope() -> None:
-    def routed(topic: str) -> object:
-        return route(T, "dev1", ("g1", "g2"), topic, b"1.0")
+    def routed(topic: str, retained: bool = False) -> object:
+        return route(T, "dev1", ("g1", "g2"), topic, b"1.0", retained=retained)
 
-    assert routed("edge/devices/dev1/tag") == RemoteTagMessage(Source.DEVICE, b"1.0",
-                                                               "edge/devices/dev1/tag")
-    assert routed("edge/fleet/tag") == RemoteTagMessage(Source.FLEET, b"1.0", "edge/fleet/tag")
-    assert routed("edge/groups/g2/tag") == RemoteTagMessage(Source.GROUP, b"1.0",
-                                                            "edge/groups/g2/tag", "g2")
+    assert routed("edge/devices/dev1/tag") == RemoteTagMessage(
+        Source.DEVICE, b"1.0", "edge/devices/dev1/tag", retained=False)
+    assert routed("edge/fleet/tag", retained=True) == RemoteTagMessage(
+        Source.FLEET, b"1.0", "edge/fleet/tag", retained=True)
+    assert routed("edge/groups/g2/tag") == RemoteTagMessage(
+        Source.GROUP, b"1.0", "edge/groups/g2/tag", "g2", retained=False)
     for foreign in ("edge/devices/dev2/tag", "edge/groups/g3/tag", "other/fleet/tag",
                     "edge/devices/dev1/state", "edge/devices/dev1/tag/x", ""):
         assert routed(foreign) is None, foreign

@@ -43,3 +43,27 @@ def test_killed_mid_update_converges_on_restart(
     assert sorted(c.name for c in containers) == [container_name]
     assert containers[0].status == "running"
     assert agent.state.pending is None
+
+
+def test_image_of_an_interrupted_update_is_pruned_later(
+    unique_repo: str, container_name: str, tmp_path: Path,
+    docker_client: docker.DockerClient,
+) -> None:
+    device = Device(repo=unique_repo, name=container_name, data_dir=tmp_path / "data")
+    for version in ("1.0", "2.0", "3.0"):
+        publish(device.repo, version, version)
+    agent = device.agent()
+    for version in ("1.0", "2.0"):
+        device.write_tag(version)
+        agent.check()
+    kept = {image.id for image in docker_client.images.list(name=device.repo)}
+
+    device.write_tag("3.0")
+    proc = device.spawn(EDGE_AGENT_TEST_KILL_AT="created")  # 3.0 pulled, then killed
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    device.write_tag("2.0")  # back to what runs: nothing to update, 3.0 left behind
+    result = device.agent().check()
+
+    assert result is not None and result.outcome == "unchanged"
+    assert {image.id for image in docker_client.images.list(name=device.repo)} == kept
