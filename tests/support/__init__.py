@@ -8,7 +8,9 @@ a registry on 127.0.0.1:5000 whose log is ``$STACK_DIR/registry.log``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +21,7 @@ __all__ = [
     "REPO_ROOT",
     "free_port",
     "stack_dir",
+    "terminate",
     "wait_until",
 ]
 
@@ -61,3 +64,16 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {message}")
         time.sleep(interval)
+
+
+def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a process we started (it may save state on the way out), SIGKILL it if it
+    has not exited within ``timeout``, and reap it. None or an exited process is fine."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

@@ -32,7 +32,7 @@ from paho.mqtt.client import Client, MQTTMessage
 
 from edge_agent.config import MqttSettings
 from edge_agent.mqtt import connect_client, disconnect_client
-from tests.support import REPO_ROOT, free_port, wait_until
+from tests.support import REPO_ROOT, free_port, terminate, wait_until
 
 MOSQUITTO_DIR = REPO_ROOT / "mosquitto"
 ADD_DEVICE = MOSQUITTO_DIR / "add-device"
@@ -223,14 +223,7 @@ class Broker:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: Mosquitto saves its persistence database and exits."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        terminate(proc, timeout)
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads the password file and the ACL."""

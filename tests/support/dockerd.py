@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from typing import Self
 import docker
 import docker.errors
 import requests
+
+from tests.support import terminate
 
 __all__ = ["PrivateDockerd", "bridge_exists"]
 
@@ -140,14 +141,7 @@ class PrivateDockerd:
             self.client.close()
             self.client = None
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
+        terminate(proc, timeout)
 
     def serving(self, container: str) -> str | None:
         """What the app in ``container`` answers on its port 8080, via exec (no ports here)."""

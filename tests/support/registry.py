@@ -41,7 +41,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -54,7 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from tests.support import DEFAULT_REGISTRY, REPO_ROOT, free_port, stack_dir
+from tests.support import DEFAULT_REGISTRY, REPO_ROOT, free_port, stack_dir, terminate
 
 __all__ = [
     "MANIFEST_ACCEPT",
@@ -458,13 +457,7 @@ class PrivateRegistry:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        terminate(proc, timeout)
         self._cleanup_proc()
         # the process is gone, so the port is closed; make sure of it
         deadline = time.monotonic() + timeout
