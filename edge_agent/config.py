@@ -191,16 +191,16 @@ def _parse(raw: dict[str, str]) -> Settings:
     return Settings(
         repository=repository,
         image_tag=image_tag,
-        poll_interval_s=_number(raw, "POLL_INTERVAL", 30.0, minimum=0.001) * 60.0,
+        poll_interval_s=parse_number(raw, "POLL_INTERVAL", 30.0, minimum=0.001) * 60.0,
         data_dir=Path(raw.get("DATA_DIR") or "/app/data"),
         container_name=container_name,
         device_id=device_id,
         device_groups=groups,
         fallback_tag=fallback_tag,
         update_mode=update_mode,
-        health_timeout_s=_number(raw, "HEALTH_TIMEOUT", 60.0, minimum=0.1),
+        health_timeout_s=parse_number(raw, "HEALTH_TIMEOUT", 60.0, minimum=0.1),
         mqtt=_mqtt(raw, prefix),
-        telemetry_interval_s=_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1),
+        telemetry_interval_s=parse_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1),
         ha_discovery=_bool(raw, "HA_DISCOVERY"),
         log_level=log_level,
         log_format=log_format,
@@ -225,8 +225,7 @@ def _mqtt(raw: dict[str, str], prefix: str) -> MqttSettings | None:
     if not host:
         return None
     tls = _bool(raw, "MQTT_TLS")
-    port = int(_number(raw, "MQTT_PORT", 8883.0 if tls else 1883.0, minimum=1))
-    _check(port <= 65535, "MQTT_PORT", "must be a port number 1-65535")
+    port = parse_int(raw, "MQTT_PORT", 8883 if tls else 1883, minimum=1, maximum=65535)
     password = raw.get("MQTT_PASSWORD") or None
     password_file = raw.get("MQTT_PASSWORD_FILE")
     if password_file:
@@ -255,7 +254,11 @@ def _check(ok: object, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
-def _number(raw: dict[str, str], name: str, default: float, *, minimum: float) -> float:
+def parse_number(
+    raw: Mapping[str, str], name: str, default: float, *, minimum: float,
+    maximum: float = float("inf"),
+) -> float:
+    """The setting ``name`` as a finite float in [minimum, maximum]; ``default`` if unset."""
     text = raw.get(name, "").strip()
     if not text:
         return default
@@ -263,8 +266,24 @@ def _number(raw: dict[str, str], name: str, default: float, *, minimum: float) -
         value = float(text)
     except ValueError:
         raise ConfigError(f"{name}: {text!r} is not a number") from None
-    if not value >= minimum or value == float("inf"):
-        raise ConfigError(f"{name}: {text!r} must be a finite number >= {minimum:g}")
+    if not minimum <= value <= maximum or value == float("inf"):
+        bound = f"<= {maximum:g}" if maximum != float("inf") else "finite"
+        raise ConfigError(f"{name}: {text!r} must be a number >= {minimum:g} and {bound}")
+    return value
+
+
+def parse_int(raw: Mapping[str, str], name: str, default: int, *, minimum: int,
+              maximum: int) -> int:
+    """The setting ``name`` as a whole number in [minimum, maximum]; ``default`` if unset."""
+    text = raw.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}: {value} is not in {minimum}-{maximum}")
     return value
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.config import MqttSettings, load_mqtt_settings
+from edge_agent.config import MqttSettings, load_mqtt_settings, parse_int, parse_number
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     env = dict(os.environ if environ is None else environ)
     token = _token(env)
     host = env.get("BRIDGE_HOST", "").strip() or DEFAULT_HOST
-    port = _int(env, "BRIDGE_PORT", DEFAULT_PORT, 0, 65535)
-    max_wait = _float(env, "BRIDGE_MAX_WAIT", DEFAULT_MAX_WAIT_S, 0.1, 3600.0)
+    port = parse_int(env, "BRIDGE_PORT", DEFAULT_PORT, minimum=0, maximum=65535)
+    max_wait = parse_number(env, "BRIDGE_MAX_WAIT", DEFAULT_MAX_WAIT_S, minimum=0.1,
+                            maximum=3600.0)
     mqtt = load_mqtt_settings(env)
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -87,29 +88,3 @@ def _token(env: dict[str, str]) -> str:
         raise ConfigError(f"{name}: the token must be 1-{MAX_TOKEN_CHARS} printable ASCII "
                           "characters without spaces")
     return token
-
-
-def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> int:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: {value} is not in {low}-{high}")
-    return value
-
-
-def _float(env: dict[str, str], name: str, default: float, low: float, high: float) -> float:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not a number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}: {text} is not in {low:g}-{high:g}")
-    return value
