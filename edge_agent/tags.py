@@ -14,6 +14,10 @@ from edge_agent.errors import TagError
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAX_PAYLOAD_BYTES = 4096
+# Request ids travel in payloads, logs, HTTP answers and the fleet page: one grammar for
+# every program (agent, bridge, edge-ctl), printable and safe in any of those places.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -27,6 +31,11 @@ def validate_tag(tag: str) -> str:
     raise TagError(
         f"invalid tag {shown!r}: expected [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}} or sha256:<64 hex>"
     )
+
+
+def is_request_id(value: object) -> bool:
+    """True when ``value`` is a string that follows the one request-id grammar."""
+    return isinstance(value, str) and REQUEST_ID_RE.fullmatch(value) is not None
 
 
 def is_digest(tag: str) -> bool:
