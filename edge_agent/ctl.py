@@ -14,6 +14,13 @@ them. The user needs the operator ACL (``mosquitto/add-device --operator NAME``)
 Human output by default, ``--json`` for scripts. This module is a CLI entry point: it
 prints.
 
+Everything a device publishes is untrusted: payloads are decoded with the bounded
+decoder (``edge_agent.safejson``) and checked by type before use, and every string a
+device chose is shown through ``printable`` (control, bidi and zero-width characters
+escaped, length capped), so a device can neither crash edge-ctl nor write to the
+operator's terminal. ``--json`` output is plain ``json.dumps`` with ``ensure_ascii``:
+every control and non-ASCII character is a ``\\uXXXX`` escape.
+
 Exit codes: 0 done; 1 the device did not apply it (rolled back, rejected, failed, ...);
 2 usage or configuration error; 3 no answer in time, or the broker is unreachable.
 """
@@ -21,14 +28,16 @@ Exit codes: 0 done; 1 the device did not apply it (rolled back, rejected, failed
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import math
 import os
 import queue
-import re
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,13 +49,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent import __version__
+from edge_agent import __version__, safejson
 from edge_agent.answers import Answer, judge_event, judge_state
 from edge_agent.answers import lookup as _get
 from edge_agent.config import MqttSettings, load_mqtt_settings
 from edge_agent.errors import ConfigError, TagError
 from edge_agent.mqtt import MqttConnectError, connect_client, disconnect_client
-from edge_agent.tags import validate_tag
+from edge_agent.safejson import UntrustedJson
+from edge_agent.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
 from edge_agent.topics import ID_PATTERN, ID_RE, Topics
 
 log = logging.getLogger(__name__)
@@ -63,8 +73,24 @@ RETAINED_QUIET_S = 0.3
 RETAINED_MAX_S = 3.0
 DEFAULT_WAIT_S = 300.0
 BAR_WIDTH = 20
-# as the bridge accepts them (edge_agent/bridge/api.py)
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# The largest device message edge-ctl decodes (the bridge's limit for a state; the shipped
+# broker refuses packets over 64 KiB before they get here).
+MAX_DEVICE_MESSAGE_BYTES = 256 * 1024
+# How much of a device-chosen string is shown: in a table cell or short field, and in a
+# longer text (an error, a reason). Longer ones end in ELLIPSIS.
+CELL_CHARS = 64
+TEXT_CHARS = 300
+ELLIPSIS = "\u2026"
+# Event fields shown on one watch line, and the events set-tag --wait keeps for its report.
+MAX_DETAILS = 12
+MAX_WAIT_EVENTS = 1000
+# Distinct notes and progress bars remembered per run.
+MAX_NOTED = 1000
+# Never printed as they are: controls (C0, DEL, C1; ESC starts terminal sequences, CR and
+# LF forge lines), format characters (bidi overrides and isolates, zero-width ones), line
+# and paragraph separators, surrogates, private-use and unassigned code points.
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 class CtlError(Exception):
@@ -83,10 +109,16 @@ class Incoming:
     retained: bool
     correlation: bytes | None = None
 
-    def json(self) -> Any:
+    def document(self) -> dict[str, Any]:
+        """The payload as a JSON object, decoded with the bounded decoder; raises
+        UntrustedJson saying why it is not one."""
+        return safejson.loads_object(self.payload, max_bytes=MAX_DEVICE_MESSAGE_BYTES)
+
+    def json(self) -> dict[str, Any] | None:
+        """``document()``, or None when the payload is not an acceptable JSON object."""
         try:
-            return json.loads(self.payload)
-        except (UnicodeDecodeError, ValueError):
+            return self.document()
+        except UntrustedJson:
             return None
 
 
@@ -201,15 +233,97 @@ class Session:
         disconnect_client(self.client)
 
 
+# -- showing device data -------------------------------------------------------------------
+def printable(value: object, limit: int = TEXT_CHARS) -> str:
+    """``value`` (a device-chosen string, or any JSON value) as text that is safe on a
+    terminal: hidden characters (see HIDDEN_CATEGORIES) become visible escapes such as
+    ``\\x1b`` or ``\\u202e``, and at most ``limit`` characters are shown, the last being
+    ELLIPSIS when something was cut. Printable text passes unchanged, so it is idempotent."""
+    text = value if isinstance(value, str) else _compact(value)
+    pieces: list[str] = []
+    size = 0
+    for char in text:
+        piece = _escape(char)
+        if size + len(piece) > limit:
+            while pieces and size + len(ELLIPSIS) > limit:
+                size -= len(pieces.pop())
+            return "".join(pieces) + ELLIPSIS if limit >= len(ELLIPSIS) else ""
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces)
+
+
+def _escape(char: str) -> str:
+    if " " <= char <= "~":
+        return char
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if unicodedata.category(char) not in HIDDEN_CATEGORIES:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _compact(value: object) -> str:
+    """A JSON value that is not a string, in a few characters."""
+    try:
+        if value is None or isinstance(value, bool | int | float):
+            return str(value)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError):  # e.g. an int of too many digits
+        return "?"
+
+
+def _text(document: Any, *path: str) -> str | None:
+    """A string field of a device document: None when missing or null, "?" when the
+    device put something else there."""
+    value = _get(document, *path)
+    if value is None or isinstance(value, str):
+        return value
+    return "?"
+
+
+def _percent(value: Any) -> float | None:
+    """A progress figure from a device, clamped to 0-100; None unless a finite number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return min(100.0, max(0.0, number)) if math.isfinite(number) else None
+
+
+def _local_time(value: Any) -> datetime | None:
+    """A device's ISO 8601 timestamp in local time, or None when it is not one (or lies
+    where local time cannot show it, such as year 9999 at -23:59)."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone()
+    except (ValueError, OverflowError):
+        return None
+
+
 # -- the fleet view ---------------------------------------------------------------------
 @dataclass
 class DeviceView:
     device_id: str
     online: bool | None = None
     state: dict[str, Any] | None = None
+    # why the device's retained state was not used (too large, too deep, not JSON, ...)
+    state_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "online": self.online, "state": self.state}
+        return {"device_id": self.device_id, "online": self.online, "state": self.state,
+                "state_error": self.state_error}
+
+
+AVAILABILITY = {b"online": True, b"offline": False}
 
 
 def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, DeviceView]:
@@ -220,24 +334,28 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
             continue
         view = devices.setdefault(device_id, DeviceView(device_id))
         if message.topic == topics.availability(device_id):
-            view.online = message.payload.strip() == b"online"
+            view.online = AVAILABILITY.get(message.payload.strip())
         elif message.topic == topics.state(device_id):
-            state = message.json()
-            if isinstance(state, dict):
-                view.state = state
+            try:
+                view.state, view.state_error = message.document(), None
+            except UntrustedJson as exc:
+                view.state, view.state_error = None, f"state ignored: {exc}"
     return devices
 
 
 def status_text(state: dict[str, Any] | None) -> str:
-    """The update status as an operator reads it: ``pulling 45%``, ``fallback``, ..."""
+    """The update status as an operator reads it: ``pulling 45%``, ``fallback``, ...
+    Safe to print: device strings in it are ``printable``."""
     if state is None:
         return "-"
-    status = str(_get(state, "update", "status") or "-")
-    progress = _get(state, "update", "progress")
-    if status == "pulling" and isinstance(progress, int | float):
+    status = _text(state, "update", "status") or "-"
+    progress = _percent(_get(state, "update", "progress"))
+    if status == "pulling" and progress is not None:
         status = f"pulling {progress:.0f}%"
-    if _get(state, "fallback", "active"):
-        status += f" (fallback: {_get(state, 'fallback', 'requested_tag')} not found)"
+    status = printable(status, CELL_CHARS)
+    if _get(state, "fallback", "active") is True:
+        requested = printable(_text(state, "fallback", "requested_tag") or "?", CELL_CHARS)
+        status += f" (fallback: {requested} not found)"
     return status
 
 
@@ -246,26 +364,27 @@ def devices_table(devices: Sequence[DeviceView]) -> str:
     rows = [header]
     for view in devices:
         state = view.state
-        desired = _get(state, "desired", "tag")
-        source = _get(state, "desired", "source")
-        group = _get(state, "desired", "group")
+        desired = _text(state, "desired", "tag")
+        source = _text(state, "desired", "source")
+        group = _text(state, "desired", "group")
         if desired and source:
             desired = f"{desired} ({source}{':' + group if group else ''})"
-        running = _get(state, "running", "tag")
-        container = _get(state, "running", "status")
+        running = _text(state, "running", "tag")
+        container = _text(state, "running", "status")
         if running and container not in (None, "running"):
             running = f"{running} ({container})"
         elif not running and container:
             running = f"- ({container})"
         rows.append((
-            view.device_id,
+            printable(view.device_id, CELL_CHARS),
             {True: "yes", False: "no", None: "?"}[view.online],
-            str(running or "-"),
-            str(desired or "-"),
+            printable(running or "-", CELL_CHARS),
+            printable(desired or "-", CELL_CHARS),
             status_text(state),
-            str(_get(state, "running", "health") or "-"),
+            printable(_text(state, "running", "health") or "-", CELL_CHARS),
             _short_time(_get(state, "update", "last_check_at")),
-            str(_get(state, "update", "last_error") or ""),
+            printable(view.state_error or _text(state, "update", "last_error") or "",
+                      TEXT_CHARS),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(
@@ -278,11 +397,10 @@ def devices_table(devices: Sequence[DeviceView]) -> str:
 def _short_time(value: Any) -> str:
     if not isinstance(value, str):
         return "-"
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return value
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    moment = _local_time(value)
+    if moment is None:
+        return printable(value, CELL_CHARS)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- waiting for a device -------------------------------------------------------------------
@@ -308,11 +426,14 @@ class Printer:
         self.tty = err.isatty()
         self._bar_open = False
         self._last_bucket: dict[tuple[str, str], int] = {}
+        self._noted: set[tuple[str, ...]] = set()
 
     def result(self, obj: Any, text: str) -> None:
         self._close_bar()
         if self.as_json:
-            print(json.dumps(obj, sort_keys=True), file=self.out, flush=True)
+            # ensure_ascii: device strings reach scripts as \\uXXXX escapes, never raw
+            print(json.dumps(obj, sort_keys=True, ensure_ascii=True), file=self.out,
+                  flush=True)
         else:
             print(text, file=self.out, flush=True)
 
@@ -323,16 +444,28 @@ class Printer:
         self._close_bar()
         print(text, file=self.err, flush=True)
 
+    def note_once(self, key: tuple[str, ...], text: str) -> None:
+        """``note``, once per ``key`` (a device that keeps sending junk is named once)."""
+        if key in self._noted:
+            return
+        if len(self._noted) < MAX_NOTED:
+            self._noted.add(key)
+        self.note(text)
+
     def progress(self, device_id: str, tag: str, percent: float) -> None:
-        """A progress bar on a terminal; lines every 10 % otherwise."""
+        """A progress bar on a terminal; lines every 10 % otherwise. ``tag`` may come
+        from the device: it is shown ``printable``."""
         if self.as_json:
             return
-        line = f"{device_id}: pulling {tag} {bar(percent)} {percent:5.1f}%"
+        line = (f"{printable(device_id, CELL_CHARS)}: pulling {printable(tag, CELL_CHARS)} "
+                f"{bar(percent)} {percent:5.1f}%")
         if self.tty:
             print(f"\r{line}", end="", file=self.err, flush=True)
             self._bar_open = True
             return
         bucket = int(percent // 10)
+        if len(self._last_bucket) >= MAX_NOTED:
+            self._last_bucket.clear()  # a device inventing tags must not grow this forever
         if self._last_bucket.get((device_id, tag)) != bucket:
             self._last_bucket[(device_id, tag)] = bucket
             print(line, file=self.err, flush=True)
@@ -349,18 +482,16 @@ class Printer:
 
 
 def bar(percent: float) -> str:
+    if not math.isfinite(percent):
+        percent = 0.0
     filled = max(0, min(BAR_WIDTH, round(percent / 100 * BAR_WIDTH)))
     return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]"
 
 
 def _clock(ts: Any) -> str:
-    if isinstance(ts, str):
-        try:
-            return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone() \
-                .strftime("%H:%M:%S")
-        except ValueError:
-            pass
-    return datetime.now(UTC).astimezone().strftime("%H:%M:%S")
+    """The time of a device's message (its ``ts``, or now when that is no timestamp)."""
+    moment = _local_time(ts) or datetime.now(UTC).astimezone()
+    return moment.strftime("%H:%M:%S")
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -435,24 +566,26 @@ def wait_for_tag(session: Session, device_id: str, tag: str, request_id: str,
     shown_status: str | None = None
     events: list[dict[str, Any]] = []
     for message in session.messages(timeout_s):
-        body = message.json()
         if message.topic == topics.availability(device_id):
             if message.payload.strip() == b"offline":
                 printer.note(f"{device_id} is offline; the desired tag is retained and applies "
                              "when it reconnects")
             continue
-        if not isinstance(body, dict):
+        body = message.json()
+        if body is None:
             continue
         if message.topic == topics.events(device_id):
             if body.get("request_id") != request_id:
                 continue
-            events.append(body)
+            if len(events) < MAX_WAIT_EVENTS:
+                events.append(body)
             if body.get("event") == "pull_progress":
-                printer.progress(device_id, tag, float(body.get("progress") or 0))
+                printer.progress(device_id, tag, _percent(body.get("progress")) or 0.0)
                 continue
             if body.get("event") == "update_started":
                 printer.new_pull(device_id)
-                printer.note(f"{device_id}: updating {body.get('from_tag')} -> {tag}")
+                from_tag = printable(_text(body, "from_tag") or "-", CELL_CHARS)
+                printer.note(f"{device_id}: updating {from_tag} -> {tag}")
             answer = judge_event(body, request_id, tag)
             if answer is not None and answer.outcome == "fallback":
                 answer = None  # the state that follows says it, and the report shows that state
@@ -463,9 +596,9 @@ def wait_for_tag(session: Session, device_id: str, tag: str, request_id: str,
             if status and status != shown_status and not status.startswith(("pulling", "idle")):
                 printer.note(f"{device_id}: {status}")
                 shown_status = status
-            if status and status.startswith("pulling") and \
-                    isinstance(_get(body, "update", "progress"), int | float):
-                printer.progress(device_id, tag, float(_get(body, "update", "progress")))
+            progress = _percent(_get(body, "update", "progress"))
+            if status and status.startswith("pulling") and progress is not None:
+                printer.progress(device_id, tag, progress)
             answer = judge_state(body, request_id, tag)
             if answer is not None and answer.outcome == "fallback" and not answer.settled:
                 # a fallback from an earlier check, shown while this one still runs
@@ -488,13 +621,14 @@ def report_outcome(device_id: str, tag: str, request_id: str, waited: Waited,
                        f"{device_id}: {'updated to' if updated else 'already runs'} {tag}")
         return EXIT_OK
     if answer is None:
-        running = _get(state, "running", "tag")
+        running = printable(_text(state, "running", "tag") or "-", CELL_CHARS)
         kind, code = "timeout", EXIT_TIMEOUT
         reason = f"no answer from {device_id} within {timeout_s:g} s" + (
             f" (last seen running {running}, {status_text(state)})" if state else "")
     else:
         kind, code, reason = answer.outcome, EXIT_FAILED, answer.reason
-    text = f"{device_id}: {tag} not applied: {reason}"
+    # the reason may quote the device (its last_error): printable on a terminal
+    text = f"{device_id}: {tag} not applied: {printable(reason)}"
     printer.result({**about, "ok": False, "outcome": kind, "reason": reason}, text)
     if not printer.as_json:
         print(f"edge-ctl: {text}", file=printer.err)
@@ -544,16 +678,16 @@ def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Print
         printer.note(f"{args.command} sent to {args.device}; waiting for its answer")
         for message in session.messages(args.timeout):
             answer = message.json()
-            if message.correlation == request_id.encode() and isinstance(answer, dict):
+            if message.correlation == request_id.encode() and answer is not None:
                 break
         else:
             raise CtlError(f"no answer from {args.device} within {args.timeout:g} s "
                            "(offline, or busy with an update?)", EXIT_TIMEOUT)
     finally:
         session.close()
-    ok = bool(answer.get("ok")) and answer.get("outcome") not in ("rolled_back", "skipped")
+    ok = answer.get("ok") is True and answer.get("outcome") not in ("rolled_back", "skipped")
     if answer.get("error"):
-        text = f"{args.device}: {args.command} failed: {answer['error']}"
+        text = f"{args.device}: {args.command} failed: {printable(answer['error'])}"
     else:
         text = f"{args.device}: {describe_outcome(answer)}"
     printer.result(answer, text)
@@ -573,10 +707,13 @@ OUTCOMES = {
 
 
 def describe_outcome(answer: dict[str, Any]) -> str:
-    """A device's answer to check/install in words."""
-    outcome = str(answer.get("outcome"))
-    template = OUTCOMES.get(outcome, outcome + " ({tag})")
-    return template.format(tag=answer.get("tag"))
+    """A device's answer to check/install in words (safe to print)."""
+    outcome = answer.get("outcome")
+    tag = printable(_text(answer, "tag") or "-", CELL_CHARS)
+    template = OUTCOMES.get(outcome) if isinstance(outcome, str) else None
+    if template is None:  # never a device string as a format template
+        return f"{printable(outcome, CELL_CHARS)} ({tag})"
+    return template.format(tag=tag)
 
 
 def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
@@ -593,8 +730,8 @@ def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer
         for message in session.retained():  # where everyone stands; not news
             device_id = topics.device_of(message.topic)
             body = message.json()
-            if device_id and message.topic == topics.state(device_id) and isinstance(body, dict):
-                statuses[device_id] = str(_get(body, "update", "status"))
+            if device_id and message.topic == topics.state(device_id) and body is not None:
+                statuses[device_id] = _text(body, "update", "status") or "-"
         printer.note(f"watching {args.device or 'every device'} under {topics.prefix}/ "
                      "(Ctrl-C to stop)")
         for message in session.messages(args.timeout):
@@ -611,18 +748,25 @@ def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer
 
 def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],
                printer: Printer) -> bool:
-    """Show one message; True when it was an event (what --count counts)."""
+    """Show one message; True when it was an event (what --count counts). The device's
+    id comes from the topic (the broker's ACL vouches for it), never from the payload."""
     device_id = topics.device_of(message.topic) or "?"
-    body = message.json()
+    who = printable(device_id, CELL_CHARS)
     if message.topic == topics.availability(device_id):
         text = message.payload.decode(errors="replace").strip() or "(cleared)"
         printer.result({"type": "availability", "device_id": device_id, "availability": text},
-                       f"{_clock(None)}  {device_id}  is {text}")
+                       f"{_clock(None)}  {who}  is {printable(text, CELL_CHARS)}")
         return False
-    if not isinstance(body, dict):
+    is_state = message.topic == topics.state(device_id)
+    try:
+        body = message.document()
+    except UntrustedJson as exc:
+        kind = "state" if is_state else "event"
+        printer.note_once((device_id, kind, str(exc)),
+                          f"{_clock(None)}  {who}  sent an unreadable {kind} (ignored): {exc}")
         return False
-    if message.topic == topics.state(device_id):
-        status = str(_get(body, "update", "status"))
+    if is_state:
+        status = _text(body, "update", "status") or "-"
         if statuses.get(device_id) == status:
             return False
         statuses[device_id] = status
@@ -630,20 +774,32 @@ def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],
             return False  # the progress events tell that story
         printer.result({"type": "status", "device_id": device_id, "status": status,
                         "state": body},
-                       f"{_clock(body.get('ts'))}  {device_id}  status {status_text(body)}")
+                       f"{_clock(body.get('ts'))}  {who}  status {status_text(body)}")
         return False
-    name = str(body.get("event"))
-    if name == "update_started":
+    event = body.get("event")
+    if event == "update_started":
         printer.new_pull(device_id)
-    if name == "pull_progress" and not printer.as_json:
-        printer.progress(device_id, str(body.get("tag")), float(body.get("progress") or 0))
+    if event == "pull_progress" and not printer.as_json:
+        printer.progress(device_id, _text(body, "tag") or "-",
+                         _percent(body.get("progress")) or 0.0)
         return True
-    skip = ("event", "ts", "device_id", "request_id")
-    details = " ".join(f"{k}={v}" for k, v in body.items() if k not in skip and v is not None)
-    request = f"  [request {body['request_id']}]" if body.get("request_id") else ""
-    printer.result({"type": "event", **body},
-                   f"{_clock(body.get('ts'))}  {device_id}  {name}  {details}{request}")
+    name = printable(_text(body, "event") or "?", CELL_CHARS)
+    request_id = body.get("request_id")
+    request = f"  [request {printable(request_id, CELL_CHARS)}]" if request_id else ""
+    printer.result({**body, "type": "event", "device_id": device_id},
+                   f"{_clock(body.get('ts'))}  {who}  {name}  {event_details(body)}{request}")
     return True
+
+
+def event_details(body: dict[str, Any]) -> str:
+    """``key=value ...`` of an event's own fields, each ``printable``, at most MAX_DETAILS."""
+    skip = ("event", "ts", "device_id", "request_id")
+    shown = [(key, value) for key, value in body.items() if key not in skip and value is not None]
+    parts = [f"{printable(key, CELL_CHARS)}={printable(value, CELL_CHARS * 2)}"
+             for key, value in shown[:MAX_DETAILS]]
+    if len(shown) > MAX_DETAILS:
+        parts.append(f"(+{len(shown) - MAX_DETAILS} more)")
+    return " ".join(parts)
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -739,8 +895,8 @@ def check_ids(args: argparse.Namespace) -> None:
             if value is not None and not ID_RE.fullmatch(value):
                 raise CtlError(f"--{option} {value!r} must match {ID_PATTERN}", EXIT_USAGE)
     request_id = getattr(args, "request_id", None)
-    if request_id is not None and not REQUEST_ID_RE.fullmatch(request_id):
-        raise CtlError(f"--request-id must match {REQUEST_ID_RE.pattern}", EXIT_USAGE)
+    if request_id is not None and not is_request_id(request_id):
+        raise CtlError(f"--request-id must match {REQUEST_ID_PATTERN}", EXIT_USAGE)
 
 
 def mqtt_settings(args: argparse.Namespace, environ: dict[str, str]) -> MqttSettings:
@@ -761,6 +917,10 @@ def mqtt_settings(args: argparse.Namespace, environ: dict[str, str]) -> MqttSett
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        # a terminal or pipe that cannot show a device's characters gets escapes, not a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(level=logging.WARNING, format="edge-ctl: %(message)s")
     # connect_client logs its retries at WARNING; for a one-shot tool the final error says it
     logging.getLogger("edge_agent.mqtt").setLevel(logging.ERROR)

@@ -8,16 +8,22 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
+import re
 import select
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.ctl import (
     EXIT_FAILED,
@@ -37,6 +43,15 @@ from tests.support import REPO_ROOT, wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device, publish
+from tests.support.hostile import (
+    FORBIDDEN,
+    FORGED_ROW,
+    deep_json,
+    good_state,
+    hostile_events,
+    hostile_state,
+    wrong_types_state,
+)
 from tests.test_answers import fallen_back, state
 
 OPERATOR = "ops"
@@ -49,17 +64,23 @@ def broker() -> Iterator[Broker]:
         yield started
 
 
-def ctl(broker: Broker | None, *args: str, user: str = OPERATOR, timeout: float = 120,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``edge-ctl ARGS`` as a process, logged in as ``user``."""
+def ctl_env(broker: Broker | None, user: str = OPERATOR,
+            env: dict[str, str] | None = None) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
     environ["PYTHONPATH"] = str(REPO_ROOT)
     if broker is not None:
         environ.update(MQTT_HOST="127.0.0.1", MQTT_PORT=str(broker.port), MQTT_USERNAME=user,
                        MQTT_PASSWORD=broker.passwords.get(user, "wrong"))
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "edge_agent.ctl", *args], env=environ,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return environ
+
+
+def ctl(broker: Broker | None, *args: str, user: str = OPERATOR, timeout: float = 120,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``edge-ctl ARGS`` as a process, logged in as ``user``."""
+    return subprocess.run([sys.executable, "-m", "edge_agent.ctl", *args],
+                          env=ctl_env(broker, user, env), capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 @dataclass
@@ -304,6 +325,274 @@ def test_set_tag_wait_times_out_for_a_device_that_never_answers(broker: Broker,
         assert f"no answer from {ghost}" in result.stderr
     finally:
         ctl(broker, "clear-tag", "--device", ghost)
+
+
+# -- a hostile device: anything on its own topics, never a crash or a raw escape ----------
+GOOD, ESC, DEEP, TYPES = "h-good", "h-esc", "h-deep", "h-types"
+HOSTILE_USERS = (GOOD, ESC, DEEP, TYPES)
+
+
+@dataclass
+class HostileFleet:
+    """Devices logged in as themselves (the ACL applies) under a prefix of the test's own:
+    ``h-good`` behaves, the others publish what tests/support/hostile.py makes."""
+
+    broker: Broker
+    topics: Topics
+    clients: dict[str, MqttWatcher] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return self.topics.prefix
+
+    def client(self, device: str, subscriptions: tuple[str, ...] = ()) -> MqttWatcher:
+        key = f"{device} {' '.join(subscriptions)}"
+        if key not in self.clients:
+            settings = self.broker.settings(device, prefix=self.prefix)
+            self.clients[key] = MqttWatcher(settings, list(subscriptions)).start()
+        return self.clients[key]
+
+    def send(self, device: str, topic: str, payload: bytes | str, *,
+             retain: bool = False) -> None:
+        self.client(device).publish(topic, payload, retain=retain)
+
+    def retained_fleet(self) -> None:
+        """The retained states and availability of all four devices."""
+        t = self.topics
+        self.send(GOOD, t.state(GOOD), json.dumps(good_state(GOOD)), retain=True)
+        self.send(ESC, t.state(ESC), json.dumps(hostile_state(ESC, huge=True)), retain=True)
+        self.send(DEEP, t.state(DEEP), deep_json(), retain=True)
+        self.send(TYPES, t.state(TYPES), wrong_types_state(TYPES), retain=True)
+        self.send(GOOD, t.availability(GOOD), "online", retain=True)
+        self.send(ESC, t.availability(ESC), "online\x1b[2J" + FORGED_ROW, retain=True)
+        self.send(DEEP, t.availability(DEEP), "offline", retain=True)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+@pytest.fixture
+def hostile(broker: Broker, test_id: str) -> Iterator[HostileFleet]:
+    for user in HOSTILE_USERS:
+        if user not in broker.passwords:
+            broker.add_device(user)
+    fleet = HostileFleet(broker, Topics(f"h{test_id}"))
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def assert_safe(*outputs: str) -> None:
+    """Nothing that steers a terminal or hides text reached the operator."""
+    for output in outputs:
+        found = sorted({f"U+{ord(c):04X}" for c in output if c in FORBIDDEN})
+        assert not found, f"raw characters reached the operator: {found}\n{output[:3000]!r}"
+
+
+def test_devices_survives_a_hostile_device_and_shows_the_others(
+    broker: Broker, hostile: HostileFleet,
+) -> None:
+    hostile.retained_fleet()
+    table = ctl(broker, "devices", "--prefix", hostile.prefix)
+    assert table.returncode == EXIT_OK, table.stderr
+    assert_safe(table.stdout, table.stderr)
+    lines = table.stdout.splitlines()
+    # one line per device, nothing forged in between, nothing unbounded
+    assert [line.split()[0] for line in lines] == ["DEVICE", *sorted(HOSTILE_USERS)], lines
+    assert all(len(line) < 1500 for line in lines), [len(line) for line in lines]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert rows[GOOD].split()[:7] == [GOOD, "yes", "2.0", "2.0", "(fleet)", "idle", "healthy"]
+    assert "state ignored: nested" in rows[DEEP] and rows[DEEP].split()[1] == "no"
+    assert "\\x1b[2J2.0" in rows[ESC]  # shown, escaped
+    assert "\\x1b]0;pwned\\x07\\r\\nforged-dev" in rows[ESC]
+    assert rows[ESC].split()[1] == "?"  # availability neither online nor offline
+    assert rows[ESC].endswith("\u2026")  # the 40 KB last_error, cut
+
+    listed = ctl(broker, "devices", "--json", "--prefix", hostile.prefix)
+    assert listed.returncode == EXIT_OK, listed.stderr
+    assert listed.stdout.isascii()  # ensure_ascii: every device string escaped
+    devices = {d["device_id"]: d for d in json.loads(listed.stdout)}
+    assert set(devices) == set(HOSTILE_USERS)
+    assert devices[GOOD]["state"] == good_state(GOOD) and devices[GOOD]["online"] is True
+    assert devices[DEEP]["state"] is None and "nested" in devices[DEEP]["state_error"]
+    # JSON keeps the device's data as it was, for scripts
+    assert devices[ESC]["state"]["running"]["tag"] == hostile_state(ESC)["running"]["tag"]
+    assert devices[TYPES]["state"]["update"]["progress"] == float("inf")
+
+    only = ctl(broker, "devices", GOOD, "--prefix", hostile.prefix)
+    assert only.returncode == EXIT_OK and len(only.stdout.splitlines()) == 2
+
+
+class Output:
+    """The lines a process writes to one stream, read by a thread (select() on a buffered
+    pipe misses lines the reader has already buffered)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put("")  # end of the stream
+
+    def until(self, predicate: Callable[[str], bool], timeout: float = 30.0) -> str:
+        """The next line that matches ``predicate`` (the lines read are kept)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            assert line, f"the process ended early: {[x[:200] for x in self.lines[-5:]]}"
+            self.lines.append(line)
+            if predicate(line):
+                return line
+        raise TimeoutError(f"no such line in {timeout:g} s: {[x[:200] for x in self.lines[-5:]]}")
+
+    def rest(self, timeout: float = 15.0) -> str:
+        """Everything, once the process has closed the stream."""
+        self._thread.join(timeout)
+        while not self._queue.empty():
+            self.lines.append(self._queue.get())
+        return "".join(self.lines)
+
+
+@dataclass
+class Watch:
+    proc: subprocess.Popen[str]
+    out: Output
+    err: Output
+
+    def stop(self) -> tuple[int, str, str]:
+        """SIGINT, as an operator's Ctrl-C: (exit code, stdout, stderr)."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(15)
+        return code, self.out.rest(), self.err.rest()
+
+
+def watch_process(broker: Broker, prefix: str, *flags: str) -> Watch:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.ctl", "watch", "--prefix", prefix, "--timeout",
+         "120", *flags],
+        env=ctl_env(broker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        encoding="utf-8")
+    assert proc.stdout is not None and proc.stderr is not None
+    return Watch(proc, Output(proc.stdout), Output(proc.stderr))
+
+
+def test_watch_survives_a_hostile_device_and_shows_the_others(
+    broker: Broker, hostile: HostileFleet, test_id: str,
+) -> None:
+    t = hostile.topics
+    hostile.retained_fleet()
+    human, as_json = watch_process(broker, t.prefix), watch_process(broker, t.prefix, "--json")
+    try:
+        for watch in (human, as_json):  # in step once a ping of the good device shows
+            def pinged(watch: Watch = watch) -> bool:
+                hostile.send(GOOD, t.events(GOOD), json.dumps({"event": "ping"}))
+                try:
+                    watch.out.until(lambda line: "ping" in line, timeout=1)
+                except TimeoutError:
+                    return False
+                return True
+            wait_until(pinged, timeout=30, interval=0, message="the watch to start")
+
+        for payload in hostile_events():
+            hostile.send(ESC, t.events(ESC), payload)
+        hostile.send(DEEP, t.events(DEEP), deep_json(key="event"))
+        hostile.send(DEEP, t.state(DEEP), deep_json())
+        hostile.send(ESC, t.state(ESC), json.dumps(hostile_state(ESC)))
+        hostile.send(TYPES, t.state(TYPES), wrong_types_state(TYPES))
+        marker = f"marker-{test_id}"
+        hostile.send(GOOD, t.events(GOOD), json.dumps({"event": "update_succeeded",
+                                                       "tag": marker}))
+        for watch in (human, as_json):
+            watch.out.until(lambda line: marker in line)
+    finally:
+        (human_code, text, human_err), (json_code, json_out, json_err) = \
+            human.stop(), as_json.stop()
+    assert human_code == EXIT_OK and json_code == EXIT_OK, human_err[-2000:] + json_err[-2000:]
+    assert_safe(text, human_err, json_out, json_err)
+
+    # human: every line names the device whose topic it came from; none is forged
+    line_re = re.compile(rf"^\d\d:\d\d:\d\d  ({'|'.join(HOSTILE_USERS)})  \S")
+    assert all(line_re.match(line) for line in text.splitlines()), text
+    assert f"  {GOOD}  update_succeeded  tag={marker}\n" in text
+    assert f"  {ESC}  \\x1b[2Jupdate_failed  " in text  # the hostile event, escaped
+    assert "unreadable event (ignored): nested" in human_err  # the deep one, said once
+    assert human_err.count(f"{DEEP}  sent an unreadable event") == 1
+    assert all(len(line) < 3000 for line in text.splitlines())
+
+    # JSON: one valid object per line; the device id is the topic's, never the payload's
+    lines = [json.loads(line) for line in json_out.splitlines()]
+    assert {line["device_id"] for line in lines} <= set(HOSTILE_USERS)
+    forged = [line for line in lines if line.get("event") == "\x1b[2Jupdate_failed"]
+    assert forged and forged[0]["device_id"] == ESC and forged[0]["type"] == "event"
+    assert {"type": "event", "device_id": GOOD, "event": "update_succeeded",
+            "tag": marker} in lines
+
+
+def test_set_tag_wait_reports_a_hostile_answer_safely(
+    broker: Broker, hostile: HostileFleet, test_id: str,
+) -> None:
+    t = hostile.topics
+    request_id = f"r-{test_id}"
+    device = hostile.client(ESC, (t.device_tag(ESC),))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.ctl", "set-tag", "2.0", "--device", ESC, "--wait",
+         "--timeout", "60", "--request-id", request_id, "--prefix", t.prefix],
+        env=ctl_env(broker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        encoding="utf-8")
+    try:
+        device.wait_for(t.device_tag(ESC), timeout=30)
+        for payload in hostile_events(request_id):
+            hostile.send(ESC, t.events(ESC), payload)
+        state = hostile_state(ESC, request_id=request_id)
+        state["update"]["status"] = "idle"  # settled on a hostile tag: not applied
+        hostile.send(ESC, t.state(ESC), json.dumps(state))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        ctl(broker, "clear-tag", "--device", ESC, "--prefix", t.prefix)
+    assert proc.returncode == EXIT_FAILED, out + err
+    assert_safe(out, err)
+    assert f"edge-ctl: {ESC}: 2.0 not applied: device settled on" in err
+    assert not [line for line in (out + err).splitlines() if line.startswith("forged-dev")]
+
+
+@pytest.mark.parametrize("answer", [
+    {"ok": True, "outcome": "{0}{tag.__class__}", "tag": "\x1b[2J" + FORGED_ROW},
+    {"ok": "yes", "outcome": "updated", "error": "\x1b]0;pwned\x07" + FORGED_ROW},
+    {"ok": True, "outcome": "\x1b[2J\u202e", "tag": ["1.0", {"t": 1}]},
+])
+def test_check_wait_shows_a_hostile_answer_safely(
+    broker: Broker, hostile: HostileFleet, answer: dict[str, Any],
+) -> None:
+    t = hostile.topics
+    device = hostile.client(ESC, (t.device_check(ESC),))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent.ctl", "check", "--device", ESC, "--wait",
+         "--timeout", "60", "--prefix", t.prefix],
+        env=ctl_env(broker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        encoding="utf-8")
+    try:
+        command = device.wait_for(t.device_check(ESC), timeout=30)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.CorrelationData = command.properties.CorrelationData
+        device.publish(command.properties.ResponseTopic, json.dumps(answer),
+                       properties=properties)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode in (EXIT_OK, EXIT_FAILED), out + err
+    assert "Traceback" not in err
+    assert_safe(out, err)
+    assert out.startswith(f"{ESC}: ") and len(out.splitlines()) == 1, out
 
 
 # -- formatting (pure) -------------------------------------------------------------------
