@@ -40,7 +40,7 @@ from edge_agent.config import MqttSettings, Settings
 from edge_agent.discovery import discovery_config
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.reconcile import Source
-from edge_agent.topics import Topics
+from edge_agent.topics import MAX_TOPIC_BYTES, Topics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ MAX_QUEUED = 500
 MAX_COMMAND_BYTES = 4096
 MAX_REQUEST_ID_CHARS = 128
 STOP_TIMEOUT_S = 2.0
+# Distinct refused response topics remembered to warn about each once; past this many,
+# further ones are logged at DEBUG only (a requester cannot grow the agent's memory).
+MAX_REFUSED_REPLY_TOPICS = 100
 # CONNACK reasons that retrying will not cure.
 PERMANENT_REFUSALS = frozenset({
     "Bad user name or password", "Not authorized", "Client identifier not valid",
@@ -398,8 +401,14 @@ def route(
 
 
 def valid_response_topic(topic: object) -> bool:
-    return (isinstance(topic, str) and 0 < len(topic.encode()) <= 65535
-            and not set(topic) & {"+", "#", "\x00"})
+    """A topic name one can publish to at all: no wildcards, no NUL, 1-65535 bytes.
+    Where the agent may answer is narrower: ``Topics.is_reply_topic``."""
+    if not isinstance(topic, str) or set(topic) & {"+", "#", "\x00"}:
+        return False
+    try:
+        return 0 < len(topic.encode()) <= MAX_TOPIC_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 # -- the agent's link -----------------------------------------------------------------
@@ -420,6 +429,7 @@ class MqttLink:
         self._events_topic = self.topics.events(self.device_id)
         self._discovery = discovery_config(settings) if settings.ha_discovery else None
         self._client: Client | None = None
+        self._refused_reply_topics: set[str] = set()
         if self.mqtt.tls:
             tls_context(self.mqtt)  # unreadable TLS files stop the agent at start
 
@@ -517,13 +527,28 @@ class MqttLink:
         topic = getattr(properties, "ResponseTopic", None)
         if topic is None:
             return None
-        if not valid_response_topic(topic):
-            log.warning("MQTT: ignored the invalid response topic %r on %s", topic,
-                        _topic_of(message))
+        if not (valid_response_topic(topic)
+                and self.topics.is_reply_topic(self.device_id, topic)):
+            # Its own state, availability or discovery topic would be overwritten by the
+            # answer (the ACL lets the device write there): answer below reply/ only.
+            self._refused_reply_topic(str(topic), _topic_of(message))
             return None
         correlation = getattr(properties, "CorrelationData", None)
         return functools.partial(self._reply, str(topic),
                                  bytes(correlation) if correlation is not None else None)
+
+    def _refused_reply_topic(self, topic: str, command_topic: str) -> None:
+        """Warn once per distinct topic: a requester repeats its mistake at every command."""
+        if topic in self._refused_reply_topics:
+            log.debug("MQTT: ignored the response topic %r again", topic)
+            return
+        if len(self._refused_reply_topics) >= MAX_REFUSED_REPLY_TOPICS:
+            log.debug("MQTT: ignored the response topic %r on %s", topic, command_topic)
+            return
+        self._refused_reply_topics.add(topic)
+        log.warning("MQTT: ignored the response topic %r of a command on %s: answers go "
+                    "only below %s (the command runs, unanswered)", topic, command_topic,
+                    self.topics.reply_root(self.device_id))
 
 
 def _topic_of(message: MQTTMessage) -> str:

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 # control character or "..". The agent, the bridge and openapi.json all use this pattern.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ID_RE = re.compile(ID_PATTERN)
+# One level below a device's reply/ subtree: not empty, no wildcard or separator, no
+# control character (C0, DEL, C1), not "." or ".." (nothing may read it as a path).
+_REPLY_LEVEL_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f/+#]+")
+MAX_TOPIC_BYTES = 65535
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,28 @@ class Topics:
     def reply(self, device_id: str, token: str) -> str:
         """A Response Topic for an MQTT 5 request to ``device_id``; the shipped ACL lets a
         device write below its own ``reply/`` only, so requesters should use this."""
-        return f"{self.prefix}/devices/{device_id}/reply/{token}"
+        return f"{self.reply_root(device_id)}{token}"
+
+    def reply_root(self, device_id: str) -> str:
+        """``P/devices/<id>/reply/``: the only place ``device_id`` answers requests."""
+        return f"{self.prefix}/devices/{device_id}/reply/"
+
+    def is_reply_topic(self, device_id: str, topic: object) -> bool:
+        """True when ``topic`` is a topic name below the reply subtree of ``device_id``.
+        Anything else (its own state, availability or discovery topic, another device's
+        topics, wildcards) must never receive a reply: a request names the topic."""
+        if not isinstance(topic, str):
+            return False
+        try:
+            size = len(topic.encode())
+        except UnicodeEncodeError:  # lone surrogates: not a topic a broker accepts
+            return False
+        root = self.reply_root(device_id)
+        if size > MAX_TOPIC_BYTES or not topic.startswith(root):
+            return False
+        levels = topic[len(root):].split("/")
+        return all(_REPLY_LEVEL_RE.fullmatch(level) and level not in (".", "..")
+                   for level in levels)
 
     # wildcards for observers (bridge, edge-ctl)
     @property
