@@ -203,6 +203,11 @@ class Broker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The Mosquitto process id while it runs (e.g. to read its memory in /proc)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
