@@ -5,6 +5,7 @@ operator would run it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -367,6 +368,27 @@ class HostileFleet:
         self.send(ESC, t.availability(ESC), "online\x1b[2J" + FORGED_ROW, retain=True)
         self.send(DEEP, t.availability(DEEP), "offline", retain=True)
 
+    @contextlib.contextmanager
+    def flooding(self, device: str) -> Iterator[int]:
+        """``device`` publishes states as fast as it can (unretained) until the block ends."""
+        client = self.client(device).client
+        assert client is not None
+        stop = threading.Event()
+        payload = wrong_types_state(device)
+
+        def flood() -> None:
+            while not stop.is_set():
+                client.publish(self.topics.state(device), payload, qos=0)
+                time.sleep(0.0005)
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        try:
+            yield 0
+        finally:
+            stop.set()
+            thread.join(5)
+
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
@@ -395,7 +417,8 @@ def test_devices_survives_a_hostile_device_and_shows_the_others(
     broker: Broker, hostile: HostileFleet,
 ) -> None:
     hostile.retained_fleet()
-    table = ctl(broker, "devices", "--prefix", hostile.prefix)
+    with hostile.flooding(TYPES):  # while another device floods its state topic
+        table = ctl(broker, "devices", "--prefix", hostile.prefix)
     assert table.returncode == EXIT_OK, table.stderr
     assert_safe(table.stdout, table.stderr)
     lines = table.stdout.splitlines()
@@ -423,6 +446,12 @@ def test_devices_survives_a_hostile_device_and_shows_the_others(
 
     only = ctl(broker, "devices", GOOD, "--prefix", hostile.prefix)
     assert only.returncode == EXIT_OK and len(only.stdout.splitlines()) == 2
+
+    # a terminal that cannot show a device's characters gets escapes, not a traceback
+    ascii_only = ctl(broker, "devices", "--prefix", hostile.prefix,
+                     env={"PYTHONIOENCODING": "ascii"})
+    assert ascii_only.returncode == EXIT_OK, ascii_only.stderr[-2000:]
+    assert ascii_only.stdout.isascii() and "\\u2026" in ascii_only.stdout
 
 
 class Output:
@@ -502,17 +531,17 @@ def test_watch_survives_a_hostile_device_and_shows_the_others(
                 return True
             wait_until(pinged, timeout=30, interval=0, message="the watch to start")
 
-        for payload in hostile_events():
-            hostile.send(ESC, t.events(ESC), payload)
-        hostile.send(DEEP, t.events(DEEP), deep_json(key="event"))
-        hostile.send(DEEP, t.state(DEEP), deep_json())
-        hostile.send(ESC, t.state(ESC), json.dumps(hostile_state(ESC)))
-        hostile.send(TYPES, t.state(TYPES), wrong_types_state(TYPES))
-        marker = f"marker-{test_id}"
-        hostile.send(GOOD, t.events(GOOD), json.dumps({"event": "update_succeeded",
-                                                       "tag": marker}))
-        for watch in (human, as_json):
-            watch.out.until(lambda line: marker in line)
+        with hostile.flooding(TYPES):
+            for payload in hostile_events():
+                hostile.send(ESC, t.events(ESC), payload)
+            hostile.send(DEEP, t.events(DEEP), deep_json(key="event"))
+            hostile.send(DEEP, t.state(DEEP), deep_json())
+            hostile.send(ESC, t.state(ESC), json.dumps(hostile_state(ESC)))
+            marker = f"marker-{test_id}"
+            hostile.send(GOOD, t.events(GOOD), json.dumps({"event": "update_succeeded",
+                                                           "tag": marker}))
+            for watch in (human, as_json):
+                watch.out.until(lambda line: marker in line)
     finally:
         (human_code, text, human_err), (json_code, json_out, json_err) = \
             human.stop(), as_json.stop()
