@@ -67,7 +67,7 @@ def loads(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> A
     except UntrustedJson:
         raise
     except json.JSONDecodeError as exc:
-        raise UntrustedJson(f"not valid JSON: {exc.msg} at character {exc.pos}") from None
+        raise UntrustedJson(f"not valid JSON: {exc.msg} (character {exc.pos})") from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of too many digits
         raise UntrustedJson(f"not acceptable JSON: {exc}") from None
 
