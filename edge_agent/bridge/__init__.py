@@ -2,6 +2,7 @@
 
 The bridge is an MQTT client like any operator tool: it publishes the retained
 desired-tag topics of SPEC section 6 and keeps a device registry from the retained
-``state`` and ``availability`` topics (``fleet.Fleet``). ``server`` serves the HTTP
-API of SPEC section 7 with the standard library's ThreadingHTTPServer.
+``state`` and ``availability`` topics (``fleet.Fleet``, every field checked by
+``devicedata``). ``server`` serves the HTTP API (``api``) with a small strict HTTP/1.1
+server of its own (``wire``), standard library only.
 """

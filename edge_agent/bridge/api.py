@@ -1,8 +1,10 @@
-"""The HTTP API of SPEC section 7 as a plain function of a request: no sockets here.
+"""The bridge's HTTP API as a plain function of a request: no sockets here.
 
-``Api.handle(Request) -> Response``; ``server`` adapts it to http.server. Every
+``Api.handle(Request) -> Response``; ``server`` reads requests off the wire. Every
 input is validated here: ids are single MQTT topic levels, tags go through the
-agent's own ``validate_tag``, bodies are small JSON objects with known keys.
+agent's own ``validate_tag``, request ids follow the one grammar of ``edge_agent.tags``,
+bodies are small UTF-8 JSON objects with known keys (the bounded decoder of
+``edge_agent.safejson``), query parameters are known ones, numbers plain digits.
 Malformed input is a 4xx with ``{"error": ...}``, never a 500.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -21,19 +22,23 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
+from edge_agent import safejson
 from edge_agent.answers import Answer
-from edge_agent.bridge.fleet import Fleet, TooManyWaiters, iso_utc
+from edge_agent.bridge.devicedata import iso_utc
+from edge_agent.bridge.fleet import Fleet, TooManyWaiters
 from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.errors import TagError
-from edge_agent.tags import validate_tag
+from edge_agent.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
 from edge_agent.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
 MAX_ID_CHARS = 64
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 PUT_FIELDS = frozenset({"tag", "request_id"})
+# ?wait=: seconds as plain digits with an optional fraction; no sign, exponent, "_",
+# spaces, nan or inf, which float() would all take
+WAIT_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
 JSON = "application/json"
 
 SECURITY_HEADERS = {
@@ -104,6 +109,7 @@ class Route:
     pattern: tuple[str, ...]  # literal segments; "{id}" / "{group}" are parameters
     handler: str  # Api method name
     auth: bool = True
+    query: frozenset[str] = frozenset()  # the query parameters it takes
 
 
 @dataclass
@@ -120,12 +126,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", ("openapi.json",), "openapi", auth=False),
     Route("GET", ("api", "v1", "devices"), "list_devices"),
     Route("GET", ("api", "v1", "devices", "{id}"), "get_device"),
-    Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag"),
+    Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag",
+          query=frozenset({"wait"})),
     Route("DELETE", ("api", "v1", "devices", "{id}", "tag"), "delete_device_tag"),
     Route("POST", ("api", "v1", "devices", "{id}", "check"), "check_device"),
-    Route("PUT", ("api", "v1", "groups", "{group}", "tag"), "put_group_tag"),
+    Route("PUT", ("api", "v1", "groups", "{group}", "tag"), "put_group_tag",
+          query=frozenset({"wait"})),
     Route("DELETE", ("api", "v1", "groups", "{group}", "tag"), "delete_group_tag"),
-    Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag"),
+    Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag", query=frozenset({"wait"})),
     Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
     Route("POST", ("api", "v1", "fleet", "check"), "check_fleet"),
 )
@@ -204,6 +212,11 @@ class Api:
                 if route.auth:
                     self._authenticate(request.headers)
                 query = _parse_query(query_text)
+                unknown = sorted(set(query) - route.query)
+                if unknown:
+                    known = ", ".join(sorted(route.query)) or "none"
+                    raise HttpError(400, f"unknown query parameter {unknown[0][:20]!r} "
+                                         f"(this route takes: {known})")
                 handler: Handler = getattr(self, route.handler)
                 return handler(Call(request, params, query))
         allowed = sorted({r.method for r, _ in candidates})
@@ -212,12 +225,20 @@ class Api:
         raise HttpError(405, f"{request.method} not allowed here",
                         {"Allow": ", ".join(allowed)})
 
-    def _authenticate(self, headers: Mapping[str, str]) -> None:
+    @staticmethod
+    def needs_token(target: str) -> bool:
+        """Whether a request for ``target`` must carry the token (every /api route)."""
+        return target.startswith("/api/") or target.partition("?")[0] == "/api"
+
+    def authorized(self, headers: Mapping[str, str]) -> bool:
+        """Whether ``headers`` carry the bearer token (compared in constant time)."""
         value = headers.get("authorization", "")
         scheme, _, given = value.strip().partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        return scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode("utf-8", "surrogateescape"), self._token)
-        if not ok:
+
+    def _authenticate(self, headers: Mapping[str, str]) -> None:
+        if not self.authorized(headers):
             raise HttpError(401, "missing or invalid bearer token",
                             {"WWW-Authenticate": 'Bearer realm="edge-bridge"'})
 
@@ -335,11 +356,11 @@ class Api:
         text = query.get("wait")
         if text is None:
             return None
-        try:
-            value = float(text)
-        except ValueError:
-            raise HttpError(400, f"wait must be a number of seconds, got {text[:20]!r}") from None
-        if not math.isfinite(value) or not 0 < value <= self.max_wait_s:
+        if not WAIT_RE.fullmatch(text):
+            raise HttpError(400, "wait must be seconds as digits with an optional fraction "
+                                 f"(like 30 or 2.5), got {text[:20]!r}")
+        value = float(text)
+        if not 0 < value <= self.max_wait_s:
             raise HttpError(400, f"wait must be more than 0 and at most {self.max_wait_s:g} s")
         return value
 
@@ -358,8 +379,8 @@ class Api:
         if "request_id" not in obj:
             return tag, self._new_request_id()
         request_id = obj["request_id"]
-        if not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
-            raise HttpError(400, "request_id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+        if not is_request_id(request_id):
+            raise HttpError(400, f"request_id must match {REQUEST_ID_PATTERN[1:-1]}")
         return tag, request_id
 
     def _wait_answer(
@@ -431,12 +452,11 @@ def _id(value: str, what: str) -> str:
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object: UTF-8 without a byte order mark, small and shallow."""
     if len(body) > MAX_BODY_BYTES:
         raise HttpError(413, f"body larger than {MAX_BODY_BYTES} bytes")
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        raise HttpError(400, 'body must be a JSON object like {"tag": "1.4.2"}') from None
-    if not isinstance(obj, dict):
-        raise HttpError(400, 'body must be a JSON object like {"tag": "1.4.2"}')
-    return obj
+        return safejson.loads_object(body, max_bytes=MAX_BODY_BYTES, max_depth=2)
+    except safejson.UntrustedJson as exc:
+        raise HttpError(400, 'body must be a UTF-8 JSON object like {"tag": "1.4.2"}: '
+                             f"{exc}") from None

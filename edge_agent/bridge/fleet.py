@@ -4,6 +4,12 @@
 and ``.../events`` (from the MQTT network thread); HTTP threads read snapshots and
 wait on ``Waiter`` objects. All shared data sits behind one lock, held only briefly.
 
+Device data is untrusted: payloads go through the bounded decoder (``safejson``) and
+every field through ``devicedata`` before the bridge keeps it. Each device has a
+budget of bytes per second; past it the bridge keeps only the device's latest state
+(applied by ``flush_pending`` once the device slows down) and drops its events, at
+the cost of a dictionary lookup, so one flooding device cannot delay the others.
+
 ``?wait`` (SPEC section 7) ends on the answers of ``edge_agent.answers`` that
 ``wait_answer`` keeps: 200 when ok, 409 otherwise; anything else keeps waiting until
 the deadline (checking, pulling, verifying, an error the device retries after, notify
@@ -18,40 +24,41 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
+from edge_agent import safejson
 from edge_agent.answers import Answer, judge_event, judge_state
-from edge_agent.topics import Topics
+from edge_agent.bridge.devicedata import (
+    clean_event,
+    clean_state,
+    dropped_fields,
+    iso_utc,
+    seen_at,
+)
+from edge_agent.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
 
-MAX_STATE_BYTES = 256 * 1024
+# An agent's state is about 1 KiB, its events a few hundred bytes.
+MAX_STATE_BYTES = 64 * 1024
+MAX_EVENT_BYTES = 16 * 1024
+MAX_AVAILABILITY_BYTES = 16
+MAX_DEPTH = 8  # the state document nests three levels
 MAX_DEVICES = 10_000
 MAX_WAITERS = 1_000
 REFINE_S = 1.0
 AVAILABILITY_VALUES = frozenset({"online", "offline"})
-# event fields worth showing on the fleet page, in this order
-EVENT_SUMMARY_FIELDS = ("event", "ts", "request_id", "tag", "reason", "error")
-
-
-def iso_utc(epoch: float) -> str:
-    """``2024-05-01T12:00:00.000Z`` (the agent's format)."""
-    return (datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"))
-
-
-def parse_ts(value: object) -> float | None:
-    """An ISO 8601 timestamp from a device as epoch seconds, or None."""
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+# Per device: a burst of 1 MiB (an agent pulling an image publishes ~250 KiB of progress
+# in a few seconds), then 128 KiB/s; every message counts at least 1 KiB.
+BUDGET_BURST_BYTES = 1024 * 1024
+BUDGET_RATE_BYTES = 128 * 1024
+BUDGET_MIN_COST = 1024
+# While one device floods, the broker may drop messages of others on their way to the
+# bridge (its queue for a slow subscriber is bounded). The bridge then fetches every
+# retained state again: once the flood has been over for RESYNC_QUIET_S, and every
+# RESYNC_EVERY_S while it lasts.
+RESYNC_QUIET_S = 2.0
+RESYNC_EVERY_S = 30.0
 
 
 def wait_answer(answer: Answer | None) -> Answer | None:
@@ -111,18 +118,52 @@ class TooManyWaiters(Exception):
 
 
 @dataclass
+class Budget:
+    """A token bucket of bytes for one device's messages."""
+
+    tokens: float
+    at: float
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(BUDGET_BURST_BYTES,
+                          self.tokens + max(0.0, now - self.at) * BUDGET_RATE_BYTES)
+        self.at = now
+        return self.tokens
+
+    def take(self, cost: int, now: float) -> bool:
+        if self.refill(now) < cost:
+            return False
+        self.tokens -= cost
+        return True
+
+
+@dataclass
+class Pending:
+    """A device's latest state that arrived past its budget, not looked at yet."""
+
+    payload: bytes
+    retained: bool
+    seq: int
+
+
+@dataclass
 class Device:
-    """What the bridge knows about one device."""
+    """What the bridge knows about one device, every field already checked."""
 
     device_id: str
     state: dict[str, Any] | None = None
     availability: str | None = None
     last_seen: float | None = None
     last_event: dict[str, Any] | None = None
+    state_seq: int = 0  # arrival order of the state shown
+    _json: bytes | None = None  # the view, serialised once per change
 
     def seen(self, when: float | None) -> None:
         if when is not None and (self.last_seen is None or when > self.last_seen):
             self.last_seen = when
+
+    def changed(self) -> None:
+        self._json = None
 
     def view(self) -> dict[str, Any]:
         """The JSON shown by ``GET /api/v1/devices/<id>`` and in the list."""
@@ -136,6 +177,20 @@ class Device:
             "last_event": self.last_event,
         }
 
+    def json(self) -> bytes:
+        """The view as strict JSON. Whatever is wrong with one device's data shows as
+        that device without state, never as a broken list."""
+        if self._json is None:
+            try:
+                self._json = _dumps(self.view())
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                log.error("cannot show the data of device %s (%s); showing it without",
+                          self.device_id, exc)
+                self.state = self.last_event = None
+                self.last_seen = None
+                self._json = _dumps(self.view())
+        return self._json
+
 
 class Fleet:
     """Devices by id, built from retained state/availability plus live events."""
@@ -147,11 +202,13 @@ class Fleet:
         max_devices: int = MAX_DEVICES,
         max_waiters: int = MAX_WAITERS,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
         self.max_devices = max_devices
         self.max_waiters = max_waiters
         self._clock = clock
+        self._monotonic = monotonic
         self._lock = threading.Lock()
         self._devices: dict[str, Device] = {}
         self._waiters: dict[str, list[Waiter]] = {}
@@ -160,58 +217,169 @@ class Fleet:
         self._cached_version = -1
         self._cached_list = b"[]"
         self._full_warned = False
+        # kept apart from the devices, so forgetting a device does not refill its budget
+        self._budgets: dict[str, Budget] = {}
+        self._pending: dict[str, Pending] = {}
+        self._throttled: dict[str, int] = {}  # device -> messages dropped since throttled
+        self._complaints: dict[tuple[str, str], str] = {}  # (device, topic) -> last logged
+        self._seq = 0
+        self._flood_at: float | None = None  # when a message was last skipped
+        self._resynced_at = 0.0
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Take one message from a device topic; anything malformed is ignored."""
         device_id = self.topics.device_of(topic)
-        if device_id is None:
+        if device_id is None or not ID_RE.fullmatch(device_id):
             return
         kind = topic[len(f"{self.topics.prefix}/devices/{device_id}/"):]
-        if kind == "state":
-            self._on_state(device_id, payload, retained)
-        elif kind == "availability":
-            self._on_availability(device_id, payload, retained)
-        elif kind == "events":
-            self._on_event(device_id, payload)
-
-    def _on_state(self, device_id: str, payload: bytes, retained: bool) -> None:
-        if not payload:
-            with self._lock:
-                device = self._devices.get(device_id)
-                if device is not None:
-                    device.state = None
-                    self._forget_if_empty(device)
-                    self._version += 1
-            return
-        document = _json_object(payload, MAX_STATE_BYTES)
-        if document is None:
-            log.debug("ignored malformed state of %r", device_id)
+        if kind not in ("state", "availability", "events"):
             return
         with self._lock:
+            if not self._within_budget(device_id, kind, payload, retained):
+                return
+            self._seq += 1
+            seq = self._seq
+            if kind == "state":
+                self._pending.pop(device_id, None)  # this one is newer
+        if kind == "state":
+            self._on_state(device_id, payload, retained, seq)
+        elif kind == "availability":
+            self._on_availability(device_id, payload, retained)
+        else:
+            self._on_event(device_id, payload)
+
+    def flush_pending(self) -> None:
+        """Apply the latest state of each throttled device whose budget allows it again
+        (the bridge calls this a few times a second)."""
+        with self._lock:
+            now = self._monotonic()
+            ready = []
+            for device_id, pending in list(self._pending.items()):
+                if self._budget(device_id).take(_cost(pending.payload), now):
+                    ready.append((device_id, self._pending.pop(device_id)))
+        for device_id, pending in ready:
+            self._on_state(device_id, pending.payload, pending.retained, pending.seq)
+
+    def _within_budget(self, device_id: str, kind: str, payload: bytes,
+                       retained: bool) -> bool:
+        """Charge the device's budget (caller holds the lock). Past it, a state is kept
+        unread as the device's pending state and an event is dropped, until the budget
+        is half full again."""
+        if kind == "availability":
+            return True  # a few bytes at most, and what the page needs most
+        budget = self._budget(device_id)
+        tokens = budget.refill(self._monotonic())
+        cost = _cost(payload)
+        throttled = device_id in self._throttled
+        if throttled and tokens >= BUDGET_BURST_BYTES / 2:
+            log.info("device %s is within its message budget again (%d messages skipped)",
+                     device_id, self._throttled.pop(device_id))
+            throttled = False
+        if not throttled and tokens >= cost:
+            budget.tokens -= cost
+            return True
+        now = self._monotonic()
+        if self._flood_at is None:
+            self._resynced_at = now  # the first resync comes RESYNC_EVERY_S from here
+        self._flood_at = now
+        if not throttled:
+            log.warning("device %s publishes more than %d KiB/s; showing its latest state "
+                        "and dropping its events until it slows down", device_id,
+                        BUDGET_RATE_BYTES // 1024)
+            self._throttled[device_id] = 0
+        self._throttled[device_id] += 1
+        if kind == "state":
+            self._seq += 1
+            self._pending[device_id] = Pending(payload, retained, self._seq)
+        return False
+
+    def resync_due(self) -> bool:
+        """True (once each time) when the bridge should fetch every retained state and
+        availability again, because a flood may have made the broker drop some."""
+        with self._lock:
+            if self._flood_at is None:
+                return False
+            now = self._monotonic()
+            if now - self._flood_at >= RESYNC_QUIET_S:
+                self._flood_at = None
+            elif now - self._resynced_at < RESYNC_EVERY_S:
+                return False
+            self._resynced_at = now
+            return True
+
+    def _budget(self, device_id: str) -> Budget:
+        budget = self._budgets.get(device_id)
+        if budget is None:
+            if len(self._budgets) >= 2 * self.max_devices:
+                self._prune_budgets()
+            budget = self._budgets[device_id] = Budget(BUDGET_BURST_BYTES, self._monotonic())
+        return budget
+
+    def _prune_budgets(self) -> None:
+        """Forget full budgets: a device seen again starts with a full one anyway."""
+        now = self._monotonic()
+        for device_id, budget in list(self._budgets.items()):
+            if budget.refill(now) >= BUDGET_BURST_BYTES and device_id not in self._pending:
+                del self._budgets[device_id]
+
+    def _on_state(self, device_id: str, payload: bytes, retained: bool, seq: int) -> None:
+        document: dict[str, Any] | None = None
+        problem = None
+        if payload:
+            try:
+                raw = safejson.loads_object(payload, max_bytes=MAX_STATE_BYTES,
+                                            max_depth=MAX_DEPTH)
+            except safejson.UntrustedJson as exc:
+                problem = f"an invalid state ({exc}); showing none"
+            else:
+                document = clean_state(raw)
+                left_out = dropped_fields(raw, document)
+                if left_out:
+                    problem = (f"a state with invalid or unknown fields "
+                               f"({', '.join(left_out[:5])}); showing the others")
+        with self._lock:
+            self._complain(device_id, "state", problem)
+            device = self._devices.get(device_id)
+            if device is not None and seq < device.state_seq:
+                return  # a newer state was applied meanwhile
+            if document is None:  # cleared, or invalid: the device's state is unknown
+                if device is not None:
+                    device.state = None
+                    device.state_seq = seq
+                    if not retained and payload:
+                        device.seen(self._clock())
+                    self._forget_if_empty(device)
+                    self._changed(device)
+                return
             device = self._device(device_id)
             if device is None:
                 return
             device.state = document
-            stamped = parse_ts(document.get("ts"))
-            device.seen(stamped if retained else self._clock())
-            self._version += 1
+            device.state_seq = seq
+            now = self._clock()
+            # a live message is seen now; a retained one when its ts says, if plausible
+            device.seen(seen_at(document.get("ts"), now) if retained else now)
+            self._changed(device)
             waiters = list(self._waiters.get(device_id, ()))
         for waiter in waiters:
             waiter.settle(judge_state(document, waiter.request_id, waiter.tag))
 
     def _on_availability(self, device_id: str, payload: bytes, retained: bool) -> None:
-        value = payload.decode("utf-8", "replace").strip().lower()
-        if value and value not in AVAILABILITY_VALUES:
-            log.debug("ignored availability %r of %r", value[:20], device_id)
+        value = payload[:MAX_AVAILABILITY_BYTES + 1].decode("utf-8", "replace").strip().lower()
+        if len(payload) > MAX_AVAILABILITY_BYTES or (value and value not in AVAILABILITY_VALUES):
+            with self._lock:
+                self._complain(device_id, "availability",
+                               "an availability other than online or offline")
             return
         with self._lock:
+            self._complain(device_id, "availability", None)
             if not value:
                 device = self._devices.get(device_id)
                 if device is not None:
                     device.availability = None
                     self._forget_if_empty(device)
-                    self._version += 1
+                    self._changed(device)
                 return
             device = self._device(device_id)
             if device is None:
@@ -219,23 +387,49 @@ class Fleet:
             device.availability = value
             if not retained:
                 device.seen(self._clock())
-            self._version += 1
+            self._changed(device)
 
     def _on_event(self, device_id: str, payload: bytes) -> None:
-        event = _json_object(payload, MAX_STATE_BYTES)
-        if event is None:
-            log.debug("ignored malformed event of %r", device_id)
-            return
         with self._lock:
+            if device_id not in self._devices and device_id not in self._waiters:
+                return  # nobody shows or waits for it: not worth decoding
+        try:
+            event = clean_event(safejson.loads_object(payload, max_bytes=MAX_EVENT_BYTES,
+                                                      max_depth=MAX_DEPTH))
+            problem = None if event is not None else "an event without a valid name"
+        except safejson.UntrustedJson as exc:
+            event, problem = None, f"an invalid event ({exc})"
+        with self._lock:
+            self._complain(device_id, "events", problem)
+            if event is None:
+                return
             waiters = list(self._waiters.get(device_id, ()))
             device = self._devices.get(device_id)
             if device is not None:
                 device.seen(self._clock())
-                if event.get("event") != "pull_progress":
-                    device.last_event = {k: event[k] for k in EVENT_SUMMARY_FIELDS if k in event}
-                self._version += 1
+                if event["event"] != "pull_progress":
+                    device.last_event = event
+                self._changed(device)
         for waiter in waiters:
             waiter.settle(judge_event(event, waiter.request_id, waiter.tag))
+
+    def _complain(self, device_id: str, kind: str, problem: str | None) -> None:
+        """Log a device's bad data once, until it publishes good data on that topic
+        again, not at every message (caller holds the lock)."""
+        key = (device_id, kind)
+        if problem is None:
+            self._complaints.pop(key, None)
+            return
+        if self._complaints.get(key) == problem:
+            return
+        if len(self._complaints) >= self.max_devices:
+            self._complaints.clear()
+        self._complaints[key] = problem
+        log.warning("device %s published %s", device_id, problem)
+
+    def _changed(self, device: Device) -> None:
+        device.changed()
+        self._version += 1
 
     def _device(self, device_id: str) -> Device | None:
         """The device, created if there is room (caller holds the lock)."""
@@ -259,15 +453,17 @@ class Fleet:
         """All devices as a JSON array, sorted by id; cached until something changes."""
         with self._lock:
             if self._cached_version != self._version:
-                views = [self._devices[k].view() for k in sorted(self._devices)]
-                self._cached_list = json.dumps(views, separators=(",", ":")).encode()
+                parts = [self._devices[k].json() for k in sorted(self._devices)]
+                self._cached_list = b"[" + b",".join(parts) + b"]"
                 self._cached_version = self._version
             return self._cached_list
 
     def device(self, device_id: str) -> dict[str, Any] | None:
         with self._lock:
             device = self._devices.get(device_id)
-            return None if device is None else json.loads(json.dumps(device.view()))
+            data = None if device is None else device.json()
+        view: dict[str, Any] | None = None if data is None else json.loads(data)
+        return view
 
     def __len__(self) -> int:
         with self._lock:
@@ -304,11 +500,9 @@ class Fleet:
             return self._waiter_count
 
 
-def _json_object(payload: bytes, limit: int) -> dict[str, Any] | None:
-    if len(payload) > limit:
-        return None
-    try:
-        value = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+def _cost(payload: bytes) -> int:
+    return min(max(len(payload), BUDGET_MIN_COST), MAX_STATE_BYTES + 1)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()

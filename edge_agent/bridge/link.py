@@ -92,6 +92,15 @@ class MqttLink:
                 "the message may still be delivered when the connection returns"
             )
 
+    def resync(self, topics: Sequence[str]) -> bool:
+        """Have the broker send the retained messages of ``topics`` again: subscribing
+        anew delivers them. For after the broker may have dropped messages to us."""
+        client = self._client
+        if client is None or not client.is_connected():
+            return False
+        result, _ = client.subscribe([(topic, 1) for topic in topics])
+        return result == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _handle_message(self, client: Client, message: MQTTMessage) -> None:
         try:
             topic = message.topic

@@ -1,158 +1,390 @@
-"""http.server glue: ThreadingHTTPServer, bounded connections, JSON errors everywhere.
+"""The bridge's HTTP server: strict framing, deadlines, bounded connections, JSON errors.
 
-One thread per connection (``ThreadingHTTPServer``): a request waiting for a slow
-device holds only its own thread, so it never blocks anyone else. The number of
-connections is bounded; past the bound a client gets an immediate 503.
+Standard library only (the device image stays small). One thread per connection: a
+request waiting for a slow device holds only its own thread. Requests are read by
+``wire.parse_head`` and answered by ``Api.handle``.
+
+What a client cannot do:
+
+- hold a connection without sending a whole request head: the head must arrive within
+  ``head_deadline_s`` in total (not per read), the next one on a kept-alive connection
+  within ``idle_s`` plus that; a body within ``body_deadline_s``; an answer must be
+  read within ``write_deadline_s``;
+- take more than ``max_client_connections`` connections from one address (an IPv6 /64);
+- take the last of ``max_connections``: when all are in use, the oldest connection that
+  is idle, still sending its head, or not authenticated is closed for the new one;
+  only when every connection is busy with an authenticated request is the answer 503;
+- send a body to an /api route without the token: 401 before the body is read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import ipaddress
 import logging
 import socket
+import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
-from edge_agent.bridge.api import MAX_BODY_BYTES, Api, Request, Response, error_response
+from edge_agent.bridge.api import (
+    MAX_BODY_BYTES,
+    SECURITY_HEADERS,
+    Api,
+    Request,
+    Response,
+    error_response,
+)
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.bridge.link import MqttLink
-from edge_agent.bridge.settings import BridgeSettings
+from edge_agent.bridge.settings import DEFAULT_CLIENT_CONNECTIONS, MAX_CONNECTIONS, BridgeSettings
+from edge_agent.bridge.wire import MAX_HEAD_BYTES, BadRequest, RequestHead, parse_head
 from edge_agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 512
-SOCKET_TIMEOUT_S = 30.0
-_BUSY_BODY = b'{"error":"too many connections; retry later"}'
-BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        b"Retry-After: 1\r\nConnection: close\r\n"
-        b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+SERVER_NAME = "edge-bridge"
+MAX_LEADING_EMPTY_LINES = 4  # tolerated before a request line (RFC 9112 section 2.2)
+FLUSH_INTERVAL_S = 0.25
 
 
-class BridgeHandler(BaseHTTPRequestHandler):
-    """Reads one request, hands it to ``Api``, writes the answer."""
+@dataclass(frozen=True)
+class ServerLimits:
+    """How many connections, and how long a client may take."""
 
-    server: BridgeServer
-    protocol_version = "HTTP/1.1"  # keep-alive
-    server_version = "edge-bridge"
-    timeout = SOCKET_TIMEOUT_S  # idle keep-alive and slow clients
+    max_connections: int = MAX_CONNECTIONS
+    max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
+    head_deadline_s: float = 10.0
+    idle_s: float = 15.0
+    body_deadline_s: float = 10.0
+    write_deadline_s: float = 60.0
 
-    def version_string(self) -> str:
-        return self.server_version
 
-    def __getattr__(self, name: str) -> Any:
-        """Every other method (QUERY, FOO, ...) reaches the API too: 405, not http.server's 501."""
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
+def client_key(host: str) -> str:
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one host
+    usually has a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
-    def _serve(self) -> None:
-        body = self._read_body()
+
+@dataclass(eq=False)
+class Slot:
+    """One accepted connection, as the server accounts for it."""
+
+    sock: socket.socket
+    address: Any
+    key: str
+    accepted: float
+    evictable: bool = True  # idle, reading a head, or not authenticated
+    since: float = 0.0  # when it last became evictable
+    closed: bool = False
+
+
+class ClientTimeout(Exception):
+    """The client did not send what it had to within its deadline."""
+
+
+class Connection:
+    """Reads requests off one socket and answers them, until either side closes."""
+
+    def __init__(self, server: BridgeServer, slot: Slot) -> None:
+        self.server = server
+        self.slot = slot
+        self.sock = slot.sock
+        self.limits = server.limits
+        self.buffer = bytearray()
+
+    def serve(self) -> None:
+        first = True
+        while True:
+            try:
+                head = self._read_head(first)
+            except ClientTimeout:
+                if self.buffer:  # a request had begun
+                    self._refuse(408, "request head not received in time")
+                return
+            except BadRequest as exc:
+                self._refuse(exc.status, exc.message)
+                return
+            if head is None:
+                return
+            first = False
+            if not self._answer(head) or not self.server.set_evictable(self.slot, True):
+                return
+
+    # -- one request ------------------------------------------------------------------
+    def _answer(self, head: RequestHead) -> bool:
+        """Answer one request; False when the connection must close afterwards."""
+        api = self.server.api
+        body_unread = head.content_length > 0
+        if Api.needs_token(head.target) and not api.authorized(head.headers):
+            # answered without reading the body: a client without the token cannot
+            # make the bridge wait for one
+            response = api.handle(Request(head.method, head.target, head.headers, b""))
+            self._send(head, response, close=body_unread or not head.keep_alive)
+            return head.keep_alive and not body_unread
+        if Api.needs_token(head.target) and not self.server.set_evictable(self.slot, False):
+            return False  # closed for a newer client meanwhile
+        if head.content_length > MAX_BODY_BYTES:
+            self._send(head, error_response(413, f"body larger than {MAX_BODY_BYTES} "
+                                                 "bytes"), close=True)
+            return False
+        if head.expect_continue and body_unread and len(self.buffer) < head.content_length:
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        try:
+            body = self._read_exact(head.content_length)
+        except ClientTimeout:
+            self._refuse(408, "request body not received in time")
+            return False
         if body is None:
-            return
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        request = Request(self.command, self.path, headers, body)
+            return False
+        request = Request(head.method, head.target, head.headers, body)
         try:
-            response = self.server.api.handle(request)
+            response = api.handle(request)
         except Exception:
-            log.exception("unhandled error for %s %s", self.command, self.path[:200])
+            log.exception("unhandled error for %s %s", head.method, head.target[:200])
             response = error_response(500, "internal error; see the bridge's log")
-        self._send(response)
+        log.debug("%s %s %s -> %d", self.slot.address[0], head.method, head.target[:200],
+                  response.status)
+        self._send(head, response, close=not head.keep_alive)
+        return head.keep_alive
 
-    def _read_body(self) -> bytes | None:
-        """The request body, or None after answering an unreadable one."""
-        if "transfer-encoding" in (k.lower() for k in self.headers):
-            self._refuse(411, "chunked bodies are not supported; send Content-Length")
-            return None
-        text = self.headers.get("Content-Length")
-        if text is None:
-            return b""
-        try:
-            length = int(text)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._refuse(400, "bad Content-Length")
-            return None
-        if length > MAX_BODY_BYTES:
-            self._refuse(413, f"body larger than {MAX_BODY_BYTES} bytes")
-            return None
-        body = self.rfile.read(length)
-        if len(body) != length:
-            self.close_connection = True
-            return None
+    # -- reading ----------------------------------------------------------------------
+    def _read_head(self, first: bool) -> RequestHead | None:
+        """The next request head; None when the client closed the connection between
+        requests. Raises ClientTimeout or BadRequest."""
+        now = time.monotonic()
+        if first:
+            deadline = self.slot.accepted + self.limits.head_deadline_s
+        else:
+            deadline = now + self.limits.idle_s  # until its first byte
+        begun = False
+        empty_lines = 0
+        while True:
+            while self.buffer.startswith(b"\r\n"):
+                del self.buffer[:2]
+                empty_lines += 1
+                if empty_lines > MAX_LEADING_EMPTY_LINES:
+                    raise BadRequest(400, "empty lines instead of a request line")
+            if self.buffer and not begun:
+                begun = True
+                if not first:
+                    deadline = time.monotonic() + self.limits.head_deadline_s
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                return parse_head(head)
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            if not self._receive(deadline):
+                if self.buffer.strip(b"\r\n"):
+                    log.debug("%s closed the connection within a request head",
+                              self.slot.address[0])
+                return None
+
+    def _read_exact(self, length: int) -> bytes | None:
+        """``length`` bytes of body; None when the client closed the connection."""
+        deadline = time.monotonic() + self.limits.body_deadline_s
+        while len(self.buffer) < length:
+            if not self._receive(deadline):
+                return None
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
         return body
 
-    def _refuse(self, status: int, message: str) -> None:
-        self.close_connection = True  # the unread body would poison the connection
-        response = error_response(status, message)
-        response.headers["Connection"] = "close"
-        self._send(response)
-
-    def _send(self, response: Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long, ...) as JSON."""
-        self.close_connection = True
-        body = json.dumps({"error": message or self.responses.get(code, ("error",))[0]}).encode()
+    def _receive(self, deadline: float) -> bool:
+        """Append what arrives before ``deadline``; False when the peer closed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClientTimeout
+        self.sock.settimeout(remaining)
         try:
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(body)
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise ClientTimeout from None
         except OSError:
-            pass
+            return False
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    # -- writing ----------------------------------------------------------------------
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer a request that cannot be read safely, then close."""
+        log.debug("%s: %d %s", self.slot.address[0], status, message)
+        response = error_response(status, message)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers.setdefault("Cache-Control", "no-store")
+        self._send(None, response, close=True)
+
+    def _send(self, head: RequestHead | None, response: Response, *, close: bool) -> None:
+        phrase = _phrase(response.status)
+        lines = [f"HTTP/1.1 {response.status} {phrase}",
+                 f"Server: {SERVER_NAME}",
+                 f"Date: {formatdate(usegmt=True)}",
+                 f"Content-Type: {response.content_type}",
+                 f"Content-Length: {len(response.body)}"]
+        lines += [f"{name}: {value}" for name, value in response.headers.items()
+                  if name.lower() not in ("connection", "content-length", "content-type")]
+        if close:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if head is None or head.method != "HEAD":
+            data += response.body
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Send everything within the write deadline, or give up on the client."""
+        deadline = time.monotonic() + self.limits.write_deadline_s
+        view = memoryview(data)
+        with contextlib.suppress(OSError):
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.sock.settimeout(remaining)
+                sent = self.sock.send(view)
+                view = view[sent:]
 
 
-class BridgeServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a bound on concurrent connections."""
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
-    daemon_threads = True
+
+def _busy(message: str) -> bytes:
+    body = ('{"error":"' + message + '"}').encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nServer: " + SERVER_NAME.encode()
+            + b"\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close"
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+BUSY = _busy("too many connections; retry later")
+BUSY_CLIENT = _busy("too many connections from your address; retry later")
+
+
+class BridgeServer(socketserver.TCPServer):
+    """Accepts connections and gives each a thread, within ``ServerLimits``."""
+
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(
-        self, address: tuple[str, int], api: Api, max_connections: int = MAX_CONNECTIONS
-    ) -> None:
+    def __init__(self, address: tuple[str, int], api: Api,
+                 limits: ServerLimits | None = None) -> None:
         self.api = api
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.limits = limits or ServerLimits()
+        self._lock = threading.Lock()
+        self._slots: set[Slot] = set()
+        self._per_client: dict[str, int] = {}
+        self._full_logged = False
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, BridgeHandler)
+        super().__init__(address, socketserver.BaseRequestHandler)
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._slots)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        slot, refusal = self._admit(request, client_address)
+        if slot is None:
+            with contextlib.suppress(OSError):
+                request.sendall(refusal)
+            self.shutdown_request(request)
+            return
+        thread = threading.Thread(target=self._serve, args=(slot,), daemon=True,
+                                  name="edge-bridge-http-conn")
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: as good as full
+            self._release(slot)
             with contextlib.suppress(OSError):
                 request.sendall(BUSY)
             self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _serve(self, slot: Slot) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            Connection(self, slot).serve()
+        except OSError:
+            log.debug("connection from %s ended with an error", slot.address, exc_info=True)
+        except Exception:
+            log.exception("connection from %s failed", slot.address)
         finally:
-            self._slots.release()
+            self._release(slot)
+            self.shutdown_request(slot.sock)
+
+    def _admit(self, sock: socket.socket, address: Any) -> tuple[Slot | None, bytes]:
+        key = client_key(str(address[0]))
+        now = time.monotonic()
+        with self._lock:
+            if self._per_client.get(key, 0) >= self.limits.max_client_connections:
+                return None, BUSY_CLIENT
+            if len(self._slots) >= self.limits.max_connections:
+                victims = [s for s in self._slots if s.evictable]
+                if not victims:
+                    if not self._full_logged:
+                        log.warning("all %d connections are busy with requests; answering "
+                                    "503 to new ones", self.limits.max_connections)
+                        self._full_logged = True
+                    return None, BUSY
+                self._close(min(victims, key=lambda s: s.since))
+            self._full_logged = False
+            slot = Slot(sock, address, key, accepted=now, since=now)
+            self._slots.add(slot)
+            self._per_client[key] = self._per_client.get(key, 0) + 1
+            return slot, b""
+
+    def set_evictable(self, slot: Slot, evictable: bool) -> bool:
+        """Mark a connection idle or busy; False when it was already closed."""
+        with self._lock:
+            if slot.closed:
+                return False
+            if evictable and not slot.evictable:
+                slot.since = time.monotonic()
+            slot.evictable = evictable
+            return True
+
+    def _close(self, slot: Slot) -> None:
+        """Stop counting a connection and make its thread's next read return (caller
+        holds the lock)."""
+        if slot.closed:
+            return
+        slot.closed = True
+        self._slots.discard(slot)
+        left = self._per_client.get(slot.key, 1) - 1
+        if left > 0:
+            self._per_client[slot.key] = left
+        else:
+            self._per_client.pop(slot.key, None)
+        with contextlib.suppress(OSError):
+            slot.sock.shutdown(socket.SHUT_RDWR)
+
+    def _release(self, slot: Slot) -> None:
+        with self._lock:
+            self._close(slot)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._lock:
+            for slot in list(self._slots):
+                self._close(slot)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -161,7 +393,7 @@ class BridgeServer(ThreadingHTTPServer):
 class Bridge:
     """Fleet registry + MQTT link + HTTP server, started and stopped together."""
 
-    def __init__(self, settings: BridgeSettings) -> None:
+    def __init__(self, settings: BridgeSettings, limits: ServerLimits | None = None) -> None:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.fleet = Fleet(self.topics)
@@ -172,8 +404,11 @@ class Bridge:
         )
         self.api = Api(settings.token, self.topics, self.fleet, self.link,
                        max_wait_s=settings.max_wait_s)
-        self.server = BridgeServer((settings.host, settings.port), self.api)
-        self._thread: threading.Thread | None = None
+        if limits is None:
+            limits = ServerLimits(max_client_connections=settings.max_client_connections)
+        self.server = BridgeServer((settings.host, settings.port), self.api, limits)
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
 
     @property
     def port(self) -> int:
@@ -191,14 +426,29 @@ class Bridge:
 
     def start(self) -> None:
         self.link.start()
-        self._thread = threading.Thread(target=self.server.serve_forever, name="edge-bridge-http",
-                                        kwargs={"poll_interval": 0.2}, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self.server.serve_forever, name="edge-bridge-http",
+                             kwargs={"poll_interval": 0.2}, daemon=True),
+            threading.Thread(target=self._flush, name="edge-bridge-fleet", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         log.info("edge-bridge listening on %s", self.url)
 
+    def _flush(self) -> None:
+        """Show throttled devices' latest states once their budget allows; after a
+        flood, fetch the retained states again in case the broker dropped some."""
+        while not self._stop.wait(FLUSH_INTERVAL_S):
+            self.fleet.flush_pending()
+            if self.fleet.resync_due():
+                log.info("a device flooded; fetching every device's retained state again")
+                self.link.resync([self.topics.all_states, self.topics.all_availability])
+
     def stop(self) -> None:
+        self._stop.set()
         self.server.shutdown()
         self.server.server_close()
         self.link.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_WAIT_S = 300.0
+DEFAULT_CLIENT_CONNECTIONS = 32
+MAX_CONNECTIONS = 512
 MAX_TOKEN_CHARS = 4096
 SHORT_TOKEN_CHARS = 16
 
@@ -26,6 +28,9 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("BRIDGE_HOST", DEFAULT_HOST, "address to listen on (0.0.0.0 in a container)"),
     ("BRIDGE_PORT", str(DEFAULT_PORT), "TCP port to listen on (0 = any free port)"),
     ("BRIDGE_MAX_WAIT", f"{DEFAULT_MAX_WAIT_S:g}", "largest ?wait= in seconds a client may ask"),
+    ("BRIDGE_CLIENT_CONNECTIONS", str(DEFAULT_CLIENT_CONNECTIONS),
+     f"connections one client address may hold (of {MAX_CONNECTIONS}); raise it behind a "
+     "proxy"),
     ("MQTT_HOST ...", "", "MQTT_* broker settings, exactly as for edge-agent (MQTT_HOST required)"),
     ("LOG_LEVEL / LOG_FORMAT", "INFO / text", "as for edge-agent"),
 )
@@ -42,6 +47,7 @@ class BridgeSettings:
     mqtt: MqttSettings
     log_level: str
     log_format: str
+    max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
@@ -56,6 +62,8 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     port = parse_int(env, "BRIDGE_PORT", DEFAULT_PORT, minimum=0, maximum=65535)
     max_wait = parse_number(env, "BRIDGE_MAX_WAIT", DEFAULT_MAX_WAIT_S, minimum=0.1,
                             maximum=3600.0)
+    client_connections = parse_int(env, "BRIDGE_CLIENT_CONNECTIONS", DEFAULT_CLIENT_CONNECTIONS,
+                                   minimum=1, maximum=MAX_CONNECTIONS)
     mqtt = load_mqtt_settings(env)
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -63,7 +71,8 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     log_format = (env.get("LOG_FORMAT") or "text").strip().lower()
     if log_format not in ("text", "json"):
         raise ConfigError("LOG_FORMAT: must be text or json")
-    return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format)
+    return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format,
+                          client_connections)
 
 
 def _token(env: dict[str, str]) -> str:

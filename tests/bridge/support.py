@@ -15,16 +15,18 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import requests
 from paho.mqtt.client import Client, MQTTMessage
 
-from edge_agent.bridge.server import Bridge
+from edge_agent.bridge.api import openapi_document
+from edge_agent.bridge.server import Bridge, ServerLimits
 from edge_agent.bridge.settings import BridgeSettings
 from edge_agent.errors import TagError
 from edge_agent.mqtt import connect_client, disconnect_client
@@ -60,12 +62,14 @@ def add_simulator_user(broker: Broker, name: str = "simulator") -> str:
 
 @contextmanager
 def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",
-                   max_wait_s: float = 120.0, token: str = TOKEN) -> Iterator[Bridge]:
-    """An in-process bridge on a free port, connected to ``broker`` as ``user``."""
+                   max_wait_s: float = 120.0, token: str = TOKEN,
+                   limits: ServerLimits | None = None) -> Iterator[Bridge]:
+    """An in-process bridge on a free port, connected to ``broker`` as ``user``; the
+    HTTP server's ``limits`` are the shipped ones unless given."""
     settings = BridgeSettings(token=token, host="127.0.0.1", port=0, max_wait_s=max_wait_s,
                               mqtt=broker.settings(user, prefix=prefix), log_level="INFO",
                               log_format="text")
-    bridge = Bridge(settings)
+    bridge = Bridge(settings, limits)
     bridge.start()
     try:
         wait_until(lambda: bridge.link.connected, timeout=10, message="bridge connected")
@@ -220,3 +224,94 @@ def spawn_agent(broker: Broker, prefix: str, device_id: str, repo: str, tag: str
         proc = subprocess.Popen([sys.executable, "-m", "edge_agent"], env=env, cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return AgentProcess(device_id, repo, data_dir, app_port, proc, log_path)
+
+
+# -- what a compromised device may publish ---------------------------------------------
+HTML = ('<img src=x onerror="document.title=\'pwned\'">'
+        '<script>document.title="pwned"</script>"\'><b>bold</b>')
+
+
+def hostile_states() -> dict[str, bytes]:
+    """Retained state payloads of a compromised device, by a name usable in a device id:
+    out-of-range timestamps, deep and huge JSON, wrong types in every field, numbers JSON
+    cannot carry, bytes that are not UTF-8, lone surrogates and markup."""
+    good = state_document("x", "1.0")
+    wrong_types = {
+        "device_id": 7, "agent_version": [], "ts": {"a": 1}, "image": None, "desired": "x",
+        "running": {"tag": {"x": 1}, "digest": 5, "container_id": [], "status": 3,
+                    "health": True, "started_at": 1, "restart_count": "many"},
+        "fallback": {"active": "yes", "requested_tag": 1, "reason": []},
+        "update": {"status": ["idle"], "progress": "50", "last_check_at": 3,
+                   "last_success_at": {}, "last_error": {"a": 1}},
+        "installed_version": 2.0, "latest_version": True, "in_progress": "no",
+        "update_percentage": "1", "extra": {"nested": [1, 2, 3]},
+    }
+    markup = json.loads(json.dumps(good).replace('"1.0"', json.dumps(HTML)))
+    markup["update"]["status"] = "idle x-evil"
+    markup["running"]["health"] = HTML
+    markup["running"]["status"] = "running\" onmouseover=\"x"
+    markup["update"]["last_error"] = HTML
+    markup["device_id"] = HTML
+    return {
+        "ts-future": json.dumps({**good, "ts": "9999-12-31T23:59:59-23:59"}).encode(),
+        "ts-year-one": json.dumps({**good, "ts": "0001-01-01T00:00:00+14:00"}).encode(),
+        "ts-naive-max": json.dumps({**good, "ts": "9999-12-31T23:59:59.999999"}).encode(),
+        "deep": b'{"desired":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        "huge": json.dumps({**good, "image": "x" * 1_000_000}).encode(),
+        "types": json.dumps(wrong_types).encode(),
+        "numbers": (b'{"update": {"status": "pulling", "progress": 1e999}, '
+                    b'"update_percentage": -1e999, "running": {"restart_count": 1'
+                    + b"0" * 4000 + b"}}"),
+        "nan": b'{"update": {"status": "pulling", "progress": NaN}, "in_progress": true}',
+        "not-utf8": b'{"image": "\xff\xfe\xfd", "ts": "2024-01-01T00:00:00Z"}',
+        "surrogates": b'{"image": "\\ud800", "update": {"last_error": "\\udfff x"}}',
+        "markup": json.dumps(markup).encode(),
+        "not-object": b'["a", 1]',
+    }
+
+
+def hostile_events() -> list[bytes]:
+    """Event payloads of a compromised device."""
+    return [
+        json.dumps({"event": "rolled_back", "ts": "9999-12-31T23:59:59-23:59",
+                    "reason": HTML, "request_id": HTML}).encode(),
+        json.dumps({"event": {"x": 1}, "ts": 5, "tag": [], "error": {"a": 1}}).encode(),
+        json.dumps({"event": HTML, "ts": "0001-01-01T00:00:00+14:00"}).encode(),
+        b'{"event": "x", "reason": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        b'{"event": "update_failed", "error": "\\ud800", "tag": 1e999}',
+        b"\xff\xfe{}",
+        json.dumps({"event": "rolled_back", "reason": "r" * 1_000_000}).encode(),
+    ]
+
+
+def strict_json(text: str | bytes) -> Any:
+    """JSON as a browser's JSON.parse reads it: NaN and Infinity are errors."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def _openapi_to_json_schema(node: Any) -> Any:
+    """OpenAPI 3.0 schemas as JSON Schema: ``nullable: true`` becomes a null type."""
+    if isinstance(node, list):
+        return [_openapi_to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _openapi_to_json_schema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable"):
+        if "$ref" in out:
+            out = {"anyOf": [{"$ref": out.pop("$ref")}, {"type": "null"}], **out}
+        elif "type" in out:
+            out["type"] = [out["type"], "null"]
+            if "enum" in out:
+                out["enum"] = [*out["enum"], None]
+    return out
+
+
+def schema_validator(name: str) -> Callable[[Any], None]:
+    """Raises jsonschema.ValidationError unless a value fits the bridge's own OpenAPI
+    schema ``name`` (components/schemas)."""
+    schemas = _openapi_to_json_schema(openapi_document(300.0)["components"]["schemas"])
+    validator = jsonschema.Draft202012Validator(
+        {"components": {"schemas": schemas}, "$ref": f"#/components/schemas/{name}"})
+    return validator.validate

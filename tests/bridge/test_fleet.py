@@ -71,11 +71,11 @@ def test_cleared_retained_topics_forget_the_device() -> None:
 def test_last_event_is_kept_without_pull_progress() -> None:
     fleet = Fleet(T)
     send(fleet, "a", "availability", b"online")
-    send(fleet, "a", "events", {"event": "rolled_back", "ts": "t", "reason": "unhealthy",
-                                "digest": "sha256:x"})
+    send(fleet, "a", "events", {"event": "rolled_back", "ts": "2024-05-01T12:00:00.000Z",
+                                "reason": "unhealthy", "digest": "sha256:x"})
     send(fleet, "a", "events", {"event": "pull_progress", "progress": 50})
     assert fleet.device("a")["last_event"] == {  # type: ignore[index]
-        "event": "rolled_back", "ts": "t", "reason": "unhealthy"}
+        "event": "rolled_back", "ts": "2024-05-01T12:00:00.000Z", "reason": "unhealthy"}
 
 
 def test_registry_is_bounded() -> None:
@@ -199,3 +199,109 @@ def test_installed_tag_with_a_stopped_container_is_a_200() -> None:
     send(fleet, "dev1", "state", state(running={"status": "exited"}))
     answer = waiter.wait(0)
     assert answer is not None and answer.ok and answer.outcome == "not_running"
+
+
+# -- device data is untrusted ----------------------------------------------------------
+class Clock:
+    """Wall clock and monotonic clock for a Fleet, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def wall(self) -> float:
+        return self.now
+
+    def mono(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("ts", ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+14:00",
+                                "9999-12-31T23:59:59.999999", "2100-01-01T00:00:00Z"])
+def test_an_impossible_ts_never_breaks_the_list_and_a_good_state_replaces_it(ts: str) -> None:
+    clock = Clock()
+    fleet = Fleet(T, clock=clock.wall, monotonic=clock.mono)
+    send(fleet, "good", "state", state(device_id="good"), retained=True)
+    send(fleet, "bad", "state", state(device_id="bad", ts=ts), retained=True)
+    devices = json.loads(fleet.list_json())
+    assert [d["id"] for d in devices] == ["bad", "good"]
+    assert devices[0]["last_seen"] is None  # an impossible ts says nothing
+    assert devices[1]["last_seen"] == "2024-05-01T12:00:00.000Z"
+    # a date beyond what the bridge can show is left out; 2100 is a date, just not now
+    assert ("ts" in devices[0]["state"]) == ts.startswith("2100")
+    good = state(device_id="bad", ts="2027-01-15T08:00:00.000Z")
+    send(fleet, "bad", "state", good)
+    assert fleet.device("bad") == {**devices[0], "state": good,
+                                   "last_seen": "2027-01-15T08:00:00.000Z"}
+
+
+def test_an_invalid_state_replaces_the_shown_one_with_none() -> None:
+    fleet = Fleet(T)
+    send(fleet, "a", "availability", b"online")
+    send(fleet, "a", "state", state())
+    send(fleet, "a", "state", b"[" * 100)
+    assert fleet.device("a")["state"] is None  # type: ignore[index]
+
+
+def test_bad_data_is_logged_once_per_device_until_it_is_good_again(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet(T)
+    for _ in range(5):
+        send(fleet, "a", "state", b"\xff")
+        send(fleet, "a", "availability", b"maybe")
+    assert len(caplog.records) == 2
+    send(fleet, "a", "state", state())
+    send(fleet, "a", "state", b"\xff")
+    assert len(caplog.records) == 3
+
+
+def test_device_ids_outside_the_id_grammar_are_ignored() -> None:
+    fleet = Fleet(T)
+    for device in ("-x", "a b", "x" * 65, "ü", "<b>"):
+        fleet.handle(f"edge/devices/{device}/availability", b"online")
+    assert len(fleet) == 0
+
+
+def test_a_flooding_device_is_throttled_its_latest_state_shown_others_untouched(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    fleet = Fleet(T, clock=clock.wall, monotonic=clock.mono)
+    big = state(update={"last_error": "e" * 1500})
+    for i in range(2000):
+        send(fleet, "noisy", "state", {**big, "latest_version": str(i)})
+        send(fleet, "noisy", "events", {"event": "rolled_back", "reason": str(i)})
+    send(fleet, "calm", "state", state(device_id="calm"))
+    assert fleet.device("calm")["state"] == state(device_id="calm")  # type: ignore[index]
+    shown = fleet.device("noisy")
+    assert shown is not None and shown["state"]["latest_version"] != "1999"
+    # once the budget allows again, the latest state is shown, not a backlog
+    clock.now += 1
+    fleet.flush_pending()
+    shown = fleet.device("noisy")
+    assert shown is not None and shown["state"]["latest_version"] == "1999"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "noisy" in warnings[0].getMessage()
+    # then a resync of retained states, once the flood has been over for a while
+    assert not fleet.resync_due()
+    clock.now += 3
+    assert fleet.resync_due() and not fleet.resync_due()
+    # and a device that slowed down is back to normal
+    clock.now += 10
+    send(fleet, "noisy", "events", {"event": "rolled_back", "reason": "last"})
+    assert fleet.device("noisy")["last_event"]["reason"] == "last"  # type: ignore[index]
+
+
+def test_an_ordinary_update_is_within_the_budget() -> None:
+    """An agent pulling an image: ~100 progress events and states in a second."""
+    fleet = Fleet(T, monotonic=lambda: 0.0)
+    send(fleet, "a", "availability", b"online")
+    for percent in range(100):
+        send(fleet, "a", "events", {"event": "pull_progress", "progress": percent})
+        send(fleet, "a", "state", state(update={"status": "pulling", "progress": percent}))
+    send(fleet, "a", "events", {"event": "update_succeeded", "tag": "2.0"})
+    send(fleet, "a", "state", state())
+    shown = fleet.device("a")
+    assert shown is not None and shown["state"] == state()
+    assert shown["last_event"] == {"event": "update_succeeded", "tag": "2.0"}
+    assert not fleet.resync_due()

@@ -15,6 +15,9 @@ BASE = {"MQTT_HOST": "broker.local", "BRIDGE_TOKEN": "a-long-enough-token-123"}
 def test_defaults() -> None:
     settings = load_bridge_settings(BASE)
     assert (settings.host, settings.port, settings.max_wait_s) == ("127.0.0.1", 8080, 300.0)
+    assert settings.max_client_connections == 32
+    assert load_bridge_settings({**BASE, "BRIDGE_CLIENT_CONNECTIONS": "200"}
+                                ).max_client_connections == 200
     assert settings.mqtt.host == "broker.local" and settings.mqtt.topic_prefix == "edge"
     assert "a-long-enough-token-123" not in repr(settings)
 
@@ -36,6 +39,8 @@ def test_token_file_is_read_and_stripped(tmp_path: Path) -> None:
     ({**BASE, "BRIDGE_PORT": "70000"}, "BRIDGE_PORT"),
     ({**BASE, "BRIDGE_MAX_WAIT": "0"}, "BRIDGE_MAX_WAIT"),
     ({**BASE, "BRIDGE_MAX_WAIT": "nan"}, "BRIDGE_MAX_WAIT"),
+    ({**BASE, "BRIDGE_CLIENT_CONNECTIONS": "0"}, "BRIDGE_CLIENT_CONNECTIONS"),
+    ({**BASE, "BRIDGE_CLIENT_CONNECTIONS": "513"}, "BRIDGE_CLIENT_CONNECTIONS"),
     ({"BRIDGE_TOKEN": "t"}, "MQTT_HOST"),
     ({**BASE, "MQTT_PORT": "0"}, "MQTT_PORT"),
     ({**BASE, "LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),

@@ -1,10 +1,28 @@
 // edge fleet page: polls GET /api/v1/devices every 2 s and renders a table.
-// Plain DOM (textContent only: device data is never parsed as HTML).
+// Plain DOM (textContent only: device data is never parsed as HTML). Device data is
+// untrusted: CSS classes come from the fixed lists below, never from a device's strings.
 "use strict";
 
 const REFRESH_MS = 2000;
 const WAIT_S = 120;
 const TOKEN_KEY = "edge-bridge-token";
+const NEUTRAL = "neutral";
+// value a device reports -> class; anything else gets NEUTRAL
+const AVAILABILITY_CLASS = new Map([["online", "online"], ["offline", "offline"],
+                                    ["unknown", "unknown"]]);
+const STATUS_CLASS = new Map(["idle", "checking", "available", "pulling", "installing",
+                              "verifying", "rolling_back", "error"].map((s) => [s, s]));
+const HEALTH_CLASS = new Map(["healthy", "unhealthy", "starting", "running", "created",
+                              "restarting", "paused", "exited", "dead", "removing",
+                              "missing", "unknown"].map((s) => [s, s]));
+
+function classFor(map, value) {
+  return typeof value === "string" && map.has(value) ? map.get(value) : NEUTRAL;
+}
+
+function text(value, fallback) {
+  return typeof value === "string" || typeof value === "number" ? String(value) : fallback;
+}
 
 const $ = (id) => document.getElementById(id);
 
@@ -61,65 +79,88 @@ function cell(row, field, text, className, title) {
   return td;
 }
 
+function object(value) {
+  return value !== null && typeof value === "object" && !Array.isArray(value) ? value : {};
+}
+
 function renderDevice(device) {
-  const state = device.state || {};
-  const desired = state.desired || {};
-  const running = state.running || {};
-  const update = state.update || {};
-  const fallback = state.fallback || {};
+  const state = object(device.state);
+  const desired = object(state.desired);
+  const running = object(state.running);
+  const update = object(state.update);
+  const fallback = object(state.fallback);
   const row = el("tr");
-  row.dataset.device = device.id;
+  row.dataset.device = text(device.id, "");
   if (device.availability === "offline") row.className = "is-offline";
 
-  cell(row, "id", device.id, "mono", state.image || "");
+  cell(row, "id", text(device.id, "?"), "mono", text(state.image, ""));
   const avail = cell(row, "availability", "");
-  avail.appendChild(el("span", device.availability, "badge " + device.availability));
+  avail.appendChild(el("span", text(device.availability, "unknown"),
+                       "badge " + classFor(AVAILABILITY_CLASS, device.availability)));
 
-  cell(row, "running", state.installed_version || running.tag || "-", "mono",
-       running.digest || "");
-  let desiredText = desired.tag || "-";
+  cell(row, "running", text(state.installed_version, text(running.tag, "-")), "mono",
+       text(running.digest, ""));
+  let desiredText = text(desired.tag, "-");
   if (desired.source) {
-    desiredText += " (" + desired.source + (desired.group ? " " + desired.group : "") + ")";
+    desiredText += " (" + text(desired.source, "?") +
+      (desired.group ? " " + text(desired.group, "?") : "") + ")";
   }
-  cell(row, "desired", desiredText, "mono", desired.request_id ? "request " + desired.request_id : "");
+  cell(row, "desired", desiredText, "mono",
+       desired.request_id ? "request " + text(desired.request_id, "?") : "");
 
-  const status = update.status || "unknown";
-  const upd = cell(row, "update", "", "", update.last_error || "");
-  upd.appendChild(el("span", status, status));
-  if (typeof update.progress === "number") {
+  const status = text(update.status, "unknown");
+  const lastError = text(update.last_error, "");
+  const upd = cell(row, "update", "", "", lastError);
+  upd.appendChild(el("span", status, update.status ? classFor(STATUS_CLASS, status) : "unknown"));
+  const progress = update.progress;
+  if (typeof progress === "number" && isFinite(progress)) {
     const bar = el("progress");
     bar.max = 100;
-    bar.value = update.progress;
+    bar.value = Math.min(Math.max(progress, 0), 100);
     upd.appendChild(document.createTextNode(" "));
     upd.appendChild(bar);
-    upd.appendChild(el("span", " " + Math.round(update.progress) + "%", "muted"));
+    upd.appendChild(el("span", " " + Math.round(bar.value) + "%", "muted"));
   }
-  if (update.last_error) upd.appendChild(el("div", update.last_error, "muted"));
+  if (lastError) upd.appendChild(el("div", lastError, "muted"));
 
-  const health = running.health || running.status || "unknown";
-  cell(row, "health", health, health);
-  cell(row, "fallback", fallback.active ? "yes: wanted " + (fallback.requested_tag || "?") : "no",
-       fallback.active ? "warn" : "", fallback.reason || "");
-  cell(row, "last_seen", ago(device.last_seen), "", device.last_seen || "");
-  const ev = device.last_event;
-  cell(row, "last_event", ev ? ev.event + (ev.reason ? ": " + ev.reason : "") : "-",
-       ev && ev.event !== "update_succeeded" ? "muted" : "", ev ? ev.ts || "" : "");
+  const health = running.health || running.status;
+  cell(row, "health", text(health, "unknown"), health ? classFor(HEALTH_CLASS, health) : "unknown");
+  cell(row, "fallback",
+       fallback.active === true ? "yes: wanted " + text(fallback.requested_tag, "?") : "no",
+       fallback.active === true ? "warn" : "", text(fallback.reason, ""));
+  const lastSeen = text(device.last_seen, "");
+  cell(row, "last_seen", ago(lastSeen), "", lastSeen);
+  const ev = device.last_event ? object(device.last_event) : null;
+  cell(row, "last_event",
+       ev ? text(ev.event, "?") + (ev.reason ? ": " + text(ev.reason, "?") : "") : "-",
+       ev && ev.event !== "update_succeeded" ? "muted" : "", ev ? text(ev.ts, "") : "");
   return row;
 }
 
+// one device that cannot be shown must not take the others with it
+function renderRow(device) {
+  try {
+    return renderDevice(object(device));
+  } catch (e) {
+    const row = el("tr");
+    cell(row, "id", "a device could not be shown: " + e, "muted");
+    return row;
+  }
+}
+
 function render(data) {
-  const devices = data.devices || [];
+  const devices = Array.isArray(data.devices) ? data.devices : [];
   const tbody = document.querySelector("#devices tbody");
-  const rows = devices.map(renderDevice);
+  const rows = devices.map(renderRow);
   tbody.replaceChildren(...rows);
   $("empty").hidden = devices.length > 0;
-  const online = devices.filter((d) => d.availability === "online").length;
+  const online = devices.filter((d) => d && d.availability === "online").length;
   $("summary").textContent = devices.length + " devices, " + online + " online";
   const broker = $("broker");
   broker.textContent = "broker: " + (data.broker_connected ? "connected" : "disconnected");
   broker.className = "badge " + (data.broker_connected ? "ok" : "bad");
   const list = $("device-ids");
-  list.replaceChildren(...devices.map((d) => { const o = el("option"); o.value = d.id; return o; }));
+  list.replaceChildren(...devices.map((d) => { const o = el("option"); o.value = text(d.id, ""); return o; }));
   $("refreshed").textContent = "updated " + new Date().toLocaleTimeString();
 }
 

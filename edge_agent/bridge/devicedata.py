@@ -1,0 +1,237 @@
+"""What the bridge keeps of a device's state and events: every field checked once, when
+the message arrives. Pure: no I/O, no locks.
+
+A device (or whoever holds its broker credentials) may publish anything on its own
+topics. Everything the bridge serves from it goes through here: a field of the wrong
+type, out of range or not in its fixed list is left out; text is bounded and
+cleaned of control characters and lone surrogates; timestamps must be real ones.
+So the bridge's answers always fit its OpenAPI schema, one device's data can never
+break the device list, and a later good state replaces a bad one entirely.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from edge_agent.tags import DIGEST_RE, TAG_RE, is_request_id
+from edge_agent.topics import ID_RE
+
+# Timestamps the bridge accepts: RFC 3339 date-times with an offset (the agent writes
+# 2024-05-01T12:00:00.000Z), from 1970 to 9000: far from datetime's year-1/9999 edges,
+# where the offset arithmetic overflows.
+RFC3339_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+                        r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+MIN_EPOCH = 0.0
+MAX_EPOCH = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
+# A device clock this far ahead of the bridge's is wrong; its ts says nothing.
+MAX_CLOCK_AHEAD_S = 300.0
+
+SHORT_TEXT = 256  # names, versions, ids
+LONG_TEXT = 2000  # error messages and reasons
+TRUNCATED = "…"
+
+UPDATE_STATUSES = frozenset({"idle", "checking", "available", "pulling", "installing",
+                             "verifying", "rolling_back", "error"})
+# Docker's container states, and the agent's "missing"/"unknown"
+CONTAINER_STATUSES = frozenset({"created", "restarting", "running", "removing", "paused",
+                                "exited", "dead", "missing", "unknown"})
+HEALTH_STATUSES = frozenset({"starting", "healthy", "unhealthy", "none"})
+DESIRED_SOURCES = frozenset({"device", "group", "fleet", "file", "image", "fallback_tag"})
+EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+# C0 and C1 controls except tab and newline, and the bidirectional overrides and isolates
+# that can make text read differently from what it is
+_UNSAFE_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+                           "\ud800-\udfff]")
+
+Check = Callable[[Any], Any]
+_ABSENT = object()
+
+
+def iso_utc(epoch: float) -> str:
+    """``2024-05-01T12:00:00.000Z`` (the agent's format)."""
+    return (datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"))
+
+
+def parse_ts(value: object) -> float | None:
+    """An RFC 3339 timestamp as epoch seconds, or None when it is not one the bridge can
+    show (not a string, not RFC 3339, before 1970 or after 9000). Never raises."""
+    if not isinstance(value, str) or not RFC3339_RE.fullmatch(value):
+        return None
+    try:
+        epoch = datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, TypeError):
+        return None
+    if not MIN_EPOCH <= epoch <= MAX_EPOCH:
+        return None
+    return epoch
+
+
+def seen_at(value: object, now: float) -> float | None:
+    """When a retained message was published, from its ``ts``: None for no usable ts or
+    one from a clock too far ahead; a little ahead counts as now."""
+    epoch = parse_ts(value)
+    if epoch is None or epoch > now + MAX_CLOCK_AHEAD_S:
+        return None
+    return min(epoch, now)
+
+
+def clean_text(value: object, limit: int = SHORT_TEXT) -> str | None:
+    """A string made safe to show anywhere: control characters, bidirectional overrides
+    and lone surrogates become U+FFFD, and it is cut to ``limit`` characters."""
+    if not isinstance(value, str):
+        return None
+    text = _UNSAFE_CHARS.sub("\ufffd", value[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 1] + TRUNCATED
+
+
+# -- field checks: the value, or _ABSENT to leave the field out -----------------------
+def _text(limit: int) -> Check:
+    def check(value: Any) -> Any:
+        text = clean_text(value, limit)
+        return _ABSENT if text is None else text
+    return check
+
+
+def _nullable(check: Check) -> Check:
+    return lambda value: None if value is None else check(value)
+
+
+def _pattern(regex: re.Pattern[str], *more: re.Pattern[str]) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and any(r.fullmatch(value) for r in (regex, *more)):
+            return value
+        return _ABSENT
+    return check
+
+
+def _one_of(values: frozenset[str]) -> Check:
+    return lambda value: value if isinstance(value, str) and value in values else _ABSENT
+
+
+def _request_id(value: Any) -> Any:
+    return value if is_request_id(value) else _ABSENT
+
+
+def _timestamp(value: Any) -> Any:
+    return value if parse_ts(value) is not None else _ABSENT
+
+
+def _bool(value: Any) -> Any:
+    return value if isinstance(value, bool) else _ABSENT
+
+
+def _number(low: float, high: float) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return _ABSENT
+        # compared as they are: math.isfinite() of a huge int raises OverflowError
+        if isinstance(value, float) and not math.isfinite(value):
+            return _ABSENT
+        return value if low <= value <= high else _ABSENT
+    return check
+
+
+def _count(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        return _ABSENT
+    return value
+
+
+def _object(fields: Mapping[str, Check]) -> Check:
+    def check(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return _ABSENT
+        out = {}
+        for key, field_check in fields.items():
+            if key in value:
+                cleaned = field_check(value[key])
+                if cleaned is not _ABSENT:
+                    out[key] = cleaned
+        return out
+    return check
+
+
+TAG = _pattern(TAG_RE, DIGEST_RE)
+PERCENT = _number(0.0, 100.0)
+
+# The agent's state document, field by field (docs/MQTT.md; openapi.json DeviceState)
+STATE_FIELDS: dict[str, Check] = {
+    "device_id": _pattern(ID_RE),
+    "agent_version": _text(64),
+    "ts": _timestamp,
+    "image": _text(SHORT_TEXT),
+    "desired": _object({
+        "tag": _nullable(TAG),
+        "source": _nullable(_one_of(DESIRED_SOURCES)),
+        "group": _nullable(_pattern(ID_RE)),
+        "request_id": _nullable(_request_id),
+    }),
+    "running": _object({
+        "tag": _nullable(TAG),
+        "digest": _nullable(_pattern(DIGEST_RE)),
+        "container_id": _nullable(_pattern(re.compile(r"^[0-9a-f]{1,64}$"))),
+        "status": _nullable(_one_of(CONTAINER_STATUSES)),
+        "health": _nullable(_one_of(HEALTH_STATUSES)),
+        "started_at": _nullable(_timestamp),
+        "restart_count": _nullable(_count),
+    }),
+    "fallback": _object({
+        "active": _bool,
+        "requested_tag": _nullable(TAG),
+        "reason": _nullable(_text(LONG_TEXT)),
+    }),
+    "update": _object({
+        "status": _one_of(UPDATE_STATUSES),
+        "progress": _nullable(PERCENT),
+        "last_check_at": _nullable(_timestamp),
+        "last_success_at": _nullable(_timestamp),
+        "last_error": _nullable(_text(LONG_TEXT)),
+    }),
+    "installed_version": _nullable(TAG),
+    "latest_version": _nullable(TAG),
+    "in_progress": _bool,
+    "update_percentage": _nullable(PERCENT),
+}
+_STATE = _object(STATE_FIELDS)
+
+# the event fields worth showing on the fleet page, in this order
+EVENT_FIELDS: dict[str, Check] = {
+    "event": _pattern(EVENT_NAME_RE),
+    "ts": _timestamp,
+    "request_id": _request_id,
+    "tag": _nullable(TAG),
+    "reason": _nullable(_text(LONG_TEXT)),
+    "error": _nullable(_text(LONG_TEXT)),
+}
+_EVENT = _object(EVENT_FIELDS)
+
+
+def clean_state(document: dict[str, Any]) -> dict[str, Any]:
+    """The state document with only the fields the bridge knows, each valid; the agent's
+    own documents come out unchanged."""
+    cleaned: dict[str, Any] = _STATE(document)
+    return cleaned
+
+
+def clean_event(event: dict[str, Any]) -> dict[str, Any] | None:
+    """An event's summary fields, each valid; None when it names no valid event."""
+    cleaned: dict[str, Any] = _EVENT(event)
+    return cleaned if "event" in cleaned else None
+
+
+def dropped_fields(raw: dict[str, Any], cleaned: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields of ``raw`` that cleaning left out, as dotted paths (for the log)."""
+    out: list[str] = []
+    for key, value in raw.items():
+        path = f"{prefix}{clean_text(key, 40)}"
+        if key not in cleaned:
+            out.append(path)
+        elif isinstance(value, dict) and isinstance(cleaned[key], dict):
+            out += dropped_fields(value, cleaned[key], path + ".")
+    return out

@@ -1,0 +1,111 @@
+"""The fleet page in headless Chromium (Debian's chromium + chromedriver, selenium) with a
+device that publishes markup and made-up CSS class names: real bridge, real Mosquitto.
+
+Device strings are always text, and class names come from the page's fixed lists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.topics import Topics
+from tests.bridge.support import (
+    HTML,
+    TOKEN,
+    hostile_states,
+    running_bridge,
+    state_document,
+    unique_prefix,
+)
+from tests.support.broker import Broker, MqttWatcher
+
+pytestmark = pytest.mark.broker
+
+# every class the page may give an element (app.js and style.css)
+ALLOWED_CLASSES = {
+    "mono", "badge", "muted", "warn", "ok", "bad", "is-offline", "neutral",
+    "online", "offline", "unknown",
+    "idle", "checking", "available", "pulling", "installing", "verifying", "rolling_back",
+    "error", "healthy", "unhealthy", "starting", "running", "created", "restarting",
+    "paused", "exited", "dead", "removing", "missing",
+}
+CLASSES_JS = ("return Array.from(arguments[0].querySelectorAll('[class]'))"
+              ".concat([arguments[0]]).map((e) => e.getAttribute('class') || '')")
+
+
+@pytest.fixture
+def publisher(broker: Broker) -> Iterator[tuple[MqttWatcher, Topics]]:
+    prefix = unique_prefix()
+    client = MqttWatcher(broker.settings("simulator", prefix=prefix), []).start()
+    yield client, Topics(prefix)
+    client.close()
+
+
+def class_tokens(values: list[str]) -> set[str]:
+    return {token for value in values for token in value.split()}
+
+
+def test_hostile_device_strings_render_as_text_with_fixed_classes(
+    broker: Broker, publisher: tuple[MqttWatcher, Topics], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By  # noqa: PLC0415 - needs selenium
+
+    from tests.bridge.browser import FleetPage, chromium  # noqa: PLC0415 - needs selenium
+
+    client, topics = publisher
+    good = state_document("good", "1.0")
+    markup = hostile_states()["markup"]
+    for device_id, payload in (("good", json.dumps(good).encode()), ("evil", markup)):
+        client.publish(topics.availability(device_id), b"online", retain=True)
+        client.publish(topics.state(device_id), payload, retain=True)
+    with running_bridge(broker, topics.prefix) as bridge, chromium(tmp_path / "p") as driver:
+        client.publish(topics.events("evil"), json.dumps(
+            {"event": "rolled_back", "reason": HTML, "ts": HTML}).encode())
+        page = FleetPage(driver, bridge.url)
+        page.open()
+        page.enter_token(TOKEN)
+        page.wait_for_row("good")
+        page.wait_for_row("evil")
+        page.wait_for_cell("evil", "last_event", f"rolled_back: {HTML}", timeout=20)
+
+        table = driver.find_element(By.ID, "devices")
+        tokens = class_tokens(driver.execute_script(CLASSES_JS, table))
+        assert tokens <= ALLOWED_CLASSES, tokens - ALLOWED_CLASSES
+        assert driver.find_elements(By.CSS_SELECTOR, "#devices img, #devices script, "
+                                                     "#devices b") == []
+        assert driver.title == "edge fleet"
+        # the device's strings are on the page as text, markup and all
+        assert HTML in (page.cell("evil", "update") or "")
+        assert page.cell("good", "running") == "1.0"
+        assert page.cell("good", "health") == "healthy"
+
+        # whatever the API delivers, app.js itself takes classes from its fixed lists
+        hostile: dict[str, Any] = {
+            "id": "x", "online": True, "availability": "online x-evil", "last_seen": HTML,
+            "state": {
+                "update": {"status": "idle x-evil", "last_error": HTML, "progress": 50},
+                "running": {"health": '"><img src=x>', "status": "running x-evil",
+                            "tag": HTML},
+                "desired": {"tag": HTML, "source": HTML, "request_id": HTML},
+                "fallback": {"active": True, "requested_tag": HTML, "reason": HTML},
+                "image": HTML,
+            },
+            "last_event": {"event": HTML, "reason": HTML, "ts": HTML},
+        }
+        for health in ('"><img src=x>', "idle x-evil", "constructor", "__proto__", None):
+            hostile["state"]["running"]["health"] = health
+            row = driver.execute_script("const r = renderDevice(arguments[0]);"
+                                        "document.body.appendChild(r); return r;", hostile)
+            tokens = class_tokens(driver.execute_script(CLASSES_JS, row))
+            assert tokens <= ALLOWED_CLASSES, (health, tokens - ALLOWED_CLASSES)
+            html = row.get_attribute("outerHTML") or ""
+            assert "<img" not in html and "<script" not in html and "<b>" not in html
+            assert re.search(r'class="[^"]*x-evil', html) is None
+            driver.execute_script("arguments[0].remove()", row)
+        assert driver.title == "edge fleet"
