@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.discovery import update_payload
 from edge_agent.reconcile import Desired
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,10 @@ class Status:
         """The state JSON of SPEC section 6, Home Assistant's update keys included."""
         desired = self.desired
         in_progress = self.update_status in BUSY
+        pending = in_progress or self.update_status is UpdateStatus.AVAILABLE
         installed = self.running.tag
-        latest = self.latest_version or (desired.tag if desired else None)
+        target = self.latest_version or (desired.tag if desired else None)
+        latest = target
         if self.fallback.active:
             latest = installed
         return {
@@ -147,6 +150,12 @@ class Status:
             "latest_version": latest,
             "in_progress": in_progress,
             "update_percentage": self.progress if in_progress else None,
+            # what the Home Assistant update entity is given (edge_agent/discovery.py); an
+            # update that waits or runs shows its real target, fallback or not
+            "home_assistant": update_payload(installed, target if pending else latest,
+                                             pending=pending,
+                                             in_progress=in_progress,
+                                             percentage=self.progress),
         }
 
 
