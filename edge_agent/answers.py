@@ -15,6 +15,9 @@ Outcomes (``ok``: ``applied`` and ``updated``):
 - ``available``: notify mode, the update waits for ``cmd/install`` (never settled)
 - ``rolled_back``, ``failed``, ``rejected``, ``config_error``: the events ``rolled_back``,
   ``update_failed``, ``tag_rejected``, ``config_error``
+- ``superseded``: the event ``tag_superseded``: another desired tag (or a clear) came on
+  the same topic before the agent applied this one; the agent acts on the newest only,
+  and the event names it (``new_tag``, ``superseded_by``: its request id)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Outcome = Literal["applied", "updated", "not_applied", "not_running", "fallback", "available",
-                  "rolled_back", "failed", "rejected", "config_error"]
+                  "rolled_back", "failed", "rejected", "config_error", "superseded"]
 
 # events that answer a request with a failure, and their outcome
 FAILURE_EVENTS: dict[str, Outcome] = {
@@ -32,6 +35,7 @@ FAILURE_EVENTS: dict[str, Outcome] = {
     "fallback": "fallback",
     "tag_rejected": "rejected",
     "config_error": "config_error",
+    "tag_superseded": "superseded",
 }
 
 

@@ -40,6 +40,8 @@ from edge_agent.config import MqttSettings, Settings
 from edge_agent.discovery import discovery_config
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.reconcile import Source
+from edge_agent.safejson import UntrustedJson, loads_object
+from edge_agent.tags import is_request_id
 from edge_agent.topics import MAX_TOPIC_BYTES, Topics
 
 log = logging.getLogger(__name__)
@@ -358,17 +360,17 @@ def _guarded_message(handler: MessageHandler) -> Callable[[Client, Any, MQTTMess
 # -- routing (pure) -----------------------------------------------------------------
 def parse_request_id(payload: bytes) -> str | None:
     """The ``request_id`` of a command payload (JSON object), or None. Never raises:
-    a command needs no payload at all (Home Assistant sends ``install``)."""
+    a command needs no payload at all (Home Assistant sends ``install``). An id that
+    does not follow the request-id grammar is dropped, and the command still runs: it
+    is answered without an id (with its Correlation Data under MQTT 5)."""
     if not payload or len(payload) > MAX_COMMAND_BYTES or not payload.lstrip().startswith(b"{"):
         return None
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        body = loads_object(payload, max_bytes=MAX_COMMAND_BYTES)
+    except UntrustedJson:
         return None
-    request_id = body.get("request_id") if isinstance(body, dict) else None
-    if isinstance(request_id, str) and 0 < len(request_id) <= MAX_REQUEST_ID_CHARS:
-        return request_id
-    return None
+    request_id = body.get("request_id")
+    return request_id if is_request_id(request_id) else None
 
 
 def route(

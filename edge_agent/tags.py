@@ -5,11 +5,11 @@ Shared by the agent and the HTTP bridge so both accept exactly the same tags.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from edge_agent.errors import TagError
+from edge_agent.safejson import UntrustedJson, loads_object
 
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -19,6 +19,8 @@ MAX_PAYLOAD_BYTES = 4096
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 MAX_REQUEST_ID_CHARS = 128
+# The grammar as people read it, for messages.
+REQUEST_ID_RULE = REQUEST_ID_PATTERN.strip("^$")
 
 
 def validate_tag(tag: str) -> str:
@@ -52,46 +54,81 @@ class DesiredTag:
     issued_at: str | None = None
 
 
+class PayloadRejected(TagError):
+    """A desired-tag payload that changes nothing; ``request_id`` is the payload's own
+    request id when it had a valid one (the rejection answers that request, no other)."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.request_id = request_id
+
+
 def parse_tag_payload(payload: bytes) -> DesiredTag:
     """Parse a desired-tag message body: plain text, JSON object, or empty to clear.
 
-    Raises TagError with a reason a human can act on.
+    Never raises anything but PayloadRejected (a TagError), with a reason a human can
+    act on: the JSON goes through the bounded decoder, so no size, depth or number
+    can make it fail otherwise.
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
-        raise TagError(f"payload too large ({len(payload)} bytes, limit {MAX_PAYLOAD_BYTES})")
+        raise PayloadRejected(f"payload too large ({len(payload)} bytes, limit "
+                              f"{MAX_PAYLOAD_BYTES})")
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise TagError(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") from None
+        raise PayloadRejected(f"payload is not UTF-8: {exc.reason} at byte {exc.start}") \
+            from None
     if not text:
         return DesiredTag(tag=None)
     if not text.startswith("{"):
-        return DesiredTag(tag=validate_tag(text))
+        return DesiredTag(tag=_valid_tag(text, None))
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TagError(f"payload is not valid JSON: {exc.msg}") from None
-    if not isinstance(obj, dict):
-        raise TagError("JSON payload must be an object")
-    request_id = _optional_str(obj, "request_id", MAX_REQUEST_ID_CHARS)
-    issued_at = _optional_str(obj, "issued_at", 64)
+        obj = loads_object(text, max_bytes=MAX_PAYLOAD_BYTES)
+    except UntrustedJson as exc:
+        raise PayloadRejected(f"JSON payload refused: {exc}") from None
+    request_id = obj.get("request_id")
+    if request_id is not None and not is_request_id(request_id):
+        raise PayloadRejected(f'"request_id" must be a string matching {REQUEST_ID_RULE}')
+    issued_at = _optional_str(obj, "issued_at", 64, request_id)
     if "tag" not in obj:
-        raise TagError('JSON payload has no "tag" field')
+        raise PayloadRejected('JSON payload has no "tag" field', request_id)
     tag = obj["tag"]
     if tag is None or tag == "":
         return DesiredTag(tag=None, request_id=request_id, issued_at=issued_at)
     if not isinstance(tag, str):
-        raise TagError(f'"tag" must be a string, got {type(tag).__name__}')
-    return DesiredTag(tag=validate_tag(tag), request_id=request_id, issued_at=issued_at)
+        raise PayloadRejected(f'"tag" must be a string, got {_json_type(tag)}', request_id)
+    return DesiredTag(tag=_valid_tag(tag, request_id), request_id=request_id,
+                      issued_at=issued_at)
 
 
-def _optional_str(obj: dict[str, object], key: str, limit: int) -> str | None:
+def _valid_tag(tag: str, request_id: str | None) -> str:
+    try:
+        return validate_tag(tag)
+    except TagError as exc:
+        raise PayloadRejected(str(exc), request_id) from None
+
+
+def _optional_str(
+    obj: dict[str, object], key: str, limit: int, request_id: str | None
+) -> str | None:
     value = obj.get(key)
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > limit:
-        raise TagError(f'"{key}" must be a string of at most {limit} characters')
+        raise PayloadRejected(f'"{key}" must be a string of at most {limit} characters',
+                              request_id)
     return value
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages ("got a number")."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "an object" if isinstance(value, dict) else type(value).__name__
 
 
 def split_image(image: str) -> tuple[str, str | None]:

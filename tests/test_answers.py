@@ -110,7 +110,8 @@ def test_notify_mode_available_is_never_settled() -> None:
 # -- events -------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "outcome"), [
     ("rolled_back", "rolled_back"), ("update_failed", "failed"), ("fallback", "fallback"),
-    ("tag_rejected", "rejected"), ("config_error", "config_error")])
+    ("tag_rejected", "rejected"), ("config_error", "config_error"),
+    ("tag_superseded", "superseded")])
 def test_failure_events_for_our_request_are_answers(name: str, outcome: str) -> None:
     answer = judge_event({"event": name, "request_id": "r1", "reason": "why"}, "r1", "2.0")
     assert answer is not None and not answer.ok and answer.settled
@@ -125,6 +126,22 @@ def test_failure_event_reasons() -> None:
     assert failed.reason == "update_failed: boom (the agent retries at its next check)"
     bare = judge_event({"event": "rolled_back", "request_id": "r1"}, "r1", "2.0")
     assert bare is not None and bare.reason == "rolled_back"
+
+
+def test_a_superseded_request_is_answered_with_what_replaced_it() -> None:
+    """A burst of desired tags is acted on at its newest only: the others' waiters get
+    this answer instead of waiting for a state that will never name them."""
+    event = {"event": "tag_superseded", "request_id": "r1", "tag": "2.0", "new_tag": "3.0",
+             "superseded_by": "r2",
+             "reason": "the device desired tag 2.0 was replaced by 3.0 (request r2) before "
+                       "it was applied"}
+    answer = judge_event(event, "r1", "2.0")
+    assert answer is not None and not answer.ok and answer.settled
+    assert (answer.outcome, answer.event) == ("superseded", "tag_superseded")
+    assert answer.reason == ("tag_superseded: the device desired tag 2.0 was replaced by 3.0 "
+                             "(request r2) before it was applied")
+    # the newer request is answered by its own state and events, not by this one
+    assert judge_event(event, "r2", "3.0") is None
 
 
 def test_update_succeeded_for_our_tag_is_updated() -> None:

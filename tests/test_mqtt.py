@@ -8,8 +8,10 @@ and restarts are real. Every test has its own topic prefix and device ids.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,17 +33,27 @@ from edge_agent.agent import (
     RemoteReset,
     RemoteTagMessage,
 )
+from edge_agent.answers import Answer, judge_event, judge_state
 from edge_agent.config import load_settings
 from edge_agent.errors import TagError
-from edge_agent.mqtt import MqttLink, parse_request_id, route, valid_response_topic
+from edge_agent.mqtt import (
+    MAX_COMMAND_BYTES,
+    MqttLink,
+    parse_request_id,
+    route,
+    valid_response_topic,
+)
 from edge_agent.reconcile import Source
 from edge_agent.status import RunningView, UpdateStatus
-from edge_agent.tags import parse_tag_payload
+from edge_agent.tags import is_request_id, parse_tag_payload
 from edge_agent.topics import Topics
 from tests.support import wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher, Received
 from tests.support.device import Device, publish
+from tests.support.hostile import RecordsWithTracebacks, hostile_payloads
+from tests.support.images import remove_repo_images
+from tests.support.throttle import ThrottledRegistry, publish_padded
 
 OPERATOR = "operator"
 
@@ -90,9 +102,54 @@ def test_commands_route_to_check_requests() -> None:
     (b"{not json", None),
     (b'{"request_id": "\xff"}', None),
     (b"{" * 100_000, None),
+    # the one request-id grammar (finding 12): anything else is dropped, the command runs
+    (b'{"request_id": "r 1"}', None),
+    (b'{"request_id": "-r1"}', None),
+    (b'{"request_id": "r1\\u001b[2J"}', None),
+    (b'{"request_id": "r\\ud800"}', None),
+    (b'{"request_id": "' + b"x" * 128 + b'"}', "x" * 128),
+    (b'{"request_id": "a.b:c_d-e"}', "a.b:c_d-e"),
+    # bounded decoding: depth, numbers
+    (b'{"x": ' + b"[" * 3000 + b"]" * 3000 + b', "request_id": "r1"}', None),
+    (b'{"request_id": "r1", "x": NaN}', None),
 ])
 def test_request_id_of_a_command(payload: bytes, expected: str | None) -> None:
     assert parse_request_id(payload) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(hostile_payloads(MAX_COMMAND_BYTES, key="request_id"))
+def test_request_id_is_valid_or_none_for_any_payload(payload: bytes) -> None:
+    request_id = parse_request_id(payload)
+    assert request_id is None or is_request_id(request_id)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    topic=st.one_of(st.sampled_from(["p/devices/dev1/tag", "p/fleet/tag", "p/groups/g1/tag",
+                                      "p/devices/dev1/cmd/check", "p/fleet/cmd/check",
+                                      "p/devices/dev1/cmd/install", "p/devices/dev2/tag"]),
+                    st.text(max_size=60)),
+    payload=hostile_payloads(),
+    retained=st.booleans(),
+    groups=st.lists(st.sampled_from(["g1", "g2"]) | st.text(max_size=10), max_size=3),
+)
+def test_route_maps_every_message_to_one_typed_message_or_none(
+    topic: str, payload: bytes, retained: bool, groups: list[str]
+) -> None:
+    t = Topics("p")
+    routed = route(t, "dev1", groups, topic, payload, retained=retained)
+    tag_topics = {t.device_tag("dev1"), t.fleet_tag, *(t.group_tag(g) for g in groups)}
+    commands = {t.device_check("dev1"), t.device_install("dev1"), t.fleet_check}
+    if topic in tag_topics:
+        assert isinstance(routed, RemoteTagMessage)
+        assert (routed.payload, routed.topic, routed.retained) == (payload, topic, retained)
+    elif topic in commands and not retained:
+        assert isinstance(routed, CheckRequest)
+        assert routed.install == (topic == t.device_install("dev1"))
+        assert routed.request_id is None or is_request_id(routed.request_id)
+    else:
+        assert routed is None
 
 
 def test_response_topics_must_be_publishable() -> None:
@@ -122,6 +179,7 @@ KNOWN_TOPICS = [
     b"p/devices/dev1/cmd/install", b"p/fleet/cmd/check", b"p/devices/dev2/tag",
 ]
 PAYLOADS = st.one_of(
+    hostile_payloads(),
     st.binary(max_size=6000),
     st.text(max_size=300).map(str.encode),
     st.sampled_from([b"", b"{}", b"../x", b"\xff\xfe", b'{"tag": 5}', b'["1.0"]', b"null",
@@ -143,6 +201,10 @@ def test_random_messages_never_crash_the_handling(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     agent.status.event_sinks.append(events.append)
     client = Client(CallbackAPIVersion.VERSION2)  # never connected: the callback ignores it
+    # Agent.handle never raises (a bug is logged and the message dropped): any traceback
+    # logged while handling a message fails the test
+    tracebacks = RecordsWithTracebacks()
+    logging.getLogger("edge_agent").addHandler(tracebacks)
 
     @settings(max_examples=400, deadline=None)
     @given(
@@ -161,16 +223,24 @@ def test_random_messages_never_crash_the_handling(tmp_path: Path) -> None:
             message = agent.inbox.get_nowait()
             before = len(events)
             agent.handle(message)
+            assert tracebacks.records == [], tracebacks.records[0].getMessage()
             if isinstance(message, RemoteTagMessage):
                 try:
                     parse_tag_payload(message.payload)
                 except TagError:
                     assert [e["event"] for e in events[before:]] == ["tag_rejected"]
+                    assert events[-1].get("request_id") is None \
+                        or is_request_id(events[-1]["request_id"])
                 else:
                     assert events[before:] == []
+            elif isinstance(message, CheckRequest):
+                assert message.request_id is None or is_request_id(message.request_id)
 
-    handle()
-    agent.close()
+    try:
+        handle()
+    finally:
+        logging.getLogger("edge_agent").removeHandler(tracebacks)
+        agent.close()
 
 
 def test_reconnect_forgets_remote_tags_until_the_broker_replays_them(tmp_path: Path) -> None:
@@ -578,3 +648,233 @@ def test_only_the_current_containers_death_is_a_crash(
     expected = [{"event": "container_exited", "exit_code": 3}] if reported else []
     assert [{k: e[k] for k in ("event", "exit_code")} for e in events] == expected
     agent.close()
+
+
+# -- hostile and bursty desired tags (issue 9) -------------------------------------------
+DEEP_TAG = b'{"tag": ' + b"[" * 2040 + b"]" * 2040 + b"}"  # 4 KB, within the size limit
+
+
+def rejected_since(watcher: MqttWatcher, prefix: str, device: str, mark: float,
+                   topics: set[str]) -> list[dict[str, Any]] | None:
+    found = [e for e in events_since(watcher, prefix, device, mark)
+             if e["event"] == "tag_rejected" and e.get("topic") in topics]
+    return found if {e["topic"] for e in found} == topics else None
+
+
+@pytest.mark.broker
+def test_deep_json_retained_on_tag_topics_never_stops_the_agent(
+    broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
+    container_name: str, tmp_path: Path, agents: Agents,
+) -> None:
+    """Finding 2: retained on fleet/tag, 4 KB of nesting killed the agent at every start."""
+    publish(unique_repo, "1.0", "1.0")
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    name = device.name
+    topics = Topics(prefix)
+    broker.add_device(name)
+    deep_topics = {topics.fleet_tag, topics.device_tag(name)}
+    for topic in deep_topics:
+        watcher.publish(topic, DEEP_TAG, retain=True)
+
+    start = time.monotonic()
+    agent = agents.spawn(device, broker, prefix, CONTAINER_IMAGE=f"{unique_repo}:1.0")
+    rejected = wait_until(lambda: rejected_since(watcher, prefix, name, start, deep_topics),
+                          timeout=30, message="tag_rejected for both deep payloads")
+    assert all("nested 2041 levels deep" in e["reason"] for e in rejected), rejected
+    assert all("request_id" not in e for e in rejected)  # they answer no request
+    wait_state(watcher, prefix, name, lambda s: settled_on("1.0")(s)
+               and s["desired"]["source"] == "image", since=start)
+    assert device.serving() == "1.0"
+    assert agent.alive
+    # a command is still answered, and a live deep payload is rejected like the retained
+    answer = ask(watcher, topics.device_check(name), topics.reply(name, "deep"),
+                 b'{"request_id": "chk-deep"}')
+    assert answer.json()["outcome"] == "unchanged"
+    mark = time.monotonic()
+    watcher.publish(topics.device_tag(name), DEEP_TAG)
+    wait_until(lambda: rejected_since(watcher, prefix, name, mark, {topics.device_tag(name)}),
+               message="tag_rejected for the live deep payload")
+    assert agent.alive
+
+    # restart with the payloads still retained: it comes back and keeps running
+    assert agent.stop() == 0
+    restart = time.monotonic()
+    agent.start()
+    watcher.wait_for(topics.availability(name), lambda m: m.text == "online", since=restart)
+    wait_until(lambda: rejected_since(watcher, prefix, name, restart, deep_topics),
+               timeout=30, message="tag_rejected again after the restart")
+    wait_state(watcher, prefix, name, settled_on("1.0"), since=restart)
+    assert agent.alive and device.serving() == "1.0"
+    assert "Traceback" not in agent.log()
+    for topic in deep_topics:
+        watcher.publish(topic, b"", retain=True)
+
+
+@pytest.mark.broker
+def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_commands(
+    broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
+    container_name: str, tmp_path: Path, agents: Agents,
+) -> None:
+    """Finding 12 (agent half): one request-id grammar for the agent and the bridge."""
+    publish(unique_repo, "1.0", "1.0")
+    publish(unique_repo, "2.0", "2.0")
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    name = device.name
+    topics = Topics(prefix)
+    broker.add_device(name)
+    agent = agents.spawn(device, broker, prefix, CONTAINER_IMAGE=f"{unique_repo}:1.0")
+    wait_state(watcher, prefix, name, settled_on("1.0"))
+
+    mark = time.monotonic()
+    bad = json.dumps({"tag": "2.0", "request_id": "r1\u001b[2J\u202e"})
+    watcher.publish(topics.device_tag(name), bad)
+    rejected = wait_until(
+        lambda: rejected_since(watcher, prefix, name, mark, {topics.device_tag(name)}),
+        message="tag_rejected for the bad request id")
+    assert rejected[0]["reason"] == ('"request_id" must be a string matching '
+                                     "[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+    assert "request_id" not in rejected[0]
+    # the command runs, answered without the id it cannot carry
+    answer = ask(watcher, topics.device_check(name), topics.reply(name, "grammar"),
+                 json.dumps({"request_id": "c 1\n"}).encode())
+    assert (answer.json()["request_id"], answer.json()["outcome"]) == (None, "unchanged")
+    assert answer.json()["tag"] == "1.0" and device.serving() == "1.0"
+    assert "update_started" not in [e["event"] for e in events_since(watcher, prefix, name,
+                                                                      mark)]
+    assert agent.alive
+
+
+def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: str,
+                    tag: str, since: float) -> list[Answer]:
+    """Every answer the device gave to ``request_id``, by edge_agent.answers' judges."""
+    t = Topics(prefix)
+    said = [(m.at, judge_state(m.json(), request_id, tag)) for m in watcher.on(t.state(device))]
+    said += [(m.at, judge_event(m.json(), request_id, tag)) for m in watcher.on(t.events(device))]
+    return [answer for at, answer in sorted(said, key=lambda pair: pair[0])
+            if at >= since and answer is not None and answer.settled]
+
+
+@pytest.mark.broker
+def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
+    broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
+    container_name: str, tmp_path: Path, agents: Agents,
+) -> None:
+    """Finding 4: 150 live flips were replayed one by one (an update each) and a command
+    waited behind them. Now: a handful of updates, the last tag wins, every request is
+    answered (applied, or superseded by a newer one), the command within an update or two."""
+    tags = ("1.0", "2.0", "3.0")
+    for tag in tags:
+        publish(unique_repo, tag, tag)
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    name = device.name
+    topics = Topics(prefix)
+    broker.add_device(name)
+    agent = agents.spawn(device, broker, prefix, CONTAINER_IMAGE=f"{unique_repo}:1.0")
+    wait_state(watcher, prefix, name, settled_on("1.0"))
+
+    mark = time.monotonic()
+    flips = [(f"flip-{n}", tags[(n % 2) + 1]) for n in range(150)]
+    flips[-1] = ("flip-last", flips[-1][1])
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ResponseTopic = topics.reply(name, "burst")
+    properties.CorrelationData = b"burst"
+    client = watcher.client
+    assert client is not None
+    sent = []
+    for n, (request_id, tag) in enumerate(flips):  # as fast as QoS 1 goes, no waiting
+        payload = json.dumps({"tag": tag, "request_id": request_id})
+        sent.append(client.publish(topics.device_tag(name), payload, qos=1, retain=True))
+        if n == 75:
+            commanded = time.monotonic()
+            sent.append(client.publish(topics.device_check(name), b'{"request_id": "chk-burst"}',
+                                       qos=1, properties=properties))
+    for info in sent:
+        info.wait_for_publish(10)
+    last_id, last_tag = flips[-1]
+    # bounded: before, the command waited for ~75 updates (minutes)
+    answer = watcher.wait_for(topics.reply(name, "burst"), since=commanded, timeout=60,
+                              message="the answer to the command sent during the burst")
+    assert answer.json()["request_id"] == "chk-burst" and answer.json()["ok"]
+    state = wait_state(watcher, prefix, name, lambda s: settled_on(last_tag)(s)
+                       and s["desired"]["request_id"] == last_id, since=mark, timeout=60,
+                       message="the last flip applied")
+    assert state["desired"]["request_id"] == last_id and device.serving() == last_tag
+    time.sleep(2)  # nothing more happens: no backlog is being worked off
+    events = events_since(watcher, prefix, name, mark)
+    started = [e for e in events if e["event"] == "update_started"]
+    assert 1 <= len(started) <= 3, [(e["to_tag"], e.get("request_id")) for e in started]
+    swapped = [e for e in events if e["event"] in ("update_succeeded", "rolled_back")]
+    assert [(e["event"], e["tag"]) for e in swapped][-1:] == [("update_succeeded", last_tag)]
+    assert len(swapped) <= 2, swapped
+    # every request has an answer: the last one applied, the others mostly superseded
+    unanswered = [rid for rid, tag in flips
+                  if not request_answers(watcher, prefix, name, rid, tag, mark)]
+    assert unanswered == []
+    outcomes = Counter(a.outcome for rid, tag in flips
+                       for a in request_answers(watcher, prefix, name, rid, tag, mark)[:1])
+    assert outcomes["superseded"] >= len(flips) - 4, outcomes
+    assert [a.outcome for a in request_answers(watcher, prefix, name, last_id, last_tag,
+                                               mark)][:1] in (["applied"], ["updated"])
+    assert agent.alive
+
+
+@pytest.mark.broker
+def test_a_new_desired_tag_stops_a_slow_pull(
+    broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
+    container_name: str, tmp_path: Path, agents: Agents,
+) -> None:
+    """Finding 4: a tag corrected during a long pull was pulled, installed and only then
+    replaced. Now the pull stops, the newest tag is installed, the replaced request is
+    answered tag_superseded, and a command sent meanwhile is answered after it."""
+    publish(unique_repo, "1.0", "1.0")
+    publish(unique_repo, "3.0", "3.0")
+    publish_padded(unique_repo, "2.0", "2.0", pad_bytes=6 * 1024 * 1024)
+    with ThrottledRegistry(bytes_per_s=256 * 1024, min_bytes=2 * 1024 * 1024) as proxy:
+        repo = proxy.repo(unique_repo)  # ~25 s for 2.0's big layer through the proxy
+        try:
+            device = Device(repo, container_name, tmp_path / "data")
+            name = device.name
+            topics = Topics(prefix)
+            broker.add_device(name)
+            agent = agents.spawn(device, broker, prefix, CONTAINER_IMAGE=f"{repo}:1.0")
+            wait_state(watcher, prefix, name, settled_on("1.0"))
+
+            mark = time.monotonic()
+            watcher.publish(topics.device_tag(name),
+                            json.dumps({"tag": "2.0", "request_id": "r-slow"}), retain=True)
+            wait_state(watcher, prefix, name, lambda s: s["update"]["status"] == "pulling"
+                       and s["desired"]["request_id"] == "r-slow"
+                       and (s["update"]["progress"] or 0) > 0, since=mark,
+                       message="the slow pull under way")
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = topics.reply(name, "slow")
+            properties.CorrelationData = b"slow"
+            watcher.publish(topics.device_check(name), b'{"request_id": "chk-slow"}',
+                            properties=properties)
+            watcher.publish(topics.device_tag(name),
+                            json.dumps({"tag": "3.0", "request_id": "r-fast"}), retain=True)
+
+            superseded = watcher.wait_for(
+                topics.events(name), lambda m: m.json()["event"] == "tag_superseded",
+                since=mark, timeout=20, message="tag_superseded for r-slow").json()
+            assert (superseded["request_id"], superseded["tag"], superseded["new_tag"],
+                    superseded["superseded_by"]) == ("r-slow", "2.0", "3.0", "r-fast")
+            state = wait_state(watcher, prefix, name, settled_on("3.0"), since=mark,
+                               message="3.0 installed")
+            assert state["desired"]["request_id"] == "r-fast" and device.serving() == "3.0"
+            answer = watcher.wait_for(topics.reply(name, "slow"), since=mark, timeout=20,
+                                      message="the answer to the command").json()
+            assert (answer["request_id"], answer["ok"], answer["tag"]) == ("chk-slow", True,
+                                                                            "3.0")
+            events = events_since(watcher, prefix, name, mark)
+            assert [(e["event"], e["tag"]) for e in events
+                    if e["event"] in ("update_succeeded", "rolled_back", "update_failed")] \
+                == [("update_succeeded", "3.0")]
+            wait_until(lambda: proxy.aborted >= 1, message="the 2.0 download abandoned")
+            assert proxy.completed == 0
+            slow = request_answers(watcher, prefix, name, "r-slow", "2.0", mark)
+            assert [a.outcome for a in slow] == ["superseded"]
+            assert agent.alive
+        finally:
+            agents.close()
+            remove_repo_images(repo)
