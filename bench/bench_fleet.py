@@ -35,7 +35,7 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CpuWindow, pids_named, rss_mb, summary, table, wait_for, write_results
-from edge_agent.topics import Topics
+from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device

@@ -31,7 +31,7 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import summary, table, write_results
-from edge_agent.topics import Topics
+from edge_agent.protocol.topics import Topics
 from tests.conftest import remove_test_containers
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher

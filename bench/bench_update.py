@@ -27,8 +27,8 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Probe, by_mode
-from edge_agent.agent import Agent
-from edge_agent.config import load_settings
+from edge_agent.agent.config import load_settings
+from edge_agent.agent.loop import Agent
 from tests.support import free_port
 from tests.support.images import build_and_push, remove_repo_images
 

@@ -1,5 +1,5 @@
 """Allows ``python -m edge_agent``."""
 
-from edge_agent.cli import main
+from edge_agent.agent.cli import main
 
 raise SystemExit(main())

@@ -20,9 +20,9 @@ from typing import Any
 import docker
 import pytest
 
-from edge_agent.errors import StorageError, TagError
-from edge_agent.store import AgentState, DataDir
-from edge_agent.topics import Topics
+from edge_agent.agent.store import AgentState, DataDir
+from edge_agent.protocol.errors import StorageError, TagError
+from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher

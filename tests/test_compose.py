@@ -14,8 +14,8 @@ import docker
 import pytest
 import yaml
 
-from edge_agent.engine import Engine
-from edge_agent.store import DataDir, parse_run_config
+from edge_agent.agent.engine import Engine
+from edge_agent.agent.store import DataDir, parse_run_config
 from tests.support import REPO_ROOT
 from tests.support.images import build_and_push
 

@@ -22,7 +22,7 @@ import docker
 import docker.errors
 import pytest
 
-from edge_agent.config import SETTINGS
+from edge_agent.agent.config import SETTINGS
 from tests.support import REPO_ROOT, wait_until
 from tests.support.base_image import (
     base_image,

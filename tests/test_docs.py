@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_agent.config import SETTINGS
+from edge_agent.agent.config import SETTINGS
 from tests.support import REPO_ROOT
 
 

@@ -2,9 +2,9 @@
 
 ``Api.handle(Request) -> Response``; ``server`` reads requests off the wire. Every
 input is validated here: ids are single MQTT topic levels, tags go through the
-agent's own ``validate_tag``, request ids follow the one grammar of ``edge_agent.tags``,
+agent's own ``validate_tag``, request ids follow the one grammar of ``edge_agent.protocol.tags``,
 bodies are small UTF-8 JSON objects with known keys (the bounded decoder of
-``edge_agent.safejson``), query parameters are known ones, numbers plain digits.
+``edge_agent.protocol.safejson``), query parameters are known ones, numbers plain digits.
 Malformed input is a 4xx with ``{"error": ...}``, never a 500.
 """
 
@@ -22,14 +22,14 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from edge_agent import safejson
-from edge_agent.answers import Answer
 from edge_agent.bridge.devicedata import iso_utc
 from edge_agent.bridge.fleet import Fleet, TooManyWaiters
 from edge_agent.bridge.link import BrokerUnavailable
-from edge_agent.errors import TagError
-from edge_agent.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
-from edge_agent.topics import ID_RE, Topics
+from edge_agent.protocol import safejson
+from edge_agent.protocol.answers import Answer
+from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
+from edge_agent.protocol.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
 

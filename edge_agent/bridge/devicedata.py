@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from edge_agent.tags import DIGEST_RE, TAG_RE, is_request_id
-from edge_agent.topics import ID_RE
+from edge_agent.protocol.tags import DIGEST_RE, TAG_RE, is_request_id
+from edge_agent.protocol.topics import ID_RE
 
 # Timestamps the bridge accepts: RFC 3339 date-times with an offset (the agent writes
 # 2024-05-01T12:00:00.000Z), from 1970 to 9000: far from datetime's year-1/9999 edges,

@@ -10,7 +10,7 @@ budget of bytes per second; past it the bridge keeps only the device's latest st
 (applied by ``flush_pending`` once the device slows down) and drops its events, at
 the cost of a dictionary lookup, so one flooding device cannot delay the others.
 
-``?wait`` (SPEC section 7) ends on the answers of ``edge_agent.answers`` that
+``?wait`` (SPEC section 7) ends on the answers of ``edge_agent.protocol.answers`` that
 ``wait_answer`` keeps: 200 when ok, 409 otherwise; anything else keeps waiting until
 the deadline (checking, pulling, verifying, an error the device retries after, notify
 mode waiting for install).
@@ -26,8 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_agent import safejson
-from edge_agent.answers import Answer, judge_event, judge_state
 from edge_agent.bridge.devicedata import (
     clean_event,
     clean_state,
@@ -35,7 +33,9 @@ from edge_agent.bridge.devicedata import (
     iso_utc,
     seen_at,
 )
-from edge_agent.topics import ID_RE, Topics
+from edge_agent.protocol import safejson
+from edge_agent.protocol.answers import Answer, judge_event, judge_state
+from edge_agent.protocol.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
 

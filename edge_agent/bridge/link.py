@@ -1,6 +1,6 @@
 """The bridge's MQTT connection: publishes desired tags, feeds ``Fleet`` from device topics.
 
-The connection itself is the shared ``edge_agent.mqtt.connect_client`` (TLS, auth,
+The connection itself is the shared ``edge_agent.agent.link.connect_client`` (TLS, auth,
 reconnect with backoff, subscriptions remade at every connect). Writes check the
 connection first and wait a bounded time for the broker's PUBACK, so a broker that
 is gone turns into ``BrokerUnavailable`` (HTTP 503), never a hanging request.
@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
 
-from edge_agent.config import MqttSettings
-from edge_agent.mqtt import connect_client, disconnect_client
+from edge_agent.agent.config import MqttSettings
+from edge_agent.agent.link import connect_client, disconnect_client
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from edge_agent.bridge.fleet import Fleet
 from edge_agent.bridge.link import MqttLink
 from edge_agent.bridge.settings import DEFAULT_CLIENT_CONNECTIONS, MAX_CONNECTIONS, BridgeSettings
 from edge_agent.bridge.wire import MAX_HEAD_BYTES, BadRequest, RequestHead, parse_head
-from edge_agent.topics import Topics
+from edge_agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 

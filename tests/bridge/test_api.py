@@ -15,8 +15,8 @@ import pytest
 from edge_agent.bridge.api import ID_RE, Api, Request, Response
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.bridge.link import BrokerUnavailable
-from edge_agent.topics import Topics
-from tests.bridge.test_fleet import state
+from edge_agent.protocol.topics import Topics
+from tests.support.documents import state
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"authorization": f"Bearer {TOKEN}"}

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from edge_agent.agent.reconcile import Source
+from edge_agent.agent.status import UpdateStatus
 from edge_agent.bridge.api import openapi_document
 from edge_agent.bridge.devicedata import (
     CONTAINER_STATUSES,
@@ -22,8 +24,6 @@ from edge_agent.bridge.devicedata import (
     parse_ts,
     seen_at,
 )
-from edge_agent.reconcile import Source
-from edge_agent.status import UpdateStatus
 from tests.bridge.support import hostile_states, schema_validator, state_document
 
 NOW = 1_800_000_000.0

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from edge_agent.bridge.fleet import Fleet, TooManyWaiters
-from edge_agent.topics import Topics
-from tests.test_answers import fallen_back, settled_on, state
+from edge_agent.protocol.topics import Topics
+from tests.support.documents import fallen_back, settled_on, state
 
 T = Topics("edge")
 

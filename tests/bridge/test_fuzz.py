@@ -15,7 +15,7 @@ from edge_agent.bridge.api import Api, Request
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.bridge.wire import BadRequest, parse_head
-from edge_agent.topics import Topics
+from edge_agent.protocol.topics import Topics
 from tests.bridge.support import schema_validator, state_document, strict_json
 
 T = Topics("edge")

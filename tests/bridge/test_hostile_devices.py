@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
-from edge_agent.config import MqttSettings
-from edge_agent.mqtt import connect_client, disconnect_client
-from edge_agent.topics import Topics
+from edge_agent.agent.config import MqttSettings
+from edge_agent.agent.link import connect_client, disconnect_client
+from edge_agent.protocol.topics import Topics
 from tests.bridge.support import (
     ApiClient,
     SimulatedDevices,

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from edge_agent.bridge.api import ROUTES, openapi_document
-from edge_agent.errors import TagError
-from edge_agent.tags import REQUEST_ID_RE, validate_tag
-from edge_agent.topics import ID_PATTERN
+from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.tags import REQUEST_ID_RE, validate_tag
+from edge_agent.protocol.topics import ID_PATTERN
 
 DOC = openapi_document(42.0)
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}

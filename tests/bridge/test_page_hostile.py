@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.topics import Topics
+from edge_agent.protocol.topics import Topics
 from tests.bridge.support import (
     HTML,
     TOKEN,

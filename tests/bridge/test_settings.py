@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.bridge.settings import load_bridge_settings
-from edge_agent.errors import ConfigError
+from edge_agent.protocol.errors import ConfigError
 
 BASE = {"MQTT_HOST": "broker.local", "BRIDGE_TOKEN": "a-long-enough-token-123"}
 

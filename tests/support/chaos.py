@@ -32,8 +32,8 @@ import docker
 import docker.errors
 import requests
 
-from edge_agent.engine import LABEL_DIGEST, LABEL_TAG
-from edge_agent.topics import Topics
+from edge_agent.agent.engine import LABEL_DIGEST, LABEL_TAG
+from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device

@@ -17,8 +17,8 @@ from typing import Any
 
 import requests
 
-from edge_agent.agent import Agent
-from edge_agent.config import load_settings
+from edge_agent.agent.config import load_settings
+from edge_agent.agent.loop import Agent
 from tests.support import REPO_ROOT, free_port
 from tests.support.images import Kind, build_and_push, remove_repo_images
 

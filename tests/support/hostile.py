@@ -24,7 +24,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from edge_agent.tags import REQUEST_ID_RE
+from edge_agent.protocol.tags import REQUEST_ID_RE
 
 # Terminal control: clear screen, set the window title (OSC ... BEL), colour, the 8-bit
 # CSI (C1 control), a cursor move, backspaces over text.

@@ -1,0 +1,311 @@
+"""Agent settings: read from the environment and an optional YAML file, validated once.
+
+The environment wins over the YAML file (lower-case keys). Every problem raises
+ConfigError naming the variable, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.protocol.errors import ConfigError, TagError
+from edge_agent.protocol.tags import split_image, validate_tag
+from edge_agent.protocol.topics import ID_PATTERN, ID_RE
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One documented setting: its variable, default (as shown) and meaning."""
+
+    name: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("CONFIG_FILE", "DATA_DIR/agent.yaml if present",
+            "YAML file with the same settings (lower-case keys); the environment wins"),
+    Setting("CONTAINER_IMAGE", "(required)",
+            "image repository; a tag in it (repo:1.2) is the initial tag when no tag file exists"),
+    Setting("POLL_INTERVAL", "30", "minutes between registry checks; a float (0.05 = 3 s)"),
+    Setting("DATA_DIR", "/app/data", "holds tag, docker_config.json and the agent's state"),
+    Setting("CONTAINER_NAME", "edge-app", "name of the managed container"),
+    Setting("DEVICE_ID", "hostname", "this device's id in MQTT topics"),
+    Setting("DEVICE_GROUPS", "(none)", "comma-separated group names"),
+    Setting("FALLBACK_TAG", "latest",
+            "tag used when the desired tag does not exist; empty disables the fallback"),
+    Setting("UPDATE_MODE", "auto", "auto applies updates; notify only reports them until told"),
+    Setting("HEALTH_TIMEOUT", "60", "seconds a new container gets to prove itself healthy"),
+    Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
+    Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
+    Setting("MQTT_USERNAME", "(none)", "broker user name"),
+    Setting("MQTT_PASSWORD", "(none)", "broker password"),
+    Setting("MQTT_PASSWORD_FILE", "(none)", "file holding the broker password"),
+    Setting("MQTT_TLS", "false", "connect with TLS; the server certificate is verified"),
+    Setting("MQTT_CA_FILE", "(system CAs)", "CA bundle used to verify the broker"),
+    Setting("MQTT_CERT_FILE", "(none)", "client certificate for TLS client auth"),
+    Setting("MQTT_KEY_FILE", "(none)", "client key for TLS client auth"),
+    Setting("MQTT_PROTOCOL", "5", "MQTT protocol version: 5 or 3.1.1"),
+    Setting("MQTT_TOPIC_PREFIX", "edge", "root of every topic"),
+    Setting("TELEMETRY_INTERVAL", "60", "seconds between heartbeat state publishes"),
+    Setting("HA_DISCOVERY", "false", "publish Home Assistant MQTT discovery for an update entity"),
+    Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("LOG_FORMAT", "text", "text, or json for one JSON object per line"),
+)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Broker connection settings; only present when MQTT_HOST is set."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    protocol: str
+    topic_prefix: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated agent configuration."""
+
+    repository: str
+    image_tag: str | None
+    poll_interval_s: float
+    data_dir: Path
+    container_name: str
+    device_id: str
+    device_groups: tuple[str, ...]
+    fallback_tag: str | None
+    update_mode: str
+    health_timeout_s: float
+    mqtt: MqttSettings | None
+    telemetry_interval_s: float
+    ha_discovery: bool
+    log_level: str
+    log_format: str
+    topic_prefix: str
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from the environment (and CONFIG_FILE); raise ConfigError on bad input."""
+    env = dict(os.environ if environ is None else environ)
+    data_dir = Path(env.get("DATA_DIR") or "/app/data")
+    raw = _merge_yaml(env, data_dir)
+    return _parse(raw)
+
+
+def _merge_yaml(env: dict[str, str], data_dir: Path) -> dict[str, str]:
+    """Return settings as strings: YAML values overlaid by the environment."""
+    names = {s.name for s in SETTINGS}
+    explicit = env.get("CONFIG_FILE")
+    path = Path(explicit) if explicit else data_dir / "agent.yaml"
+    merged: dict[str, str] = {}
+    if explicit or path.exists():
+        # imported only when there is a file: PyYAML costs ~1 MB of RSS (docs/BENCHMARKS.md)
+        import yaml  # noqa: PLC0415
+
+        try:
+            loaded: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"CONFIG_FILE: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"CONFIG_FILE: {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"CONFIG_FILE: {path} must hold a mapping of settings")
+        for key, value in loaded.items():
+            name = str(key).upper()
+            if name not in names or name == "CONFIG_FILE":
+                raise ConfigError(f"CONFIG_FILE: unknown setting {key!r} in {path}")
+            merged[name] = _yaml_scalar(value)
+    for name in names:
+        if name in env:
+            merged[name] = env[name]
+    return merged
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A YAML value as the string the environment would carry."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _parse(raw: dict[str, str]) -> Settings:
+    image = raw.get("CONTAINER_IMAGE", "").strip()
+    if not image:
+        raise ConfigError("CONTAINER_IMAGE: required (an image repository, e.g. registry/app)")
+    try:
+        repository, image_tag = split_image(image)
+    except TagError as exc:
+        raise ConfigError(f"CONTAINER_IMAGE: {exc}") from None
+    if not re.fullmatch(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$", repository):
+        raise ConfigError(f"CONTAINER_IMAGE: {repository!r} is not a valid repository name")
+
+    container_name = raw.get("CONTAINER_NAME") or "edge-app"
+    _check(NAME_RE.fullmatch(container_name), "CONTAINER_NAME", "must be a Docker container name")
+    device_id = raw.get("DEVICE_ID") or socket.gethostname()
+    _check(ID_RE.fullmatch(device_id), "DEVICE_ID",
+           f"{device_id!r} must match {ID_PATTERN} (one MQTT topic level)")
+    groups = tuple(g.strip() for g in raw.get("DEVICE_GROUPS", "").split(",") if g.strip())
+    for group in groups:
+        _check(ID_RE.fullmatch(group), "DEVICE_GROUPS", f"group {group!r} must match {ID_PATTERN}")
+
+    fallback_raw = raw.get("FALLBACK_TAG", "latest").strip()
+    fallback_tag: str | None = None
+    if fallback_raw:
+        try:
+            fallback_tag = validate_tag(fallback_raw)
+        except TagError as exc:
+            raise ConfigError(f"FALLBACK_TAG: {exc}") from None
+
+    update_mode = (raw.get("UPDATE_MODE") or "auto").strip().lower()
+    _check(update_mode in ("auto", "notify"), "UPDATE_MODE", "must be auto or notify")
+    log_level = (raw.get("LOG_LEVEL") or "INFO").strip().upper()
+    _check(log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL",
+           "must be DEBUG, INFO, WARNING or ERROR")
+    log_format = (raw.get("LOG_FORMAT") or "text").strip().lower()
+    _check(log_format in ("text", "json"), "LOG_FORMAT", "must be text or json")
+
+    prefix = (raw.get("MQTT_TOPIC_PREFIX") or "edge").strip().strip("/")
+    _check(prefix and not set(prefix) & set("#+\x00"), "MQTT_TOPIC_PREFIX",
+           "must be non-empty and free of # and +")
+
+    return Settings(
+        repository=repository,
+        image_tag=image_tag,
+        poll_interval_s=parse_number(raw, "POLL_INTERVAL", 30.0, minimum=0.001) * 60.0,
+        data_dir=Path(raw.get("DATA_DIR") or "/app/data"),
+        container_name=container_name,
+        device_id=device_id,
+        device_groups=groups,
+        fallback_tag=fallback_tag,
+        update_mode=update_mode,
+        health_timeout_s=parse_number(raw, "HEALTH_TIMEOUT", 60.0, minimum=0.1),
+        mqtt=_mqtt(raw, prefix),
+        telemetry_interval_s=parse_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1),
+        ha_discovery=_bool(raw, "HA_DISCOVERY"),
+        log_level=log_level,
+        log_format=log_format,
+        topic_prefix=prefix,
+    )
+
+
+def load_mqtt_settings(environ: Mapping[str, str] | None = None) -> MqttSettings:
+    """Broker settings alone (MQTT_* variables), for the bridge and edge-ctl."""
+    raw = dict(os.environ if environ is None else environ)
+    prefix = (raw.get("MQTT_TOPIC_PREFIX") or "edge").strip().strip("/")
+    _check(prefix and not set(prefix) & set("#+\x00"), "MQTT_TOPIC_PREFIX",
+           "must be non-empty and free of # and +")
+    settings = _mqtt(raw, prefix)
+    if settings is None:
+        raise ConfigError("MQTT_HOST: required")
+    return settings
+
+
+def _mqtt(raw: dict[str, str], prefix: str) -> MqttSettings | None:
+    host = raw.get("MQTT_HOST", "").strip()
+    if not host:
+        return None
+    tls = _bool(raw, "MQTT_TLS")
+    port = parse_int(raw, "MQTT_PORT", 8883 if tls else 1883, minimum=1, maximum=65535)
+    password = raw.get("MQTT_PASSWORD") or None
+    password_file = raw.get("MQTT_PASSWORD_FILE")
+    if password_file:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"MQTT_PASSWORD_FILE: cannot read: {exc.strerror}") from None
+    protocol = (raw.get("MQTT_PROTOCOL") or "5").strip()
+    _check(protocol in ("5", "3.1.1"), "MQTT_PROTOCOL", "must be 5 or 3.1.1")
+    return MqttSettings(
+        host=host,
+        port=port,
+        username=raw.get("MQTT_USERNAME") or None,
+        password=password,
+        tls=tls,
+        ca_file=_existing_file(raw, "MQTT_CA_FILE"),
+        cert_file=_existing_file(raw, "MQTT_CERT_FILE"),
+        key_file=_existing_file(raw, "MQTT_KEY_FILE"),
+        protocol=protocol,
+        topic_prefix=prefix,
+    )
+
+
+def _check(ok: object, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def parse_number(
+    raw: Mapping[str, str], name: str, default: float, *, minimum: float,
+    maximum: float = float("inf"),
+) -> float:
+    """The setting ``name`` as a finite float in [minimum, maximum]; ``default`` if unset."""
+    text = raw.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a number") from None
+    if not minimum <= value <= maximum or value == float("inf"):
+        bound = f"<= {maximum:g}" if maximum != float("inf") else "finite"
+        raise ConfigError(f"{name}: {text!r} must be a number >= {minimum:g} and {bound}")
+    return value
+
+
+def parse_int(raw: Mapping[str, str], name: str, default: int, *, minimum: int,
+              maximum: int) -> int:
+    """The setting ``name`` as a whole number in [minimum, maximum]; ``default`` if unset."""
+    text = raw.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}: {value} is not in {minimum}-{maximum}")
+    return value
+
+
+def _bool(raw: dict[str, str], name: str) -> bool:
+    text = raw.get(name, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}: {text!r} is not a boolean (true/false)")
+
+
+def _existing_file(raw: dict[str, str], name: str) -> Path | None:
+    text = raw.get(name, "").strip()
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"{name}: {text} is not a readable file")
+    return path
+
+
+def describe_settings(format_row: Callable[[Setting], str]) -> str:
+    """Render the settings table for --help and docs."""
+    return "\n".join(format_row(s) for s in SETTINGS)

@@ -1,0 +1,167 @@
+"""The agent's observable state: the state document and the event stream.
+
+``Status`` is the only place the update status changes; every change is pushed to
+the sinks (the status file, MQTT) so dashboards see the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.agent.discovery import update_payload
+from edge_agent.agent.reconcile import Desired
+
+log = logging.getLogger(__name__)
+
+StateSink = Callable[[dict[str, Any]], None]
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class UpdateStatus(enum.StrEnum):
+    """Where the update machinery is; see docs/ARCHITECTURE.md for the transitions."""
+
+    IDLE = "idle"
+    CHECKING = "checking"
+    AVAILABLE = "available"  # notify mode: an update waits for cmd/install
+    PULLING = "pulling"
+    INSTALLING = "installing"
+    VERIFYING = "verifying"
+    ROLLING_BACK = "rolling_back"
+    ERROR = "error"
+
+
+BUSY = frozenset(
+    {UpdateStatus.PULLING, UpdateStatus.INSTALLING, UpdateStatus.VERIFYING,
+     UpdateStatus.ROLLING_BACK}
+)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class RunningView:
+    """The managed container as shown to dashboards."""
+
+    tag: str | None = None
+    digest: str | None = None
+    container_id: str | None = None
+    status: str = "missing"
+    health: str | None = None
+    started_at: str | None = None
+    restart_count: int = 0
+
+
+@dataclass
+class FallbackView:
+    active: bool = False
+    requested_tag: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class Status:
+    """Everything the state document shows, plus the sinks it is published to."""
+
+    device_id: str
+    image: str
+    desired: Desired | None = None
+    running: RunningView = field(default_factory=RunningView)
+    fallback: FallbackView = field(default_factory=FallbackView)
+    update_status: UpdateStatus = UpdateStatus.IDLE
+    progress: float | None = None
+    latest_version: str | None = None
+    last_check_at: str | None = None
+    last_success_at: str | None = None
+    last_error: str | None = None
+    state_sinks: list[StateSink] = field(default_factory=list)
+    event_sinks: list[EventSink] = field(default_factory=list)
+    last_published: float = 0.0
+
+    def set_update(
+        self, status: UpdateStatus, *, progress: float | None = None, error: str | None = None
+    ) -> None:
+        """Move the update status; the one place it changes. Publishes the new state."""
+        if status is not self.update_status:
+            log.debug("update status %s -> %s", self.update_status, status)
+        self.update_status = status
+        self.progress = progress
+        if error is not None:
+            self.last_error = error
+        self.publish()
+
+    def event(self, name: str, request_id: str | None = None, **fields: Any) -> None:
+        """Emit one event to every sink, stamped with time and the request it answers."""
+        body: dict[str, Any] = {"event": name, "ts": utc_now(), "device_id": self.device_id}
+        if request_id is None and self.desired is not None:
+            request_id = self.desired.request_id
+        if request_id is not None:
+            body["request_id"] = request_id
+        body.update(fields)
+        for sink in self.event_sinks:
+            _call_sink(sink, body)
+
+    def publish(self) -> None:
+        """Push the state document to every sink."""
+        self.last_published = time.monotonic()
+        document = self.document()
+        for sink in self.state_sinks:
+            _call_sink(sink, document)
+
+    def document(self) -> dict[str, Any]:
+        """The state JSON of SPEC section 6, Home Assistant's update keys included."""
+        desired = self.desired
+        in_progress = self.update_status in BUSY
+        pending = in_progress or self.update_status is UpdateStatus.AVAILABLE
+        installed = self.running.tag
+        target = self.latest_version or (desired.tag if desired else None)
+        latest = target
+        if self.fallback.active:
+            latest = installed
+        return {
+            "device_id": self.device_id,
+            "agent_version": __version__,
+            "ts": utc_now(),
+            "image": self.image,
+            "desired": {
+                "tag": desired.tag if desired else None,
+                "source": str(desired.source) if desired else None,
+                "group": desired.detail if desired else None,
+                "request_id": desired.request_id if desired else None,
+            },
+            "running": vars(self.running).copy(),
+            "fallback": vars(self.fallback).copy(),
+            "update": {
+                "status": str(self.update_status),
+                "progress": self.progress,
+                "last_check_at": self.last_check_at,
+                "last_success_at": self.last_success_at,
+                "last_error": self.last_error,
+            },
+            "installed_version": installed,
+            "latest_version": latest,
+            "in_progress": in_progress,
+            "update_percentage": self.progress if in_progress else None,
+            # what the Home Assistant update entity is given (edge_agent/discovery.py); an
+            # update that waits or runs shows its real target, fallback or not
+            "home_assistant": update_payload(installed, target if pending else latest,
+                                             pending=pending,
+                                             in_progress=in_progress,
+                                             percentage=self.progress),
+        }
+
+
+def _call_sink(sink: Callable[[dict[str, Any]], None], body: dict[str, Any]) -> None:
+    """A failing sink (broker gone, disk full) must never break an update."""
+    try:
+        sink(body)
+    except Exception as exc:  # noqa: BLE001 - sinks are plug-ins; one failing must not stop the rest
+        log.warning("could not publish %s: %s", body.get("event", "state"), exc)

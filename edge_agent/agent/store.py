@@ -1,0 +1,270 @@
+"""Everything the agent keeps in DATA_DIR: the tag file, the run config and its own state.
+
+All writes are atomic (temp file, fsync, rename, fsync of the directory) so a power
+loss leaves either the old or the new content, never a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
+
+from edge_agent.protocol.errors import RunConfigError, StorageError, TagError
+from edge_agent.protocol.tags import validate_tag
+
+log = logging.getLogger(__name__)
+
+TAG_FILE = "tag"
+RUN_CONFIG_FILE = "docker_config.json"
+STATE_FILE = "state.json"
+STATUS_FILE = "status.json"
+MAX_FILE_BYTES = 1 << 20
+
+# Set by the agent itself; a value in docker_config.json is dropped with a warning.
+AGENT_OWNED_KWARGS = frozenset({"detach", "name", "image"})
+# containers.run arguments that only make sense for a foreground run.
+FOREGROUND_ONLY_KWARGS = frozenset({"remove", "stdout", "stderr", "stream"})
+# Everything docker-py's containers.run forwards to create/host config.
+ACCEPTED_KWARGS = (
+    frozenset(RUN_CREATE_KWARGS) | frozenset(RUN_HOST_CONFIG_KWARGS)
+    | {"ports", "volumes", "network", "networking_config"}
+) - AGENT_OWNED_KWARGS - {"version"}
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new bytes, nothing else.
+
+    ``durable=False`` skips the fsyncs: for derived files rewritten often (status.json),
+    where flash wear matters more than surviving a power cut.
+    """
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                if durable:
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if not durable:
+            return
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read_small(path: Path) -> bytes | None:
+    """Read a file of at most MAX_FILE_BYTES; None when it does not exist."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise StorageError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    return data
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Validated ``containers.run`` keyword arguments and a hash that identifies them."""
+
+    kwargs: dict[str, Any]
+    digest: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class ImageRef:
+    """An image the agent has run: the tag asked for, the registry digest and local id."""
+
+    tag: str
+    digest: str | None
+    image_id: str
+
+
+@dataclass
+class PendingUpdate:
+    """Journal of an update in flight, so a crash at any step can be finished or undone."""
+
+    step: str
+    target: ImageRef
+    old_container_id: str | None
+    new_container_id: str | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class AgentState:
+    """What the agent remembers across restarts."""
+
+    applied: ImageRef | None = None
+    previous: ImageRef | None = None
+    failed: list[dict[str, str]] = field(default_factory=list)
+    pending: PendingUpdate | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": 1, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> AgentState:
+        if not isinstance(obj, dict) or obj.get("version") != 1:
+            raise ValueError("not a version 1 state object")
+
+        def image(value: Any) -> ImageRef | None:
+            return None if value is None else ImageRef(**value)
+
+        pending_raw = obj.get("pending")
+        pending = None
+        if pending_raw is not None:
+            pending = PendingUpdate(
+                step=str(pending_raw["step"]),
+                target=ImageRef(**pending_raw["target"]),
+                old_container_id=pending_raw.get("old_container_id"),
+                new_container_id=pending_raw.get("new_container_id"),
+                request_id=pending_raw.get("request_id"),
+            )
+        failed = [
+            {str(k): str(v) for k, v in item.items()} for item in obj.get("failed", [])
+        ]
+        return cls(
+            applied=image(obj.get("applied")),
+            previous=image(obj.get("previous")),
+            failed=failed,
+            pending=pending,
+        )
+
+
+class DataDir:
+    """The agent's files in DATA_DIR."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    # -- tag file -----------------------------------------------------------------
+    def read_tag(self) -> str | None:
+        """The tag in the tag file; None when absent. Raises TagError for bad content."""
+        data = _read_small(self.path / TAG_FILE)
+        if data is None:
+            return None
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise TagError("tag file is not UTF-8 text") from None
+        if not text:
+            return None
+        if "\n" in text:
+            raise TagError("tag file must hold one line")
+        return validate_tag(text)
+
+    def write_tag(self, tag: str | None) -> None:
+        """Persist the effective desired tag; None removes the file."""
+        path = self.path / TAG_FILE
+        if tag is None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot remove {path}: {exc.strerror}") from None
+            return
+        atomic_write(path, (validate_tag(tag) + "\n").encode())
+
+    # -- docker_config.json -------------------------------------------------------
+    def read_run_config(self) -> RunConfig:
+        """Read and validate docker_config.json; a missing file means no extra arguments."""
+        path = self.path / RUN_CONFIG_FILE
+        try:
+            data = _read_small(path)
+        except StorageError as exc:
+            raise RunConfigError(str(exc)) from None
+        if data is None:
+            return parse_run_config({})
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RunConfigError(f"{path} is not valid JSON: {exc}") from None
+        return parse_run_config(obj)
+
+    # -- the agent's own state ----------------------------------------------------
+    def load_state(self) -> AgentState:
+        """The remembered state; a missing or damaged file starts fresh (and says so)."""
+        path = self.path / STATE_FILE
+        try:
+            data = _read_small(path)
+        except StorageError as exc:
+            log.error("%s; starting from what Docker shows", exc)
+            return AgentState()
+        if data is None:
+            return AgentState()
+        try:
+            return AgentState.from_json(json.loads(data))
+        except (ValueError, TypeError, KeyError) as exc:
+            log.error("state file %s is damaged (%s); starting from what Docker shows", path, exc)
+            return AgentState()
+
+    def save_state(self, state: AgentState) -> None:
+        atomic_write(self.path / STATE_FILE, json.dumps(state.to_json(), indent=1).encode())
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """The latest published state document, for standalone use and the healthcheck."""
+        atomic_write(self.path / STATUS_FILE, json.dumps(status, indent=1).encode(), durable=False)
+
+    def read_status(self) -> dict[str, Any] | None:
+        data = _read_small(self.path / STATUS_FILE)
+        if data is None:
+            return None
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
+        return obj if isinstance(obj, dict) else None
+
+
+def parse_run_config(obj: Any) -> RunConfig:
+    """Validate ``containers.run`` kwargs: unknown or foreground-only keys are refused."""
+    if not isinstance(obj, dict):
+        raise RunConfigError("docker_config.json must hold a JSON object of containers.run args")
+    kwargs = dict(obj)
+    warnings = []
+    for key in sorted(AGENT_OWNED_KWARGS & kwargs.keys()):
+        warnings.append(f"docker_config.json: {key!r} is set by the agent; ignored")
+        del kwargs[key]
+    foreground = sorted(FOREGROUND_ONLY_KWARGS & kwargs.keys())
+    if foreground:
+        raise RunConfigError(
+            f"docker_config.json: {', '.join(foreground)} cannot be used for a detached container"
+        )
+    unknown = sorted(kwargs.keys() - ACCEPTED_KWARGS)
+    if unknown:
+        raise RunConfigError(
+            f"docker_config.json: unknown containers.run argument(s): {', '.join(unknown)}"
+        )
+    labels = kwargs.get("labels")
+    if labels is not None and not isinstance(labels, dict | list):
+        raise RunConfigError("docker_config.json: 'labels' must be an object or a list")
+    canonical = json.dumps(kwargs, sort_keys=True, separators=(",", ":"))
+    return RunConfig(
+        kwargs=kwargs,
+        digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,450 @@
+"""Carries out SPEC section 5: check, pull, swap, verify, commit or roll back, recover.
+
+The update is journalled in the agent state before every step that changes Docker,
+and the container names tell the rest: ``<name>-next`` is a new container not yet in
+place, ``<name>-previous`` the old one kept until the new one has proven itself.
+After a crash, ``recover()`` finishes or undoes whatever it finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.agent.config import Settings
+from edge_agent.agent.engine import (
+    LABEL_CONFIG,
+    LABEL_DIGEST,
+    LABEL_TAG,
+    ContainerInfo,
+    Engine,
+    ImageInfo,
+)
+from edge_agent.agent.reconcile import (
+    Action,
+    Desired,
+    Probe,
+    Running,
+    Target,
+    Verdict,
+    decide,
+    judge,
+)
+from edge_agent.agent.registry import RegistryClient
+from edge_agent.agent.status import FallbackView, RunningView, Status, UpdateStatus, utc_now
+from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
+from edge_agent.protocol.errors import (
+    DockerOperationError,
+    ManifestUnknown,
+    RegistryError,
+    RunConfigError,
+)
+from edge_agent.protocol.tags import is_digest
+
+log = logging.getLogger(__name__)
+
+VERIFY_POLL_S = 0.2
+# Fault injection for the crash tests: SIGKILL ourselves when this step is reached.
+KILL_AT_ENV = "EDGE_AGENT_TEST_KILL_AT"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What a check did, for the caller (and the bridge's ?wait) to report."""
+
+    action: Action
+    outcome: str  # "unchanged", "started", "updated", "rolled_back", "available", "skipped"
+    target: Target
+
+
+class Updater:
+    """Keeps the container named ``settings.container_name`` at the desired target."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: RegistryClient,
+        data: DataDir,
+        state: AgentState,
+        status: Status,
+        should_abort: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.registry = registry
+        self.data = data
+        self.state = state
+        self.status = status
+        self.should_abort = should_abort
+        self.name = settings.container_name
+        self.next_name = f"{self.name}-next"
+        self.previous_name = f"{self.name}-previous"
+        self._kill_at = os.environ.get(KILL_AT_ENV)
+        self._recovered = False
+        # Images of this repository other than current and previous may be lying around:
+        # at start, and after any update that did not commit (rollback, crash, bad config).
+        self._prune_due = True
+
+    # -- check ------------------------------------------------------------------
+    def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
+        """One reconcile pass. Raises RegistryError, RunConfigError, Docker errors."""
+        if not self._recovered or self.state.pending is not None:
+            # At start, and after an update that a fault (daemon gone, disk error) broke off.
+            self.recover()
+            self._recovered = True
+        self.status.last_check_at = utc_now()
+        self.status.set_update(UpdateStatus.CHECKING)
+        # A failed digest is only remembered for the desired tag it failed under.
+        self.state.failed = [f for f in self.state.failed if f.get("desired") == desired.tag]
+        run_config = self.data.read_run_config()
+        self.engine.validate_run_kwargs(run_config.kwargs)
+        for warning in run_config.warnings:
+            log.warning("%s", warning)
+        current = self.engine.container(self.name)
+        self.status.running = self.view(current)
+        target = self._resolve_target(desired)
+        self._show_fallback(desired, target)
+        failed = frozenset(f["digest"] for f in self.state.failed)
+        action = decide(target, self._running(current), run_config.digest, failed)
+
+        if action is Action.NOTHING:
+            self._remember_applied(target, current)
+            if self._prune_due and current is not None and current.running:
+                self._prune()
+            self._finish_check(latest=target.tag, error=target.registry_error)
+            return CheckResult(action, "unchanged", target)
+        if action is Action.START:
+            assert current is not None
+            log.warning("container %s is %s; starting it", self.name, current.status)
+            self.status.event("container_exited", status=current.status,
+                              exit_code=current.exit_code, action="started")
+            self.engine.start(current.id)
+            self._finish_check(latest=target.tag)
+            return CheckResult(action, "started", target)
+        if action is Action.SKIP_FAILED:
+            self._finish_check(
+                latest=target.tag,
+                error=f"{target.tag} ({target.digest}) failed verification before; "
+                "waiting for a new digest or desired tag",
+            )
+            return CheckResult(action, "skipped", target)
+        if self.settings.update_mode == "notify" and not install:
+            log.info("update to %s available; waiting for install", target.tag)
+            self.status.latest_version = target.tag
+            self.status.set_update(UpdateStatus.AVAILABLE)
+            return CheckResult(action, "available", target)
+        outcome = self._update(desired, target, current, run_config)
+        return CheckResult(action, outcome, target)
+
+    def _finish_check(self, *, latest: str, error: str | None = None) -> None:
+        self.status.latest_version = latest
+        self.status.last_error = error
+        self.observe()
+        self.status.set_update(UpdateStatus.IDLE)
+
+    def _resolve_target(self, desired: Desired) -> Target:
+        """Ask the registry what to run; fall back or use a local image when it cannot say."""
+        tag = desired.tag
+        if is_digest(tag) and self._local_image(tag) is not None:
+            return Target(tag, tag)  # a pinned digest that is already here cannot have moved
+        try:
+            return Target(tag, self.registry.digest(tag))
+        except ManifestUnknown:
+            local = self._local_image(tag)
+            if local is not None:
+                log.info("%s is not in the registry but exists locally; using it", tag)
+                return Target(tag, None)
+            fallback = self.settings.fallback_tag
+            if not fallback or fallback == tag:
+                raise
+            reason = f"tag {tag} not found in registry (manifest unknown)"
+            return Target(fallback, self.registry.digest(fallback), fallback_reason=reason)
+        except RegistryError as exc:
+            if self._local_image(tag) is None:
+                raise
+            log.warning("%s; deciding with the local image of %s", exc, tag)
+            return Target(tag, None, registry_error=str(exc))
+
+    def _local_image(self, tag: str) -> ImageInfo | None:
+        separator = "@" if is_digest(tag) else ":"
+        return self.engine.image(f"{self.settings.repository}{separator}{tag}")
+
+    def _show_fallback(self, desired: Desired, target: Target) -> None:
+        if target.fallback_reason is None:
+            self.status.fallback = FallbackView()
+            return
+        already = self.status.fallback
+        self.status.fallback = FallbackView(True, desired.tag, target.fallback_reason)
+        if not already.active or already.requested_tag != desired.tag:
+            log.warning("fallback: %s; running %s", target.fallback_reason, target.tag)
+            self.status.event("fallback", requested_tag=desired.tag, tag=target.tag,
+                              reason=target.fallback_reason)
+
+    def _running(self, container: ContainerInfo | None) -> Running | None:
+        if container is None:
+            return None
+        digests = set()
+        if LABEL_DIGEST in container.labels:
+            digests.add(container.labels[LABEL_DIGEST])
+        image = self.engine.image(container.image_id)
+        if image is not None:
+            digests |= image.digests_for(self.settings.repository)
+        return Running(
+            digests=frozenset(digests),
+            tag=container.tag,
+            config_digest=container.config_digest,
+            running=container.running,
+        )
+
+    def _remember_applied(self, target: Target, container: ContainerInfo | None) -> None:
+        """Adopted or unchanged: make the state say what runs (e.g. after adopting)."""
+        if container is None:
+            return
+        applied = self.state.applied
+        if applied is None or applied.image_id != container.image_id or applied.tag != target.tag:
+            self.state.applied = ImageRef(target.tag, target.digest, container.image_id)
+            self.data.save_state(self.state)
+
+    # -- update -----------------------------------------------------------------
+    def _update(
+        self, desired: Desired, target: Target, current: ContainerInfo | None,
+        run_config: RunConfig,
+    ) -> str:
+        from_tag = self.status.running.tag
+        log.info("updating %s: %s -> %s (%s)", self.name, from_tag, target.tag, target.digest)
+        self.status.event("update_started", from_tag=from_tag, to_tag=target.tag,
+                          digest=target.digest)
+        self.status.last_error = None
+        # Home Assistant shows "up to date" when latest == installed, even in progress.
+        self.status.latest_version = target.tag
+        self._prune_due = True  # cleared by the prune of a commit
+        image = self._ensure_image(target)
+        ref = ImageRef(target.tag, target.digest, image.id)
+        self.state.pending = PendingUpdate(
+            step="creating", target=ref, old_container_id=current.id if current else None,
+            request_id=desired.request_id,
+        )
+        self.data.save_state(self.state)
+        self.status.set_update(UpdateStatus.INSTALLING)
+        self._remove_named(self.next_name)
+        labels = {LABEL_TAG: target.tag, LABEL_CONFIG: run_config.digest}
+        if target.digest:
+            labels[LABEL_DIGEST] = target.digest
+        try:
+            new_id = self.engine.create(self._reference(target), self.next_name,
+                                        run_config.kwargs, labels)
+        except RunConfigError:
+            self.state.pending = None
+            self.data.save_state(self.state)
+            raise
+        self.state.pending.new_container_id = new_id
+        self.state.pending.step = "swapping"
+        self.data.save_state(self.state)
+        self._failpoint("created")
+        # Renames first, while the old container still serves: the downtime is only
+        # the gap between stopping the old container and starting the new one.
+        if current is not None:
+            self.engine.rename(current.id, self.previous_name)
+            self._failpoint("renamed_old")
+        self.engine.rename(new_id, self.name)
+        self._failpoint("renamed_new")
+        if current is not None and current.running:
+            self.engine.stop(current.id)
+            self._failpoint("stopped")
+        self.engine.start(new_id)
+        self.state.pending.step = "verifying"
+        self.data.save_state(self.state)
+        self._failpoint("started")
+        return self._verify_and_settle(new_id, current.id if current else None)
+
+    def _ensure_image(self, target: Target) -> ImageInfo:
+        """The local image for ``target``, pulled (with progress) when not already here."""
+        repo = self.settings.repository
+        if target.digest is None:
+            local = self._local_image(target.tag)
+            if local is None:
+                raise DockerOperationError(f"no local image for {repo}:{target.tag}")
+            return local
+        local = self.engine.image(f"{repo}@{target.digest}")
+        if local is not None and (is_digest(target.tag) or self._tag_points_at(target, local)):
+            return local
+        self.status.set_update(UpdateStatus.PULLING, progress=0.0)
+
+        def on_progress(percent: float) -> None:
+            self._failpoint("pulling")
+            self.status.progress = percent
+            self.status.event("pull_progress", tag=target.tag, progress=percent)
+            self.status.publish()
+
+        return self.engine.pull(repo, target.tag, on_progress, self.should_abort)
+
+    def _reference(self, target: Target) -> str:
+        """How the container names its image: by digest when known (exact, and what
+        ``docker ps`` shows an operator), else by tag (a local-only image)."""
+        if target.digest:
+            return f"{self.settings.repository}@{target.digest}"
+        return f"{self.settings.repository}:{target.tag}"
+
+    def _tag_points_at(self, target: Target, image: ImageInfo) -> bool:
+        return f"{self.settings.repository}:{target.tag}" in image.tags
+
+    def _verify_and_settle(self, new_id: str, old_id: str | None) -> str:
+        verdict, reason = self._verify(new_id)
+        if verdict is Verdict.WAIT:
+            log.info("stopping during verification; it resumes at the next start")
+            return "interrupted"
+        if verdict is Verdict.HEALTHY:
+            self._commit(new_id, old_id)
+            return "updated"
+        self._rollback(new_id, old_id, reason)
+        return "rolled_back"
+
+    def _verify(self, container_id: str) -> tuple[Verdict, str]:
+        """Watch the new container until it proves itself, fails, or we must stop."""
+        self.status.set_update(UpdateStatus.VERIFYING)
+        first = self.engine.container(container_id)
+        if first is None:
+            return Verdict.FAILED, "container disappeared"
+        started = time.monotonic()
+        while True:
+            info = self.engine.container(container_id)
+            if info is None:
+                return Verdict.FAILED, "container disappeared"
+            probe = Probe(info.status, info.health, info.restart_count,
+                          time.monotonic() - started)
+            verdict, reason = judge(
+                probe, has_healthcheck=info.has_healthcheck,
+                initial_restarts=first.restart_count,
+                timeout_s=self.settings.health_timeout_s,
+            )
+            if verdict is not Verdict.WAIT:
+                log.info("verification of %s: %s (%s)", self.name, verdict, reason)
+                return verdict, reason
+            if self.should_abort():
+                return Verdict.WAIT, "interrupted"
+            time.sleep(VERIFY_POLL_S)
+
+    def _commit(self, new_id: str, old_id: str | None) -> None:
+        pending = self.state.pending
+        assert pending is not None
+        old = self.engine.container(old_id) if old_id else None
+        if old is not None:
+            self.engine.remove(old.id)
+            if old.image_id != pending.target.image_id:
+                shown = self.view(old)
+                self.state.previous = ImageRef(shown.tag or "unknown", shown.digest, old.image_id)
+        self.state.applied = pending.target
+        self.state.pending = None
+        self.data.save_state(self.state)
+        self.status.last_success_at = utc_now()
+        self.status.latest_version = pending.target.tag
+        self.observe()
+        self.status.set_update(UpdateStatus.IDLE)
+        self.status.event("update_succeeded", tag=pending.target.tag, digest=pending.target.digest,
+                          container_id=new_id, request_id=pending.request_id)
+        self._prune()
+
+    def _rollback(self, new_id: str, old_id: str | None, reason: str) -> None:
+        pending = self.state.pending
+        assert pending is not None
+        log.error("update to %s failed verification (%s); rolling back", pending.target.tag, reason)
+        self.status.set_update(UpdateStatus.ROLLING_BACK)
+        self.engine.remove(new_id)
+        if old_id is not None:
+            self.engine.rename(old_id, self.name)
+            self.engine.start(old_id)
+        desired = self.status.desired
+        self.state.failed.append({
+            "desired": desired.tag if desired else pending.target.tag,
+            "digest": pending.target.digest or pending.target.image_id,
+            "reason": reason,
+        })
+        self.state.pending = None
+        self.data.save_state(self.state)
+        self.status.last_error = f"update to {pending.target.tag} rolled back: {reason}"
+        self.observe()
+        self.status.set_update(UpdateStatus.IDLE)
+        self.status.event("rolled_back", tag=pending.target.tag, digest=pending.target.digest,
+                          reason=reason, restored=old_id is not None,
+                          request_id=pending.request_id)
+
+    def _prune(self) -> None:
+        """Keep the current and previous images of the repository; remove the others."""
+        self._prune_due = False
+        keep = {ref.image_id for ref in (self.state.applied, self.state.previous) if ref}
+        for image in self.engine.repository_images(self.settings.repository):
+            if image.id not in keep:
+                self.engine.remove_image_refs(image, self.settings.repository)
+
+    # -- recovery ---------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish or undo an update that a crash interrupted (SPEC section 5 step 5)."""
+        current = self.engine.container(self.name)
+        previous = self.engine.container(self.previous_name)
+        upcoming = self.engine.container(self.next_name)
+        if previous is None and upcoming is None:
+            if self.state.pending is not None:
+                self.state.pending = None
+                self.data.save_state(self.state)
+            return
+        log.warning("found an interrupted update (%s); recovering",
+                    ", ".join(c.name for c in (current, previous, upcoming) if c))
+        if upcoming is not None:
+            self.engine.remove(upcoming.id)
+        if previous is not None and current is None:
+            self.engine.rename(previous.id, self.name)
+            if not previous.running:
+                self.engine.start(previous.id)
+        elif previous is not None and current is not None:
+            if current.status == "created" or self.state.pending is None:
+                # The new container never ran: put the old one back; the next check redoes it.
+                self.engine.remove(current.id)
+                self.engine.rename(previous.id, self.name)
+                if not previous.running:
+                    self.engine.start(previous.id)
+            else:
+                if previous.running:
+                    self.engine.stop(previous.id)
+                if not current.running:
+                    self.engine.start(current.id)
+                self._verify_and_settle(current.id, previous.id)
+        self.state.pending = None
+        self.data.save_state(self.state)
+
+    # -- observation --------------------------------------------------------------
+    def observe(self) -> ContainerInfo | None:
+        """Refresh the running view of the state document from Docker."""
+        info = self.engine.container(self.name)
+        self.status.running = self.view(info)
+        return info
+
+    def view(self, info: ContainerInfo | None) -> RunningView:
+        if info is None:
+            return RunningView()
+        applied = self.state.applied
+        matches = applied is not None and applied.image_id == info.image_id
+        return RunningView(
+            tag=applied.tag if applied and matches else info.tag,
+            digest=(applied.digest if applied and matches else None)
+            or info.labels.get(LABEL_DIGEST),
+            container_id=info.id,
+            status=info.status,
+            health=info.health,
+            started_at=info.started_at,
+            restart_count=info.restart_count,
+        )
+
+    def _remove_named(self, name: str) -> None:
+        stale = self.engine.container(name)
+        if stale is not None:
+            self.engine.remove(stale.id)
+
+    def _failpoint(self, step: str) -> None:
+        if self._kill_at == step:
+            log.warning("%s=%s: killing the agent now", KILL_AT_ENV, step)
+            os.kill(os.getpid(), signal.SIGKILL)

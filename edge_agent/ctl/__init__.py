@@ -1,0 +1,1 @@
+"""``edge-ctl``: the operator's command line for a fleet, over MQTT."""

@@ -1,0 +1,7 @@
+"""``python -m edge_agent.ctl``."""
+
+import sys
+
+from edge_agent.ctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Where the agent answers MQTT 5 requests: only below its own
+``P/devices/<id>/reply/``. A Response Topic naming anything else (its own state,
+availability or discovery topic, which the ACL lets it write; another device's topics;
+wildcards) is ignored with one warning per topic, and the command still runs.
+
+The rule is fuzzed here (pure); the agent is then tested as a process on a real
+Mosquitto (the shipped config and ACL), the real Docker daemon and the test registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.agent.config import load_settings
+from edge_agent.agent.discovery import discovery_topic
+from edge_agent.agent.link import MqttLink
+from edge_agent.protocol.topics import Topics
+from tests.support.agent_process import AgentProcess
+from tests.support.broker import Broker, MqttWatcher
+from tests.support.device import Device, publish
+
+T = Topics("edge")
+ROOT = "edge/devices/dev1/reply/"
+OPERATOR = "ops"
+
+
+# -- the rule (pure) ----------------------------------------------------------------------
+def test_replies_go_only_below_the_devices_own_reply_subtree() -> None:
+    for good in (T.reply("dev1", "abc"), ROOT + "ops-cli", ROOT + "a/b/c",
+                 ROOT + "caf\u00e9", ROOT + "a.b", ROOT + "...", ROOT + "x" * 1000):
+        assert T.is_reply_topic("dev1", good), good
+    for bad in (T.state("dev1"), T.availability("dev1"), T.events("dev1"),
+                T.device_tag("dev1"), T.device_check("dev1"), discovery_topic("dev1"),
+                T.reply("dev2", "abc"), T.reply("dev10", "abc"), "edge", "edge/",
+                ROOT, ROOT[:-1], ROOT + "/", ROOT + "a//b", ROOT + "a/", ROOT + "..",
+                ROOT + "../state", ROOT + "./x", ROOT + "+", ROOT + "#", ROOT + "a/+/b",
+                ROOT + "a\x00b", ROOT + "a\x1b[2J", ROOT + "a\nb", ROOT + "\x85",
+                "other/devices/dev1/reply/abc", "/edge/devices/dev1/reply/abc",
+                "EDGE/devices/dev1/reply/abc", ROOT + "x" * 65535, ROOT + "\ud800",
+                None, 5, b"edge/devices/dev1/reply/abc"):
+        assert not T.is_reply_topic("dev1", bad), bad
+
+
+LEVELS = st.one_of(st.sampled_from(["", ".", "..", "+", "#", "a+", "#b", "\x00", "dev1",
+                                    "reply", "state", "edge", "devices", "dev2", "x\x1b"]),
+                   st.text(max_size=8))
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=st.lists(LEVELS, max_size=5), tail=st.lists(LEVELS, max_size=4),
+       own=st.booleans())
+def test_the_reply_rule_holds_for_any_topic(head: list[str], tail: list[str], own: bool) -> None:
+    topic = ROOT + "/".join(tail) if own else "/".join(head + tail)
+    accepted = T.is_reply_topic("dev1", topic)
+    if accepted:  # then it is below the device's root, and every level is a plain name
+        assert topic.startswith(ROOT)
+        levels = topic[len(ROOT):].split("/")
+        assert all(level and level not in (".", "..") for level in levels)
+        assert not set(topic) & {"+", "#", "\x00"}
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in topic)
+    # the converse: a plain name below the root is accepted
+    if own and tail and all(re.fullmatch(r"[A-Za-z0-9_.-]+", x) and x not in (".", "..")
+                            for x in tail):
+        assert accepted
+    # nothing of another device, and nothing above the root, whatever the levels
+    assert not T.is_reply_topic("dev1", "edge/devices/dev2/reply/" + "/".join(tail))
+    assert not T.is_reply_topic("dev1", "/".join(head)) or "/".join(head).startswith(ROOT)
+
+
+def _command(response: str, correlation: bytes = b"c1") -> MQTTMessage:
+    message = MQTTMessage(topic=b"edge/devices/dev1/cmd/check")
+    message.payload = b'{"request_id": "r1"}'
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ResponseTopic = response
+    properties.CorrelationData = correlation
+    message.properties = properties
+    return message
+
+
+def test_the_agent_warns_once_per_topic_and_still_runs_the_command(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"CONTAINER_IMAGE": "127.0.0.1:1/none/app:1.0", "DATA_DIR": str(tmp_path),
+           "DEVICE_ID": "dev1", "MQTT_HOST": "127.0.0.1"}
+    inbox: queue.Queue[Any] = queue.Queue()
+    link = MqttLink(load_settings(env), inbox)
+    caplog.set_level(logging.DEBUG, logger="edge_agent.agent.link")
+    for _ in range(3):
+        assert link._reply_for(_command(T.state("dev1"))) is None
+        assert link._reply_for(_command(T.availability("dev1"))) is None
+    assert link._reply_for(_command(T.reply("dev1", "ok"))) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # one per distinct topic, not per command
+    assert "'edge/devices/dev1/state'" in warnings[0] and ROOT in warnings[0]
+    # the command itself is routed, unanswered
+    link._on_message(None, _command(T.state("dev1")))  # type: ignore[arg-type]
+    request = inbox.get_nowait()
+    assert (request.request_id, request.reply) == ("r1", None)
+    # many distinct bad topics: bounded memory, and the log stays quiet after the first ones
+    for i in range(500):
+        link._reply_for(_command(f"edge/devices/dev1/state/{i}"))
+    assert len(link._refused_reply_topics) <= 100
+
+
+# -- a real agent on the shipped broker -------------------------------------------------
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Broker]:
+    with Broker() as started:
+        started.add_operator(OPERATOR)
+        yield started
+
+
+def ask(ops: MqttWatcher, command_topic: str, response_topic: str, correlation: bytes) -> None:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.ResponseTopic = response_topic
+    properties.CorrelationData = correlation
+    ops.publish(command_topic, json.dumps({"request_id": correlation.decode()}),
+                properties=properties)
+
+
+@pytest.mark.broker
+def test_a_response_topic_on_the_devices_own_topics_is_never_written(
+    broker: Broker, unique_repo: str, container_name: str, tmp_path: Path, test_id: str,
+) -> None:
+    publish(unique_repo, "1.0", f"1.0 {container_name}")
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    name = device.name
+    t = Topics(f"r{test_id}")
+    broker.add_device(name)
+    env = device.agent_env(**{"CONTAINER_IMAGE": f"{unique_repo}:1.0", "HEALTH_TIMEOUT": "1",
+                              "FALLBACK_TAG": "", "TELEMETRY_INTERVAL": "60",
+                              "HA_DISCOVERY": "true", **broker.agent_env(name, t.prefix)})
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    ops = MqttWatcher(broker.settings(OPERATOR, prefix=t.prefix),
+                      [f"{t.prefix}/#", discovery_topic(name)]).start()
+    try:
+        ops.wait_for(t.state(name), lambda m: m.json()["update"]["status"] == "idle"
+                     and m.json()["running"]["status"] == "running", timeout=60)
+        own = (t.state(name), t.availability(name), discovery_topic(name), t.events(name))
+        mark = time.monotonic()
+        # a command whose Response Topic is the device's own state topic still runs...
+        ask(ops, t.device_check(name), t.state(name), b"bad-state")
+        ops.wait_for(t.state(name), lambda m: m.json()["update"]["status"] == "checking",
+                     since=mark, timeout=60, message="the check of the first command")
+        for round_ in range(2):  # ...as do the others; the same topics again: no 2nd warning
+            for i, topic in enumerate(own):
+                ask(ops, t.device_check(name), topic, f"bad-{round_}-{i}".encode())
+        # positive control, last: its answer arrives on the reply subtree
+        ask(ops, t.device_check(name), t.reply(name, "ops"), b"good")
+        answer = ops.wait_for(t.reply(name, "ops"), timeout=60)
+        assert answer.json()["request_id"] == "good" and answer.json()["ok"] is True
+        time.sleep(1.0)  # anything late would be here now
+        for topic in own:
+            written = [m for m in ops.on(topic) if m.at >= mark and m.properties is not None
+                       and getattr(m.properties, "CorrelationData", None) is not None]
+            assert written == [], (topic, [m.text for m in written])
+        assert all(m.text in ("online", "offline") for m in ops.on(t.availability(name)))
+        assert all("request_id" not in m.json() or "device_id" in m.json()
+                   for m in ops.on(t.state(name)))
+
+        # what the broker keeps for the next subscriber is still the device's own
+        fresh = MqttWatcher(broker.settings(OPERATOR, prefix=t.prefix),
+                            [t.state(name), t.availability(name), discovery_topic(name)]).start()
+        try:
+            state = fresh.wait_for(t.state(name), timeout=10).json()
+            assert state["device_id"] == name and "outcome" not in state
+            assert fresh.wait_for(t.availability(name), timeout=10).text == "online"
+            assert "unique_id" in fresh.wait_for(discovery_topic(name), timeout=10).json()
+        finally:
+            fresh.close()
+        warnings = [line for line in agent.log().splitlines() if "WARNING" in line]
+        for topic in own:
+            said = [line for line in warnings if f"ignored the response topic {topic!r}" in line]
+            assert len(said) == 1, warnings
+    finally:
+        ops.close()
+        agent.stop(signal.SIGTERM)
+        print(agent.log()[-4000:])
