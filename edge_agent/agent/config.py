@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.protocol.errors import ConfigError, TagError
+from edge_agent.protocol.settings import (
+    MqttSettings,
+    check,
+    mqtt_settings_from,
+    parse_bool,
+    parse_number,
+    topic_prefix,
+)
 from edge_agent.protocol.tags import split_image, validate_tag
 from edge_agent.protocol.topics import ID_PATTERN, ID_RE
 
@@ -60,22 +68,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("LOG_FORMAT", "text", "text, or json for one JSON object per line"),
 )
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Broker connection settings; only present when MQTT_HOST is set."""
-
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    tls: bool
-    ca_file: Path | None
-    cert_file: Path | None
-    key_file: Path | None
-    protocol: str
-    topic_prefix: str
 
 
 @dataclass(frozen=True)
@@ -160,13 +152,13 @@ def _parse(raw: dict[str, str]) -> Settings:
         raise ConfigError(f"CONTAINER_IMAGE: {repository!r} is not a valid repository name")
 
     container_name = raw.get("CONTAINER_NAME") or "edge-app"
-    _check(NAME_RE.fullmatch(container_name), "CONTAINER_NAME", "must be a Docker container name")
+    check(NAME_RE.fullmatch(container_name), "CONTAINER_NAME", "must be a Docker container name")
     device_id = raw.get("DEVICE_ID") or socket.gethostname()
-    _check(ID_RE.fullmatch(device_id), "DEVICE_ID",
+    check(ID_RE.fullmatch(device_id), "DEVICE_ID",
            f"{device_id!r} must match {ID_PATTERN} (one MQTT topic level)")
     groups = tuple(g.strip() for g in raw.get("DEVICE_GROUPS", "").split(",") if g.strip())
     for group in groups:
-        _check(ID_RE.fullmatch(group), "DEVICE_GROUPS", f"group {group!r} must match {ID_PATTERN}")
+        check(ID_RE.fullmatch(group), "DEVICE_GROUPS", f"group {group!r} must match {ID_PATTERN}")
 
     fallback_raw = raw.get("FALLBACK_TAG", "latest").strip()
     fallback_tag: str | None = None
@@ -177,16 +169,14 @@ def _parse(raw: dict[str, str]) -> Settings:
             raise ConfigError(f"FALLBACK_TAG: {exc}") from None
 
     update_mode = (raw.get("UPDATE_MODE") or "auto").strip().lower()
-    _check(update_mode in ("auto", "notify"), "UPDATE_MODE", "must be auto or notify")
+    check(update_mode in ("auto", "notify"), "UPDATE_MODE", "must be auto or notify")
     log_level = (raw.get("LOG_LEVEL") or "INFO").strip().upper()
-    _check(log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL",
+    check(log_level in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL",
            "must be DEBUG, INFO, WARNING or ERROR")
     log_format = (raw.get("LOG_FORMAT") or "text").strip().lower()
-    _check(log_format in ("text", "json"), "LOG_FORMAT", "must be text or json")
+    check(log_format in ("text", "json"), "LOG_FORMAT", "must be text or json")
 
-    prefix = (raw.get("MQTT_TOPIC_PREFIX") or "edge").strip().strip("/")
-    _check(prefix and not set(prefix) & set("#+\x00"), "MQTT_TOPIC_PREFIX",
-           "must be non-empty and free of # and +")
+    prefix = topic_prefix(raw)
 
     return Settings(
         repository=repository,
@@ -199,111 +189,13 @@ def _parse(raw: dict[str, str]) -> Settings:
         fallback_tag=fallback_tag,
         update_mode=update_mode,
         health_timeout_s=parse_number(raw, "HEALTH_TIMEOUT", 60.0, minimum=0.1),
-        mqtt=_mqtt(raw, prefix),
+        mqtt=mqtt_settings_from(raw, prefix),
         telemetry_interval_s=parse_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1),
-        ha_discovery=_bool(raw, "HA_DISCOVERY"),
+        ha_discovery=parse_bool(raw, "HA_DISCOVERY"),
         log_level=log_level,
         log_format=log_format,
         topic_prefix=prefix,
     )
-
-
-def load_mqtt_settings(environ: Mapping[str, str] | None = None) -> MqttSettings:
-    """Broker settings alone (MQTT_* variables), for the bridge and edge-ctl."""
-    raw = dict(os.environ if environ is None else environ)
-    prefix = (raw.get("MQTT_TOPIC_PREFIX") or "edge").strip().strip("/")
-    _check(prefix and not set(prefix) & set("#+\x00"), "MQTT_TOPIC_PREFIX",
-           "must be non-empty and free of # and +")
-    settings = _mqtt(raw, prefix)
-    if settings is None:
-        raise ConfigError("MQTT_HOST: required")
-    return settings
-
-
-def _mqtt(raw: dict[str, str], prefix: str) -> MqttSettings | None:
-    host = raw.get("MQTT_HOST", "").strip()
-    if not host:
-        return None
-    tls = _bool(raw, "MQTT_TLS")
-    port = parse_int(raw, "MQTT_PORT", 8883 if tls else 1883, minimum=1, maximum=65535)
-    password = raw.get("MQTT_PASSWORD") or None
-    password_file = raw.get("MQTT_PASSWORD_FILE")
-    if password_file:
-        try:
-            password = Path(password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"MQTT_PASSWORD_FILE: cannot read: {exc.strerror}") from None
-    protocol = (raw.get("MQTT_PROTOCOL") or "5").strip()
-    _check(protocol in ("5", "3.1.1"), "MQTT_PROTOCOL", "must be 5 or 3.1.1")
-    return MqttSettings(
-        host=host,
-        port=port,
-        username=raw.get("MQTT_USERNAME") or None,
-        password=password,
-        tls=tls,
-        ca_file=_existing_file(raw, "MQTT_CA_FILE"),
-        cert_file=_existing_file(raw, "MQTT_CERT_FILE"),
-        key_file=_existing_file(raw, "MQTT_KEY_FILE"),
-        protocol=protocol,
-        topic_prefix=prefix,
-    )
-
-
-def _check(ok: object, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-def parse_number(
-    raw: Mapping[str, str], name: str, default: float, *, minimum: float,
-    maximum: float = float("inf"),
-) -> float:
-    """The setting ``name`` as a finite float in [minimum, maximum]; ``default`` if unset."""
-    text = raw.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not a number") from None
-    if not minimum <= value <= maximum or value == float("inf"):
-        bound = f"<= {maximum:g}" if maximum != float("inf") else "finite"
-        raise ConfigError(f"{name}: {text!r} must be a number >= {minimum:g} and {bound}")
-    return value
-
-
-def parse_int(raw: Mapping[str, str], name: str, default: int, *, minimum: int,
-              maximum: int) -> int:
-    """The setting ``name`` as a whole number in [minimum, maximum]; ``default`` if unset."""
-    text = raw.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{name}: {text!r} is not a whole number") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: {value} is not in {minimum}-{maximum}")
-    return value
-
-
-def _bool(raw: dict[str, str], name: str) -> bool:
-    text = raw.get(name, "").strip().lower()
-    if text in ("", "0", "false", "no", "off"):
-        return False
-    if text in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"{name}: {text!r} is not a boolean (true/false)")
-
-
-def _existing_file(raw: dict[str, str], name: str) -> Path | None:
-    text = raw.get(name, "").strip()
-    if not text:
-        return None
-    path = Path(text)
-    if not path.is_file():
-        raise ConfigError(f"{name}: {text} is not a readable file")
-    return path
 
 
 def describe_settings(format_row: Callable[[Setting], str]) -> str:

@@ -20,13 +20,13 @@ from docker.models.containers import (  # type: ignore[attr-defined]
     _create_container_args,  # the converter containers.run uses; no public twin
 )
 
-from edge_agent.agent.reconcile import PullProgress
-from edge_agent.protocol.errors import (
+from edge_agent.agent.errors import (
     DockerOperationError,
     DockerUnavailable,
     ManifestUnknown,
     RunConfigError,
 )
+from edge_agent.agent.reconcile import PullProgress
 
 log = logging.getLogger(__name__)
 

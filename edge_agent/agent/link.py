@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.agent.config import MqttSettings, Settings
+from edge_agent.agent.config import Settings
 from edge_agent.agent.discovery import discovery_config
 from edge_agent.agent.loop import (
     CheckRequest,
@@ -41,6 +41,7 @@ from edge_agent.agent.loop import (
 from edge_agent.agent.reconcile import Source
 from edge_agent.protocol.errors import ConfigError, EdgeAgentError
 from edge_agent.protocol.safejson import UntrustedJson, loads_object
+from edge_agent.protocol.settings import MqttSettings
 from edge_agent.protocol.tags import is_request_id
 from edge_agent.protocol.topics import MAX_TOPIC_BYTES, Topics
 

@@ -22,19 +22,14 @@ from typing import Any
 
 from edge_agent.agent.config import Settings
 from edge_agent.agent.engine import Engine
+from edge_agent.agent.errors import ManifestUnknown, RunConfigError, StorageError
 from edge_agent.agent.reconcile import Desired, RemoteTag, Source, backoff_s, resolve_desired
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.status import BUSY, Status, UpdateStatus
 from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
 from edge_agent.logs import REQUEST_ID
-from edge_agent.protocol.errors import (
-    EdgeAgentError,
-    ManifestUnknown,
-    RunConfigError,
-    StorageError,
-    TagError,
-)
+from edge_agent.protocol.errors import EdgeAgentError, TagError
 from edge_agent.protocol.tags import PayloadRejected, parse_tag_payload
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import requests
 from docker import auth as docker_auth
 from docker.errors import DockerException
 
-from edge_agent.protocol.errors import ManifestUnknown, RegistryError
+from edge_agent.agent.errors import ManifestUnknown, RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
-from edge_agent.protocol.errors import RunConfigError, StorageError, TagError
+from edge_agent.agent.errors import RunConfigError, StorageError
+from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import validate_tag
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,12 @@ from edge_agent.agent.engine import (
     Engine,
     ImageInfo,
 )
+from edge_agent.agent.errors import (
+    DockerOperationError,
+    ManifestUnknown,
+    RegistryError,
+    RunConfigError,
+)
 from edge_agent.agent.reconcile import (
     Action,
     Desired,
@@ -37,12 +43,6 @@ from edge_agent.agent.reconcile import (
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.status import FallbackView, RunningView, Status, UpdateStatus, utc_now
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
-from edge_agent.protocol.errors import (
-    DockerOperationError,
-    ManifestUnknown,
-    RegistryError,
-    RunConfigError,
-)
 from edge_agent.protocol.tags import is_digest
 
 log = logging.getLogger(__name__)

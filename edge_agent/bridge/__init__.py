@@ -3,6 +3,6 @@
 The bridge is an MQTT client like any operator tool: it publishes the retained
 desired-tag topics of SPEC section 6 and keeps a device registry from the retained
 ``state`` and ``availability`` topics (``fleet.Fleet``, every field checked by
-``devicedata``). ``server`` serves the HTTP API (``api``) with a small strict HTTP/1.1
+``device_data``). ``server`` serves the HTTP API (``api``) with a small strict HTTP/1.1
 server of its own (``wire``), standard library only.
 """

@@ -22,13 +22,13 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from edge_agent.bridge.devicedata import iso_utc
 from edge_agent.bridge.fleet import Fleet, TooManyWaiters
 from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
+from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class Api:
             raise HttpError(503, str(exc), {"Retry-After": "5"}) from None
 
     def _issued_at(self) -> str:
-        return iso_utc(self._now())
+        return format_utc(self._now())
 
     def _wait_param(self, query: Mapping[str, str]) -> float | None:
         text = query.get("wait")

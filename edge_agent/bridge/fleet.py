@@ -5,7 +5,7 @@ and ``.../events`` (from the MQTT network thread); HTTP threads read snapshots a
 wait on ``Waiter`` objects. All shared data sits behind one lock, held only briefly.
 
 Device data is untrusted: payloads go through the bounded decoder (``safejson``) and
-every field through ``devicedata`` before the bridge keeps it. Each device has a
+every field through ``device_data`` before the bridge keeps it. Each device has a
 budget of bytes per second; past it the bridge keeps only the device's latest state
 (applied by ``flush_pending`` once the device slows down) and drops its events, at
 the cost of a dictionary lookup, so one flooding device cannot delay the others.
@@ -26,15 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_agent.bridge.devicedata import (
-    clean_event,
-    clean_state,
-    dropped_fields,
-    iso_utc,
-    seen_at,
-)
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
+from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
+from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
 
 log = logging.getLogger(__name__)
@@ -172,7 +167,7 @@ class Device:
             "id": self.device_id,
             "online": online,
             "availability": self.availability or "unknown",
-            "last_seen": iso_utc(self.last_seen) if self.last_seen is not None else None,
+            "last_seen": format_utc(self.last_seen) if self.last_seen is not None else None,
             "state": self.state,
             "last_event": self.last_event,
         }

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from paho.mqtt.client import Client, MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
 
-from edge_agent.agent.config import MqttSettings
 from edge_agent.agent.link import connect_client, disconnect_client
+from edge_agent.protocol.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.agent.config import MqttSettings, load_mqtt_settings, parse_int, parse_number
 from edge_agent.protocol.errors import ConfigError
+from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings, parse_int, parse_number
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""One error root for the agent.
+"""The error root of all three programs, and the errors of the shared contract.
 
-Docker and registry failures are translated into these classes once, at the
-module that talks to the outside system, so the rest of the agent never sees
-a ``docker.errors`` or ``urllib`` exception.
+Each program translates failures of the outside systems it talks to into subclasses of
+``EdgeAgentError`` once, where it talks to them (the agent's are in
+``edge_agent/agent/errors.py``).
 """
 
 
@@ -16,27 +16,3 @@ class ConfigError(EdgeAgentError):
 
 class TagError(EdgeAgentError):
     """A tag or a desired-tag payload is not acceptable."""
-
-
-class RunConfigError(EdgeAgentError):
-    """``docker_config.json`` is unreadable or holds arguments Docker rejects."""
-
-
-class DockerUnavailable(EdgeAgentError):
-    """The Docker daemon cannot be reached or failed in a way worth retrying."""
-
-
-class DockerOperationError(EdgeAgentError):
-    """The daemon answered, but refused an operation."""
-
-
-class RegistryError(EdgeAgentError):
-    """The registry could not answer the question (network, auth, server)."""
-
-
-class ManifestUnknown(RegistryError):
-    """The registry says the tag or digest does not exist."""
-
-
-class StorageError(EdgeAgentError):
-    """A file in DATA_DIR could not be read or written."""

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.agent.errors import RunConfigError
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, parse_run_config
-from edge_agent.protocol.errors import RunConfigError, TagError
+from edge_agent.protocol.errors import TagError
 
 
 def test_tag_roundtrip_and_clear(tmp_path: Path) -> None:

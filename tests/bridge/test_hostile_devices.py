@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
-from edge_agent.agent.config import MqttSettings
 from edge_agent.agent.link import connect_client, disconnect_client
+from edge_agent.protocol.settings import MqttSettings
 from edge_agent.protocol.topics import Topics
 from tests.bridge.support import (
     ApiClient,

@@ -1,5 +1,5 @@
-"""What the bridge keeps of a device's state and events: every field checked once, when
-the message arrives. Pure: no I/O, no locks.
+"""A device's state document and events as operators may use them: every field checked
+once, when the message arrives. Pure: no I/O, no locks.
 
 A device (or whoever holds its broker credentials) may publish anything on its own
 topics. Everything the bridge serves from it goes through here: a field of the wrong
@@ -14,19 +14,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from edge_agent.protocol.tags import DIGEST_RE, TAG_RE, is_request_id
+from edge_agent.protocol.timestamps import parse_utc
 from edge_agent.protocol.topics import ID_RE
 
-# Timestamps the bridge accepts: RFC 3339 date-times with an offset (the agent writes
-# 2024-05-01T12:00:00.000Z), from 1970 to 9000: far from datetime's year-1/9999 edges,
-# where the offset arithmetic overflows.
-RFC3339_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
-                        r"(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$")
-MIN_EPOCH = 0.0
-MAX_EPOCH = datetime(9000, 1, 1, tzinfo=UTC).timestamp()
 # A device clock this far ahead of the bridge's is wrong; its ts says nothing.
 MAX_CLOCK_AHEAD_S = 300.0
 
@@ -52,30 +45,10 @@ Check = Callable[[Any], Any]
 _ABSENT = object()
 
 
-def iso_utc(epoch: float) -> str:
-    """``2024-05-01T12:00:00.000Z`` (the agent's format)."""
-    return (datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"))
-
-
-def parse_ts(value: object) -> float | None:
-    """An RFC 3339 timestamp as epoch seconds, or None when it is not one the bridge can
-    show (not a string, not RFC 3339, before 1970 or after 9000). Never raises."""
-    if not isinstance(value, str) or not RFC3339_RE.fullmatch(value):
-        return None
-    try:
-        epoch = datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
-    except (ValueError, OverflowError, TypeError):
-        return None
-    if not MIN_EPOCH <= epoch <= MAX_EPOCH:
-        return None
-    return epoch
-
-
 def seen_at(value: object, now: float) -> float | None:
     """When a retained message was published, from its ``ts``: None for no usable ts or
     one from a clock too far ahead; a little ahead counts as now."""
-    epoch = parse_ts(value)
+    epoch = parse_utc(value)
     if epoch is None or epoch > now + MAX_CLOCK_AHEAD_S:
         return None
     return min(epoch, now)
@@ -119,7 +92,7 @@ def _request_id(value: Any) -> Any:
 
 
 def _timestamp(value: Any) -> Any:
-    return value if parse_ts(value) is not None else _ABSENT
+    return value if parse_utc(value) is not None else _ABSENT
 
 
 def _bool(value: Any) -> Any:
@@ -197,6 +170,12 @@ STATE_FIELDS: dict[str, Check] = {
     "latest_version": _nullable(TAG),
     "in_progress": _bool,
     "update_percentage": _nullable(PERCENT),
+    "home_assistant": _object({
+        "installed_version": _text(SHORT_TEXT),
+        "latest_version": _text(SHORT_TEXT),
+        "in_progress": _bool,
+        "update_percentage": _nullable(PERCENT),
+    }),
 }
 _STATE = _object(STATE_FIELDS)
 

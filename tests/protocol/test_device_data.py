@@ -1,4 +1,4 @@
-"""Unit tests of what the bridge keeps of device data (devicedata; no I/O)."""
+"""Unit tests of what the bridge keeps of device data (device_data; no I/O)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from edge_agent.agent.reconcile import Source
 from edge_agent.agent.status import UpdateStatus
 from edge_agent.bridge.api import openapi_document
-from edge_agent.bridge.devicedata import (
+from edge_agent.protocol.device_data import (
     CONTAINER_STATUSES,
     DESIRED_SOURCES,
     HEALTH_STATUSES,
@@ -20,10 +20,9 @@ from edge_agent.bridge.devicedata import (
     clean_state,
     clean_text,
     dropped_fields,
-    iso_utc,
-    parse_ts,
     seen_at,
 )
+from edge_agent.protocol.timestamps import format_utc, parse_utc
 from tests.bridge.support import hostile_states, schema_validator, state_document
 
 NOW = 1_800_000_000.0
@@ -38,7 +37,7 @@ DEVICE_STATE = schema_validator("DeviceState")
     ("1970-01-01T00:00:00Z", 0.0),
 ])
 def test_rfc3339_timestamps_parse(text: str, epoch: float) -> None:
-    assert parse_ts(text) == epoch
+    assert parse_utc(text) == epoch
 
 
 @pytest.mark.parametrize("value", [
@@ -60,20 +59,20 @@ def test_rfc3339_timestamps_parse(text: str, epoch: float) -> None:
     None, 1714564800, 1e308, float("nan"), [], {}, True,
 ])
 def test_anything_else_is_no_timestamp_and_never_raises(value: Any) -> None:
-    assert parse_ts(value) is None
+    assert parse_utc(value) is None
 
 
 def test_iso_utc_of_every_accepted_timestamp_works() -> None:
     for text in ("1970-01-01T00:00:00Z", "8999-12-31T23:59:59+23:59", "1970-01-01T23:59:59+23:59"):
-        epoch = parse_ts(text)
+        epoch = parse_utc(text)
         if epoch is not None:
-            assert iso_utc(epoch).endswith("Z")
+            assert format_utc(epoch).endswith("Z")
 
 
 def test_seen_at_ignores_a_clock_far_ahead_and_caps_a_little_ahead_at_now() -> None:
-    assert seen_at(iso_utc(NOW - 60), NOW) == NOW - 60
-    assert seen_at(iso_utc(NOW + 10), NOW) == NOW
-    assert seen_at(iso_utc(NOW + MAX_CLOCK_AHEAD_S + 1), NOW) is None
+    assert seen_at(format_utc(NOW - 60), NOW) == NOW - 60
+    assert seen_at(format_utc(NOW + 10), NOW) == NOW
+    assert seen_at(format_utc(NOW + MAX_CLOCK_AHEAD_S + 1), NOW) is None
     assert seen_at("9999-12-31T23:59:59-23:59", NOW) is None
     assert seen_at(None, NOW) is None
 

@@ -1,0 +1,30 @@
+"""The agent's errors. Docker and registry failures are translated into these classes
+once, at the module that talks to the outside system (``engine``, ``registry``,
+``store``), so the rest of the agent never sees a ``docker.errors`` or ``urllib``
+exception."""
+
+from edge_agent.protocol.errors import EdgeAgentError
+
+
+class RunConfigError(EdgeAgentError):
+    """``docker_config.json`` is unreadable or holds arguments Docker rejects."""
+
+
+class DockerUnavailable(EdgeAgentError):
+    """The Docker daemon cannot be reached or failed in a way worth retrying."""
+
+
+class DockerOperationError(EdgeAgentError):
+    """The daemon answered, but refused an operation."""
+
+
+class RegistryError(EdgeAgentError):
+    """The registry could not answer the question (network, auth, server)."""
+
+
+class ManifestUnknown(RegistryError):
+    """The registry says the tag or digest does not exist."""
+
+
+class StorageError(EdgeAgentError):
+    """A file in DATA_DIR could not be read or written."""
