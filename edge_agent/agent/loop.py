@@ -23,13 +23,21 @@ from typing import Any
 from edge_agent.agent.config import Settings
 from edge_agent.agent.engine import Engine
 from edge_agent.agent.errors import ManifestUnknown, RunConfigError, StorageError
-from edge_agent.agent.reconcile import Desired, RemoteTag, Source, backoff_s, resolve_desired
+from edge_agent.agent.reconcile import Desired, RemoteTag, backoff_s, resolve_desired
 from edge_agent.agent.registry import RegistryClient
-from edge_agent.agent.status import BUSY, Status, UpdateStatus
+from edge_agent.agent.status import Status
 from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
 from edge_agent.logs import REQUEST_ID
 from edge_agent.protocol.errors import EdgeAgentError, TagError
+from edge_agent.protocol.messages import (
+    CheckRequest,
+    RemoteReady,
+    RemoteReset,
+    RemoteTagMessage,
+    Reply,
+)
+from edge_agent.protocol.state import BUSY, Source, UpdateStatus
 from edge_agent.protocol.tags import PayloadRejected, parse_tag_payload
 
 log = logging.getLogger(__name__)
@@ -50,30 +58,6 @@ MAX_BATCH = 1000
 # beyond this forgets the oldest (their waiters time out, as without an answer).
 MAX_OPEN_REQUESTS = 1024
 
-Reply = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class CheckRequest:
-    """Check the registry now; ``install`` also applies a pending update in notify mode."""
-
-    request_id: str | None = None
-    install: bool = False
-    reply: Reply | None = None
-
-
-@dataclass(frozen=True)
-class RemoteTagMessage:
-    """A desired-tag message from MQTT: scope is device, group or fleet."""
-
-    scope: Source
-    payload: bytes
-    topic: str = ""
-    group: str | None = None
-    # Retained (a replay after (re)connecting) or live (an operator publishing now).
-    retained: bool = True
-
-
 @dataclass(frozen=True)
 class ContainerEvent:
     """Something Docker reported about the managed container (die, health_status, ...)."""
@@ -87,21 +71,7 @@ class Wake:
     """Nothing to do; makes ``step()`` look at ``should_exit`` and the clock again."""
 
 
-@dataclass(frozen=True)
-class RemoteReset:
-    """The MQTT session (re)started: forget the remote desired tags. The broker replays
-    the retained ones; a tag cleared while we were away must not linger."""
-
-
-@dataclass(frozen=True)
-class RemoteReady:
-    """The desired-tag subscriptions are acknowledged: publish a fresh state, and check
-    once the retained tags that follow have settled."""
-
-
-Message = (
-    CheckRequest | RemoteTagMessage | ContainerEvent | Wake | RemoteReset | RemoteReady
-)
+Message = CheckRequest | RemoteTagMessage | ContainerEvent | Wake | RemoteReset | RemoteReady
 RemoteKey = tuple[Source, str | None]
 
 

@@ -11,16 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class Source(enum.StrEnum):
-    """Where the effective desired tag came from, strongest first."""
-
-    DEVICE = "device"
-    GROUP = "group"
-    FLEET = "fleet"
-    FILE = "file"
-    IMAGE = "image"
-    FALLBACK = "fallback_tag"
+from edge_agent.protocol.state import Source
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from edge_agent.agent.watcher import ContainerWatcher
 from edge_agent.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edge_agent.agent.link import MqttLink
+    from edge_agent.agent.link import AgentLink
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ FIRST_CHECK_HOLD_S = 5.0
 def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]], None]) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
     agent = Agent(settings)
-    link: MqttLink | None = None
+    link: AgentLink | None = None
     if settings.mqtt is not None:
         # imported only with MQTT_HOST: paho-mqtt costs ~1 MB of RSS (docs/BENCHMARKS.md)
-        from edge_agent.agent.link import MqttLink  # noqa: PLC0415
+        from edge_agent.agent.link import AgentLink  # noqa: PLC0415
 
         try:
-            link = MqttLink(settings, agent.inbox)
+            link = AgentLink(settings, agent.inbox)
         except ConfigError as exc:
             log.error("configuration error: %s", exc)
             return EXIT_CONFIG

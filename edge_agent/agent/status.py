@@ -6,7 +6,6 @@ the sinks (the status file, MQTT) so dashboards see the same thing everywhere.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections.abc import Callable
@@ -17,30 +16,12 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
+from edge_agent.protocol.state import BUSY, UpdateStatus
 
 log = logging.getLogger(__name__)
 
 StateSink = Callable[[dict[str, Any]], None]
 EventSink = Callable[[dict[str, Any]], None]
-
-
-class UpdateStatus(enum.StrEnum):
-    """Where the update machinery is; see docs/ARCHITECTURE.md for the transitions."""
-
-    IDLE = "idle"
-    CHECKING = "checking"
-    AVAILABLE = "available"  # notify mode: an update waits for cmd/install
-    PULLING = "pulling"
-    INSTALLING = "installing"
-    VERIFYING = "verifying"
-    ROLLING_BACK = "rolling_back"
-    ERROR = "error"
-
-
-BUSY = frozenset(
-    {UpdateStatus.PULLING, UpdateStatus.INSTALLING, UpdateStatus.VERIFYING,
-     UpdateStatus.ROLLING_BACK}
-)
 
 
 def utc_now() -> str:

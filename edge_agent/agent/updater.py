@@ -41,8 +41,9 @@ from edge_agent.agent.reconcile import (
     judge,
 )
 from edge_agent.agent.registry import RegistryClient
-from edge_agent.agent.status import FallbackView, RunningView, Status, UpdateStatus, utc_now
+from edge_agent.agent.status import FallbackView, RunningView, Status, utc_now
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
+from edge_agent.protocol.state import UpdateStatus
 from edge_agent.protocol.tags import is_digest
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from edge_agent.bridge.fleet import Fleet, TooManyWaiters
-from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer
 from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.mqtt import BrokerUnavailable
 from edge_agent.protocol.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
@@ -57,7 +57,7 @@ STATIC_FILES = {
 
 
 class Publisher(Protocol):
-    """What the API needs from the MQTT side (``link.MqttLink``)."""
+    """What the API needs from the MQTT side (``link.BridgeLink``)."""
 
     @property
     def connected(self) -> bool: ...

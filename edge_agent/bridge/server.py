@@ -40,7 +40,7 @@ from edge_agent.bridge.api import (
     error_response,
 )
 from edge_agent.bridge.fleet import Fleet
-from edge_agent.bridge.link import MqttLink
+from edge_agent.bridge.link import BridgeLink
 from edge_agent.bridge.settings import DEFAULT_CLIENT_CONNECTIONS, MAX_CONNECTIONS, BridgeSettings
 from edge_agent.bridge.wire import MAX_HEAD_BYTES, BadRequest, RequestHead, parse_head
 from edge_agent.protocol.topics import Topics
@@ -397,7 +397,7 @@ class Bridge:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.fleet = Fleet(self.topics)
-        self.link = MqttLink(
+        self.link = BridgeLink(
             settings.mqtt,
             [self.topics.all_states, self.topics.all_availability, self.topics.all_events],
             self.fleet.handle,

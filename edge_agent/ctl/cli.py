@@ -50,11 +50,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import __version__
-from edge_agent.agent.link import MqttConnectError, connect_client, disconnect_client
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.answers import lookup as _get
 from edge_agent.protocol.errors import ConfigError, TagError
+from edge_agent.protocol.mqtt import MqttConnectError, connect_client, disconnect_client
 from edge_agent.protocol.safejson import UntrustedJson
 from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings
 from edge_agent.protocol.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag

@@ -16,6 +16,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edge_agent.protocol.state import (
+    CONTAINER_STATUSES,
+    HEALTH_STATUSES,
+    Source,
+    UpdateStatus,
+)
 from edge_agent.protocol.tags import DIGEST_RE, TAG_RE, is_request_id
 from edge_agent.protocol.timestamps import parse_utc
 from edge_agent.protocol.topics import ID_RE
@@ -27,13 +33,8 @@ SHORT_TEXT = 256  # names, versions, ids
 LONG_TEXT = 2000  # error messages and reasons
 TRUNCATED = "…"
 
-UPDATE_STATUSES = frozenset({"idle", "checking", "available", "pulling", "installing",
-                             "verifying", "rolling_back", "error"})
-# Docker's container states, and the agent's "missing"/"unknown"
-CONTAINER_STATUSES = frozenset({"created", "restarting", "running", "removing", "paused",
-                                "exited", "dead", "missing", "unknown"})
-HEALTH_STATUSES = frozenset({"starting", "healthy", "unhealthy", "none"})
-DESIRED_SOURCES = frozenset({"device", "group", "fleet", "file", "image", "fallback_tag"})
+UPDATE_STATUSES = frozenset(str(status) for status in UpdateStatus)
+DESIRED_SOURCES = frozenset(str(source) for source in Source)
 EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 # C0 and C1 controls except tab and newline, and the bidirectional overrides and isolates

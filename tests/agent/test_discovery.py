@@ -24,8 +24,9 @@ from edge_agent.agent.discovery import (
     shown_latest,
     update_payload,
 )
-from edge_agent.agent.reconcile import Desired, Source
-from edge_agent.agent.status import FallbackView, RunningView, Status, UpdateStatus
+from edge_agent.agent.reconcile import Desired
+from edge_agent.agent.status import FallbackView, RunningView, Status
+from edge_agent.protocol.state import Source, UpdateStatus
 from edge_agent.protocol.tags import DIGEST_RE, TAG_RE
 from edge_agent.protocol.topics import Topics
 

@@ -26,25 +26,21 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.agent.config import load_settings
-from edge_agent.agent.link import (
+from edge_agent.agent.link import AgentLink
+from edge_agent.agent.loop import Agent, ContainerEvent
+from edge_agent.agent.status import RunningView
+from edge_agent.protocol.answers import Answer, judge_event, judge_state
+from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.messages import (
     MAX_COMMAND_BYTES,
-    MqttLink,
-    parse_request_id,
-    route,
-    valid_response_topic,
-)
-from edge_agent.agent.loop import (
-    Agent,
     CheckRequest,
-    ContainerEvent,
     RemoteReady,
     RemoteReset,
     RemoteTagMessage,
+    parse_request_id,
+    route,
 )
-from edge_agent.agent.reconcile import Source
-from edge_agent.agent.status import RunningView, UpdateStatus
-from edge_agent.protocol.answers import Answer, judge_event, judge_state
-from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.state import Source, UpdateStatus
 from edge_agent.protocol.tags import is_request_id, parse_tag_payload
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
@@ -153,9 +149,11 @@ def test_route_maps_every_message_to_one_typed_message_or_none(
 
 
 def test_response_topics_must_be_publishable() -> None:
-    assert valid_response_topic("edge/devices/d/reply/abc")
-    for bad in ("", "a/#", "a/+/b", "a\x00b", None, 5):
-        assert not valid_response_topic(bad), bad
+    t = Topics("edge")
+    assert t.is_reply_topic("d", "edge/devices/d/reply/abc")
+    for bad in ("", "edge/devices/d/reply/#", "edge/devices/d/reply/+/b",
+                "edge/devices/d/reply/a\x00b", None, 5):
+        assert not t.is_reply_topic("d", bad), bad
 
 
 # -- property: random messages never crash the handling ------------------------------
@@ -197,7 +195,7 @@ def test_random_messages_never_crash_the_handling(tmp_path: Path) -> None:
            "DEVICE_ID": "dev1", "DEVICE_GROUPS": "g1", "MQTT_HOST": "127.0.0.1",
            "MQTT_TOPIC_PREFIX": "p"}
     agent = Agent(load_settings(env))
-    link = MqttLink(agent.settings, agent.inbox)
+    link = AgentLink(agent.settings, agent.inbox)
     events: list[dict[str, Any]] = []
     agent.status.event_sinks.append(events.append)
     client = Client(CallbackAPIVersion.VERSION2)  # never connected: the callback ignores it
@@ -218,7 +216,7 @@ def test_random_messages_never_crash_the_handling(tmp_path: Path) -> None:
     def handle(topic: bytes, payload: bytes, retain: bool, response: str | None,
                correlation: bytes | None) -> None:
         # the paho callback itself, unguarded: an exception fails the test
-        link._on_message(client, _message(topic, payload, retain, response, correlation))
+        link.broker._handle(client, _message(topic, payload, retain, response, correlation))
         while not agent.inbox.empty():
             message = agent.inbox.get_nowait()
             before = len(events)

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent.link import MqttConnectError, connect_client, disconnect_client, tls_context
 from edge_agent.protocol.errors import ConfigError
+from edge_agent.protocol.mqtt import (
+    MqttConnectError,
+    connect_client,
+    disconnect_client,
+    tls_context,
+)
 from edge_agent.protocol.topics import Topics
 from tests.support import REPO_ROOT, wait_until
 from tests.support.agent_process import AgentProcess

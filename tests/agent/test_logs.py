@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent.loop import RemoteTagMessage
-from edge_agent.agent.reconcile import Source
 from edge_agent.logs import REQUEST_ID, JsonFormatter, RequestIdFilter
+from edge_agent.protocol.messages import RemoteTagMessage
+from edge_agent.protocol.state import Source
 from tests.support.device import Device, publish
 
 

@@ -15,20 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.agent.config import load_settings
-from edge_agent.agent.loop import (
-    REMOTE_SETTLE_S,
-    RETRY_BASE_S,
-    Agent,
-    CheckRequest,
-    ContainerEvent,
-    RemoteReady,
-    RemoteReset,
-    RemoteTagMessage,
-    Wake,
-)
-from edge_agent.agent.reconcile import Desired, RemoteTag, Source
-from edge_agent.agent.status import UpdateStatus
+from edge_agent.agent.loop import REMOTE_SETTLE_S, RETRY_BASE_S, Agent, ContainerEvent, Wake
+from edge_agent.agent.reconcile import Desired, RemoteTag
 from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.messages import CheckRequest, RemoteReady, RemoteReset, RemoteTagMessage
+from edge_agent.protocol.state import Source, UpdateStatus
 from edge_agent.protocol.tags import DesiredTag, is_request_id, parse_tag_payload
 from tests.support.hostile import RecordsWithTracebacks, hostile_payloads
 

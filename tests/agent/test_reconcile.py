@@ -11,7 +11,6 @@ from edge_agent.agent.reconcile import (
     PullProgress,
     RemoteTag,
     Running,
-    Source,
     Target,
     Verdict,
     backoff_s,
@@ -19,6 +18,7 @@ from edge_agent.agent.reconcile import (
     judge,
     resolve_desired,
 )
+from edge_agent.protocol.state import Source
 
 
 def resolve(**overrides: object) -> Desired | None:

@@ -28,7 +28,8 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.discovery import discovery_topic
-from edge_agent.agent.link import MqttLink
+from edge_agent.agent.link import AgentLink
+from edge_agent.protocol.mqtt import Incoming, incoming
 from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
@@ -92,28 +93,34 @@ def _command(response: str, correlation: bytes = b"c1") -> MQTTMessage:
     return message
 
 
+def incoming_of(message: MQTTMessage) -> Incoming:
+    typed = incoming(message)
+    assert typed is not None
+    return typed
+
+
 def test_the_agent_warns_once_per_topic_and_still_runs_the_command(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     env = {"CONTAINER_IMAGE": "127.0.0.1:1/none/app:1.0", "DATA_DIR": str(tmp_path),
            "DEVICE_ID": "dev1", "MQTT_HOST": "127.0.0.1"}
     inbox: queue.Queue[Any] = queue.Queue()
-    link = MqttLink(load_settings(env), inbox)
+    link = AgentLink(load_settings(env), inbox)
     caplog.set_level(logging.DEBUG, logger="edge_agent.agent.link")
     for _ in range(3):
-        assert link._reply_for(_command(T.state("dev1"))) is None
-        assert link._reply_for(_command(T.availability("dev1"))) is None
-    assert link._reply_for(_command(T.reply("dev1", "ok"))) is not None
+        assert link._reply_for(incoming_of(_command(T.state("dev1")))) is None
+        assert link._reply_for(incoming_of(_command(T.availability("dev1")))) is None
+    assert link._reply_for(incoming_of(_command(T.reply("dev1", "ok")))) is not None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings  # one per distinct topic, not per command
     assert "'edge/devices/dev1/state'" in warnings[0] and ROOT in warnings[0]
     # the command itself is routed, unanswered
-    link._on_message(None, _command(T.state("dev1")))  # type: ignore[arg-type]
+    link._on_message(incoming_of(_command(T.state("dev1"))))
     request = inbox.get_nowait()
     assert (request.request_id, request.reply) == ("r1", None)
     # many distinct bad topics: bounded memory, and the log stays quiet after the first ones
     for i in range(500):
-        link._reply_for(_command(f"edge/devices/dev1/state/{i}"))
+        link._reply_for(incoming_of(_command(f"edge/devices/dev1/state/{i}")))
     assert len(link._refused_reply_topics) <= 100
 
 

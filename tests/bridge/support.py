@@ -25,13 +25,14 @@ import jsonschema
 import requests
 from paho.mqtt.client import Client, MQTTMessage
 
-from edge_agent.agent.link import connect_client, disconnect_client
-from edge_agent.agent.reconcile import Desired, Source
+from edge_agent.agent.reconcile import Desired
 from edge_agent.agent.status import RunningView, Status
 from edge_agent.bridge.api import openapi_document
 from edge_agent.bridge.server import Bridge, ServerLimits
 from edge_agent.bridge.settings import BridgeSettings
 from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.mqtt import connect_client, disconnect_client
+from edge_agent.protocol.state import Source
 from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.topics import Topics
 from tests.support import REPO_ROOT, free_port, wait_until

@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent.bridge.api import ID_RE, Api, Request, Response
 from edge_agent.bridge.fleet import Fleet
-from edge_agent.bridge.link import BrokerUnavailable
+from edge_agent.protocol.mqtt import BrokerUnavailable
 from edge_agent.protocol.topics import Topics
 from tests.support.documents import state
 

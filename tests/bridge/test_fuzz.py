@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 
 from edge_agent.bridge.api import Api, Request
 from edge_agent.bridge.fleet import Fleet
-from edge_agent.bridge.link import BrokerUnavailable
 from edge_agent.bridge.wire import BadRequest, parse_head
+from edge_agent.protocol.mqtt import BrokerUnavailable
 from edge_agent.protocol.topics import Topics
 from tests.bridge.support import schema_validator, state_document, strict_json
 

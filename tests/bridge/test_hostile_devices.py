@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTErrorCode
 
-from edge_agent.agent.link import connect_client, disconnect_client
+from edge_agent.protocol.mqtt import connect_client, disconnect_client
 from edge_agent.protocol.settings import MqttSettings
 from edge_agent.protocol.topics import Topics
 from tests.bridge.support import (

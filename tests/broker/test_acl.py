@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from edge_agent.agent.discovery import discovery_topic
-from edge_agent.agent.link import MqttConnectError, connect_client, disconnect_client
+from edge_agent.protocol.mqtt import MqttConnectError, connect_client, disconnect_client
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
 from tests.support.broker import ADD_DEVICE, Broker, MqttWatcher

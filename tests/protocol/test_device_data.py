@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from edge_agent.agent.reconcile import Source
-from edge_agent.agent.status import UpdateStatus
 from edge_agent.bridge.api import openapi_document
 from edge_agent.protocol.device_data import (
     CONTAINER_STATUSES,
@@ -22,6 +20,7 @@ from edge_agent.protocol.device_data import (
     dropped_fields,
     seen_at,
 )
+from edge_agent.protocol.state import Source, UpdateStatus
 from edge_agent.protocol.timestamps import format_utc, parse_utc
 from tests.bridge.support import hostile_states, schema_validator, state_document
 

@@ -30,7 +30,7 @@ from typing import Any, Self
 
 from paho.mqtt.client import Client, MQTTMessage
 
-from edge_agent.agent.link import connect_client, disconnect_client
+from edge_agent.protocol.mqtt import connect_client, disconnect_client
 from edge_agent.protocol.settings import MqttSettings
 from tests.support import REPO_ROOT, free_port, terminate, wait_until
 

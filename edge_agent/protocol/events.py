@@ -1,0 +1,48 @@
+"""What a device says happened: event names, and the outcome of a check it was asked for.
+
+Events go to ``P/devices/<id>/events`` (docs/PROTOCOL.md lists each one's fields); the
+check outcome answers a command (the MQTT 5 reply to ``cmd/check`` / ``cmd/install``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from edge_agent.protocol.timestamps import utc_now
+
+
+class EventName(enum.StrEnum):
+    """Every event the agent publishes."""
+
+    UPDATE_STARTED = "update_started"
+    PULL_PROGRESS = "pull_progress"
+    UPDATE_SUCCEEDED = "update_succeeded"
+    UPDATE_FAILED = "update_failed"
+    ROLLED_BACK = "rolled_back"
+    FALLBACK = "fallback"
+    TAG_REJECTED = "tag_rejected"
+    CONFIG_ERROR = "config_error"
+    CONTAINER_EXITED = "container_exited"
+
+
+class CheckOutcome(enum.StrEnum):
+    """What one check did, as a command's reply says it."""
+
+    UNCHANGED = "unchanged"  # desired and actual match
+    STARTED = "started"  # the container had stopped and was started again
+    UPDATED = "updated"
+    ROLLED_BACK = "rolled_back"
+    AVAILABLE = "available"  # notify mode: an update waits for cmd/install
+    SKIPPED = "skipped"  # this digest failed before; waiting for a new one
+    INTERRUPTED = "interrupted"  # the agent is stopping; it resumes at its next start
+
+
+def event_body(name: EventName, device_id: str, request_id: str | None,
+               **fields: Any) -> dict[str, Any]:
+    """One event as published: name, time, device, the request it answers, its fields."""
+    body: dict[str, Any] = {"event": str(name), "ts": utc_now(), "device_id": device_id}
+    if request_id is not None:
+        body["request_id"] = request_id
+    body.update(fields)
+    return body

@@ -1,0 +1,107 @@
+"""What reaches a device over MQTT, as typed messages for the agent's inbox, and the
+pure routing from (topic, payload) to those messages.
+
+The agent's link (``edge_agent/agent/link.py``) and the fleet simulator both route
+with ``route``, so a simulated device reads the wire exactly as a real one does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.protocol.safejson import UntrustedJson, loads_object
+from edge_agent.protocol.state import Source
+from edge_agent.protocol.tags import is_request_id
+from edge_agent.protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_COMMAND_BYTES = 4096
+
+# Answers a command (its MQTT 5 reply), with the answer document.
+Reply = Callable[[dict[str, Any]], None]
+
+
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    """Check the registry now; ``install`` also applies a pending update in notify mode."""
+
+    request_id: str | None = None
+    install: bool = False
+    reply: Reply | None = None
+
+
+@dataclass(frozen=True)
+class RemoteTagMessage:
+    """A desired-tag message from MQTT: scope is device, group or fleet."""
+
+    scope: Source
+    payload: bytes
+    topic: str = ""
+    group: str | None = None
+    # Retained (a replay after (re)connecting) or live (an operator publishing now).
+    retained: bool = True
+
+
+@dataclass(frozen=True)
+class RemoteReset:
+    """The MQTT session (re)started: forget the remote desired tags. The broker replays
+    the retained ones; a tag cleared while we were away must not linger."""
+
+
+@dataclass(frozen=True)
+class RemoteReady:
+    """The desired-tag subscriptions are acknowledged: publish a fresh state, and check
+    once the retained tags that follow have settled."""
+
+
+WireMessage = CheckRequest | RemoteTagMessage | RemoteReset | RemoteReady
+
+
+def parse_request_id(payload: bytes) -> str | None:
+    """The ``request_id`` of a command payload (JSON object), or None. Never raises:
+    a command needs no payload at all (Home Assistant sends ``install``). An id that
+    does not follow the request-id grammar is dropped, and the command still runs: it
+    is answered without an id (with its Correlation Data under MQTT 5)."""
+    if not payload or len(payload) > MAX_COMMAND_BYTES or not payload.lstrip().startswith(b"{"):
+        return None
+    try:
+        body = loads_object(payload, max_bytes=MAX_COMMAND_BYTES)
+    except UntrustedJson:
+        return None
+    request_id = body.get("request_id")
+    return request_id if is_request_id(request_id) else None
+
+
+def route(
+    topics: Topics,
+    device_id: str,
+    groups: Sequence[str],
+    topic: str,
+    payload: bytes,
+    *,
+    retained: bool = False,
+    reply: Reply | None = None,
+) -> WireMessage | None:
+    """The inbox message for one MQTT message, or None when it is not for this agent."""
+    if topic == topics.device_tag(device_id):
+        return RemoteTagMessage(Source.DEVICE, payload, topic, retained=retained)
+    if topic == topics.fleet_tag:
+        return RemoteTagMessage(Source.FLEET, payload, topic, retained=retained)
+    for group in groups:
+        if topic == topics.group_tag(group):
+            return RemoteTagMessage(Source.GROUP, payload, topic, group, retained=retained)
+    install = topic == topics.device_install(device_id)
+    if install or topic in (topics.device_check(device_id), topics.fleet_check):
+        if retained:
+            # A retained command would fire again at every reconnect.
+            log.warning("ignored a retained command on %s; publish commands unretained",
+                        topic)
+            return None
+        return CheckRequest(parse_request_id(payload), install=install, reply=reply)
+    return None

@@ -1,0 +1,53 @@
+"""The vocabulary of the state document (``P/devices/<id>/state``): the values its
+enumerated fields take. The agent writes them; the bridge, edge-ctl and dashboards
+read them (``device_data`` checks a received document against these lists).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Availability(enum.StrEnum):
+    """The payload of ``P/devices/<id>/availability`` (retained; the will is offline)."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Source(enum.StrEnum):
+    """``desired.source``: where the effective desired tag came from, strongest first."""
+
+    DEVICE = "device"
+    GROUP = "group"
+    FLEET = "fleet"
+    FILE = "file"
+    IMAGE = "image"
+    FALLBACK = "fallback_tag"
+
+
+class UpdateStatus(enum.StrEnum):
+    """``update.status``: where the update machinery is (docs/ARCHITECTURE.md has the
+    transitions)."""
+
+    IDLE = "idle"
+    CHECKING = "checking"
+    AVAILABLE = "available"  # notify mode: an update waits for cmd/install
+    PULLING = "pulling"
+    INSTALLING = "installing"
+    VERIFYING = "verifying"
+    ROLLING_BACK = "rolling_back"
+    ERROR = "error"
+
+
+# The statuses in which an update is under way and the container is the updater's.
+BUSY = frozenset(
+    {UpdateStatus.PULLING, UpdateStatus.INSTALLING, UpdateStatus.VERIFYING,
+     UpdateStatus.ROLLING_BACK}
+)
+
+# ``running.status``: Docker's container states, and the agent's "missing" (no container)
+CONTAINER_STATUSES = frozenset({"created", "restarting", "running", "removing", "paused",
+                                "exited", "dead", "missing", "unknown"})
+# ``running.health``: Docker's health states (null without a HEALTHCHECK)
+HEALTH_STATUSES = frozenset({"starting", "healthy", "unhealthy", "none"})
