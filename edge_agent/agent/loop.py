@@ -30,6 +30,7 @@ from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
 from edge_agent.logs import REQUEST_ID
 from edge_agent.protocol.errors import EdgeAgentError, TagError
+from edge_agent.protocol.events import EventName
 from edge_agent.protocol.messages import (
     CheckRequest,
     RemoteReady,
@@ -218,7 +219,7 @@ class Agent:
         except TagError as exc:
             log.warning("rejected desired tag on %s: %s", message.topic, exc)
             request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
-            self._event_of_request("tag_rejected", request_id, topic=message.topic,
+            self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
             return
         key = (message.scope, message.group)
@@ -256,7 +257,7 @@ class Agent:
             # Docker's event attributes are strings; the updater reports an int.
             code = int(raw) if raw.isascii() and raw.isdigit() else None
             log.warning("container %s exited (code %s)", self.settings.container_name, code)
-            self.status.event("container_exited", exit_code=code)
+            self.status.event(EventName.CONTAINER_EXITED, exit_code=code)
         self._heartbeat()
 
     # -- desired tag ------------------------------------------------------------
@@ -279,7 +280,7 @@ class Agent:
             message = str(exc)
             if message != self._rejected_file_tag:
                 log.error("tag file ignored: %s", message)
-                self.status.event("tag_rejected", source="file", reason=message)
+                self.status.event(EventName.TAG_REJECTED, source="file", reason=message)
                 self._rejected_file_tag = message
             return None
         self._rejected_file_tag = None
@@ -320,7 +321,7 @@ class Agent:
             result = updater.check(desired, install=install)
         except RunConfigError as exc:
             error = str(exc)
-            self._report_failure(error, event="config_error")
+            self._report_failure(error, event=EventName.CONFIG_ERROR)
             answered = True
         except EdgeAgentError as exc:
             if self._superseded_by is not None:
@@ -332,7 +333,7 @@ class Agent:
             # the fallback), is an answer for whoever asked; a registry blip is not.
             final = isinstance(exc, ManifestUnknown) or self.status.update_status in BUSY
             error = str(exc)
-            self._report_failure(error, event="update_failed" if final else None)
+            self._report_failure(error, event=EventName.UPDATE_FAILED if final else None)
             answered = final
         except Exception as exc:  # the loop boundary: a bug must not kill the agent
             log.exception("unexpected error during a check; the container is left as it is")
@@ -380,7 +381,7 @@ class Agent:
                 by = f" (request {now.request_id})" if now.request_id else ""
                 reason = (f"the {scope} desired tag {request.tag} was replaced by "
                           f"{now.tag}{by} before it was applied")
-            self.status.event("tag_superseded", request_id=request_id, tag=request.tag,
+            self.status.event(EventName.TAG_SUPERSEDED, request_id=request_id, tag=request.tag,
                               superseded_by=now.request_id if now else None,
                               new_tag=now.tag if now else None, reason=reason)
         if superseded:
@@ -438,18 +439,11 @@ class Agent:
         self._burst_hold_until = now + BURST_HOLD_S
         self._next_check = now + REMOTE_SETTLE_S
 
-    def _event_of_request(self, name: str, request_id: str | None, **fields: Any) -> None:
+    def _event_of_request(self, name: EventName, request_id: str | None, **fields: Any) -> None:
         """An event that answers ``request_id`` only: without one it must not borrow the
-        current desired tag's request id (which ``Status.event`` adds by default), or a
-        foreign payload would answer a request it has nothing to do with."""
-        if request_id is not None:
-            self.status.event(name, request_id=request_id, **fields)
-            return
-        desired, self.status.desired = self.status.desired, None
-        try:
-            self.status.event(name, **fields)
-        finally:
-            self.status.desired = desired
+        current desired tag's request id (``Status.event``'s default), or a foreign
+        payload would answer a request it has nothing to do with."""
+        self.status.event(name, request_id=request_id, **fields)
 
     def _ensure_updater(self) -> Updater:
         if self._updater is None:
@@ -458,7 +452,7 @@ class Agent:
                                     self.status, should_abort=self._should_abort)
         return self._updater
 
-    def _report_failure(self, error: str, event: str | None) -> None:
+    def _report_failure(self, error: str, event: EventName | None) -> None:
         self._failures += 1
         delay = min(self.settings.poll_interval_s,
                     backoff_s(self._failures, RETRY_BASE_S, RETRY_CAP_S))
@@ -513,10 +507,10 @@ def _scope_name(key: RemoteKey) -> str:
 
 
 def _log_event(event: dict[str, Any]) -> None:
-    if event.get("event") == "pull_progress":
+    if event.get("event") == EventName.PULL_PROGRESS:
         log.debug("pull %s%%", event.get("progress"))
         return
-    if event.get("event") == "tag_superseded":  # a burst makes many; check() sums them up
+    if event.get("event") == EventName.TAG_SUPERSEDED:  # a burst makes many; check() sums them up
         log.debug("event tag_superseded %s", event.get("reason"),
                   extra={"request_id": event.get("request_id")})
         return

@@ -6,26 +6,31 @@ the sinks (the status file, MQTT) so dashboards see the same thing everywhere.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from edge_agent import __version__
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
+from edge_agent.protocol.events import EventName, event_body
 from edge_agent.protocol.state import BUSY, UpdateStatus
+from edge_agent.protocol.timestamps import utc_now
 
 log = logging.getLogger(__name__)
 
+class _Current(enum.Enum):
+    REQUEST = "the current desired tag's request"
+
+
+# ``Status.event``'s default: the event belongs to the current desired tag's request.
+CURRENT_REQUEST = _Current.REQUEST
+
 StateSink = Callable[[dict[str, Any]], None]
 EventSink = Callable[[dict[str, Any]], None]
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -79,14 +84,13 @@ class Status:
             self.last_error = error
         self.publish()
 
-    def event(self, name: str, request_id: str | None = None, **fields: Any) -> None:
-        """Emit one event to every sink, stamped with time and the request it answers."""
-        body: dict[str, Any] = {"event": name, "ts": utc_now(), "device_id": self.device_id}
-        if request_id is None and self.desired is not None:
-            request_id = self.desired.request_id
-        if request_id is not None:
-            body["request_id"] = request_id
-        body.update(fields)
+    def event(self, name: EventName, request_id: str | _Current | None = CURRENT_REQUEST,
+              **fields: Any) -> None:
+        """Emit one event to every sink, stamped with time and the request it answers: by
+        default the current desired tag's; ``None`` for none."""
+        if request_id is CURRENT_REQUEST:
+            request_id = self.desired.request_id if self.desired is not None else None
+        body = event_body(name, self.device_id, request_id, **fields)
         for sink in self.event_sinks:
             _call_sink(sink, body)
 

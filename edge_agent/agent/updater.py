@@ -41,10 +41,11 @@ from edge_agent.agent.reconcile import (
     judge,
 )
 from edge_agent.agent.registry import RegistryClient
-from edge_agent.agent.status import FallbackView, RunningView, Status, utc_now
+from edge_agent.agent.status import FallbackView, RunningView, Status
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
 from edge_agent.protocol.state import UpdateStatus
 from edge_agent.protocol.tags import is_digest
+from edge_agent.protocol.timestamps import utc_now
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Has a device answered a desired-tag request yet, and how? Pure: no I/O.
 
-The agent answers a desired tag published with a ``request_id`` (SPEC section 6) in its
+The agent answers a desired tag published with a ``request_id`` (docs/PROTOCOL.md) in its
 state document (``desired.request_id``) and in events carrying that ``request_id``.
 ``judge_state`` and ``judge_event`` say what one of them means; what to do with the
 answer is up to the caller, because the bridge's ``?wait`` (``bridge/fleet.py``) and
-``edge-ctl set-tag --wait`` (``ctl.py``) do not end their wait on the same outcomes.
+``edge-ctl set-tag --wait`` (``ctl/``) do not end their wait on the same outcomes.
 
 Outcomes (``ok``: ``applied`` and ``updated``):
 
@@ -22,20 +22,38 @@ Outcomes (``ok``: ``applied`` and ``updated``):
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Outcome = Literal["applied", "updated", "not_applied", "not_running", "fallback", "available",
-                  "rolled_back", "failed", "rejected", "config_error", "superseded"]
+from edge_agent.protocol.events import EventName
+from edge_agent.protocol.state import UpdateStatus
+
+
+class Outcome(enum.StrEnum):
+    """What a request came to, as the operator tools report it."""
+
+    APPLIED = "applied"
+    UPDATED = "updated"
+    NOT_APPLIED = "not_applied"
+    NOT_RUNNING = "not_running"
+    FALLBACK = "fallback"
+    AVAILABLE = "available"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    CONFIG_ERROR = "config_error"
+    SUPERSEDED = "superseded"
+
 
 # events that answer a request with a failure, and their outcome
 FAILURE_EVENTS: dict[str, Outcome] = {
-    "rolled_back": "rolled_back",
-    "update_failed": "failed",
-    "fallback": "fallback",
-    "tag_rejected": "rejected",
-    "config_error": "config_error",
-    "tag_superseded": "superseded",
+    EventName.ROLLED_BACK: Outcome.ROLLED_BACK,
+    EventName.UPDATE_FAILED: Outcome.FAILED,
+    EventName.FALLBACK: Outcome.FALLBACK,
+    EventName.TAG_REJECTED: Outcome.REJECTED,
+    EventName.CONFIG_ERROR: Outcome.CONFIG_ERROR,
+    EventName.TAG_SUPERSEDED: Outcome.SUPERSEDED,
 }
 
 
@@ -68,13 +86,14 @@ def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Answer | No
     if lookup(state, "desired", "request_id") != request_id:
         return None
     status = lookup(state, "update", "status")
-    settled = status == "idle"
+    settled = status == UpdateStatus.IDLE
     # A fallback left from an earlier desired tag shows until the next check: not ours.
     if lookup(state, "fallback", "active") and lookup(state, "fallback", "requested_tag") == tag:
         why = lookup(state, "fallback", "reason") or f"tag {tag} is not available"
-        return Answer("fallback", False, f"running the fallback tag: {why}", "fallback", settled)
-    if status == "available":
-        return Answer("available", False,
+        return Answer(Outcome.FALLBACK, False, f"running the fallback tag: {why}",
+                      EventName.FALLBACK, settled)
+    if status == UpdateStatus.AVAILABLE:
+        return Answer(Outcome.AVAILABLE, False,
                       f"update to {tag} is available but the device is in notify mode: run "
                       f"edge-ctl install --device {state.get('device_id')}", settled=False)
     if not settled:
@@ -83,13 +102,13 @@ def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Answer | No
     last_error = lookup(state, "update", "last_error")
     why = f": {last_error}" if isinstance(last_error, str) and last_error else ""
     if running != tag:
-        return Answer("not_applied", False,
+        return Answer(Outcome.NOT_APPLIED, False,
                       f"device settled on {running!r} instead of {tag!r}{why}")
     container = lookup(state, "running", "status")
     if container != "running":
-        return Answer("not_running", False,
+        return Answer(Outcome.NOT_RUNNING, False,
                       f"device has {tag} but its container is {container}{why}")
-    return Answer("applied", True, f"device runs {tag}")
+    return Answer(Outcome.APPLIED, True, f"device runs {tag}")
 
 
 def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | None:
@@ -97,16 +116,16 @@ def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | No
     name = event.get("event")
     if event.get("request_id") != request_id or not isinstance(name, str):
         return None
-    if name == "update_succeeded":
+    if name == EventName.UPDATE_SUCCEEDED:
         # an update to the fallback tag answers our request id too, with its own tag
         if event.get("tag") != tag:
             return None
-        return Answer("updated", True, f"device runs {tag}", name)
+        return Answer(Outcome.UPDATED, True, f"device runs {tag}", name)
     outcome = FAILURE_EVENTS.get(name)
     if outcome is None:
         return None
     detail = event.get("reason") or event.get("error") or ""
     reason = f"{name}: {detail}" if detail else name
-    if outcome == "failed":
+    if outcome is Outcome.FAILED:
         reason += " (the agent retries at its next check)"
     return Answer(outcome, False, reason, name)

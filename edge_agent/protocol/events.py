@@ -24,6 +24,8 @@ class EventName(enum.StrEnum):
     TAG_REJECTED = "tag_rejected"
     CONFIG_ERROR = "config_error"
     CONTAINER_EXITED = "container_exited"
+    # a desired-tag request replaced on its topic before the agent applied it
+    TAG_SUPERSEDED = "tag_superseded"
 
 
 class CheckOutcome(enum.StrEnum):
