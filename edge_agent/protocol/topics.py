@@ -93,10 +93,6 @@ class Topics:
     def all_events(self) -> str:
         return f"{self.prefix}/devices/+/events"
 
-    @property
-    def all_replies(self) -> str:
-        return f"{self.prefix}/devices/+/reply/#"
-
     def device_of(self, topic: str) -> str | None:
         """The device id in ``P/devices/<id>/...``, or None for other topics."""
         parts = topic.split("/")

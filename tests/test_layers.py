@@ -1,0 +1,88 @@
+"""The package's layers hold: the protocol is docker-free and imports nothing from the
+programs above it; the operator tools (bridge, edge-ctl) never load docker-py; the
+programs do not import each other. Read from the code itself: the import statements
+(static) and a fresh interpreter's ``sys.modules`` (dynamic)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "edge_agent"
+PROGRAMS = ("agent", "bridge", "ctl")
+
+
+def modules_in(subpackage: str) -> list[str]:
+    root = PACKAGE / subpackage
+    return sorted(
+        "edge_agent." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        .removesuffix(".__init__")
+        for path in root.rglob("*.py") if path.name != "__main__.py"  # that one runs
+    )
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names (wherever it stands)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def loaded_by(*modules: str) -> list[str]:
+    """The modules a fresh interpreter has loaded after importing ``modules``."""
+    code = ("import json, sys\n" + "".join(f"import {m}\n" for m in modules)
+            + "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    loaded: list[str] = json.loads(out)
+    return loaded
+
+
+def test_the_module_lists_are_read() -> None:
+    """Guards the tests below against passing on an empty list."""
+    assert "edge_agent.protocol.mqtt" in modules_in("protocol")
+    assert "edge_agent.ctl.cli" in modules_in("ctl")
+    assert "edge_agent.bridge.server" in modules_in("bridge")
+    assert "docker" in loaded_by("edge_agent.agent.engine")
+
+
+@pytest.mark.parametrize("program", ["bridge", "ctl"])
+def test_operator_tools_never_load_docker(program: str) -> None:
+    loaded = loaded_by(*modules_in(program))
+    assert [m for m in loaded if m == "docker" or m.startswith("docker.")] == []
+    assert [m for m in loaded if m.startswith("edge_agent.agent")] == []
+
+
+def test_the_protocol_is_docker_free_and_stands_alone() -> None:
+    loaded = loaded_by(*modules_in("protocol"))
+    assert [m for m in loaded if m == "docker" or m.startswith("docker.")] == []
+    above = [m for m in loaded if m.startswith(tuple(f"edge_agent.{p}" for p in PROGRAMS))]
+    assert above == []
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "protocol").rglob("*.py")),
+                         ids=lambda p: p.name)
+def test_no_protocol_module_imports_a_program(path: Path) -> None:
+    """Static: also imports inside functions, which the dynamic test does not run."""
+    wrong = {name for name in imported_names(path)
+             if name == "docker" or name.startswith("docker.")
+             or name.startswith(tuple(f"edge_agent.{p}" for p in PROGRAMS))}
+    assert wrong == set()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_programs_do_not_import_each_other(program: str) -> None:
+    others = tuple(f"edge_agent.{p}" for p in PROGRAMS if p != program)
+    for path in sorted((PACKAGE / program).rglob("*.py")):
+        wrong = {n for n in imported_names(path) if n.startswith(others)}
+        assert wrong == set(), path
