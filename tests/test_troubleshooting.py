@@ -1,7 +1,8 @@
 """docs/TROUBLESHOOTING.md keeps up with the code: every error or warning the agent can
 log, and every error message it raises, has its fixed text in the document.
 
-The check reads the agent's modules (not edge-ctl, not the bridge), takes the literal
+The check reads the modules the agent runs (``edge_agent/agent`` and the protocol layer
+it stands on; not edge-ctl, not the bridge), takes the literal
 text of each message up to its first placeholder, and looks for it in the document.
 Messages that start with a placeholder (``"%s (retrying in ...)"``) carry another
 message, which is checked where it is made.
@@ -15,6 +16,8 @@ import re
 from tests.support import REPO_ROOT
 
 PACKAGE = REPO_ROOT / "edge_agent"
+# what the agent runs: its own package and the protocol layer under it
+AGENT_CODE = (PACKAGE / "agent", PACKAGE / "protocol")
 DOC = REPO_ROOT / "docs" / "TROUBLESHOOTING.md"
 LEVELS = {"error", "warning", "exception", "critical"}
 ERRORS = {"ConfigError", "TagError", "RunConfigError", "DockerUnavailable",
@@ -37,9 +40,7 @@ def literal_prefix(node: ast.expr) -> str | None:
 
 def agent_messages() -> list[tuple[str, str]]:
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == "ctl.py":
-            continue
+    for path in sorted(p for package in AGENT_CODE for p in package.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             message = None
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -54,7 +55,7 @@ def agent_messages() -> list[tuple[str, str]]:
                   and node.exc.args):
                 message = literal_prefix(node.exc.args[0])
             if message and len(message) >= MIN_CHARS:
-                found.append((f"{path.name}:{getattr(node, 'lineno', 0)}", message))
+                found.append((f"{path.parent.name}/{path.name}:{getattr(node, 'lineno', 0)}", message))
     return found
 
 
@@ -74,9 +75,9 @@ def test_every_agent_message_is_in_troubleshooting() -> None:
 
 
 def test_connection_errors_are_in_troubleshooting() -> None:
-    """mqtt.describe_connect_error's texts are returned, not raised: checked here."""
+    """protocol.mqtt.describe_connect_error's texts are returned, not raised: checked here."""
     doc = DOC.read_text()
-    function = next(node for node in ast.walk(ast.parse((PACKAGE / "mqtt.py").read_text()))
+    function = next(node for node in ast.walk(ast.parse((PACKAGE / "protocol" / "mqtt.py").read_text()))
                     if isinstance(node, ast.FunctionDef)
                     and node.name == "describe_connect_error")
     texts = [literal_prefix(node.value) for node in ast.walk(function)
