@@ -102,7 +102,7 @@ class Status:
             _call_sink(sink, document)
 
     def document(self) -> dict[str, Any]:
-        """The state JSON of SPEC section 6, Home Assistant's update keys included."""
+        """The state document (docs/PROTOCOL.md, section 6)."""
         desired = self.desired
         in_progress = self.update_status in BUSY
         pending = in_progress or self.update_status is UpdateStatus.AVAILABLE

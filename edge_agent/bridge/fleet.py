@@ -10,7 +10,7 @@ budget of bytes per second; past it the bridge keeps only the device's latest st
 (applied by ``flush_pending`` once the device slows down) and drops its events, at
 the cost of a dictionary lookup, so one flooding device cannot delay the others.
 
-``?wait`` (SPEC section 7) ends on the answers of ``edge_agent.protocol.answers`` that
+``?wait`` (docs/PROTOCOL.md, section 9) ends on the answers of ``edge_agent.protocol.answers`` that
 ``wait_answer`` keeps: 200 when ok, 409 otherwise; anything else keeps waiting until
 the deadline (checking, pulling, verifying, an error the device retries after, notify
 mode waiting for install).

@@ -1,4 +1,4 @@
-"""MQTT topic names of SPEC section 6, in one place for the agent, bridge and CLI."""
+"""MQTT topic names (docs/PROTOCOL.md, section 3): one place for all three programs."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ that breaks the schema, every check enabled (acceptance item 5).
 
 Devices are simulated and answer every desired tag at once, so ``?wait`` requests get
 real 200 answers with agent-shaped state to validate. One exception is configured,
-for one operation: ``PUT /api/v1/devices/{id}/tag`` may answer 504, which SPEC section
-7 prescribes when the device does not answer within ``wait`` seconds; schemathesis
+for one operation: ``PUT /api/v1/devices/{id}/tag`` may answer 504, which the contract
+(docs/PROTOCOL.md, section 9) prescribes when the device does not answer within ``wait`` seconds; schemathesis
 sends waits as small as 5e-324 s, which nothing can meet.
 """
 

@@ -1,0 +1,61 @@
+"""docs/PROTOCOL.md owns the contract: every value of the wire's enumerations, every
+topic and every HTTP route of the code is in it, so a change to the contract in code
+that the page does not follow fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from edge_agent.protocol.answers import Outcome
+from edge_agent.protocol.events import CheckOutcome, EventName
+from edge_agent.protocol.state import Availability, Source, UpdateStatus
+from edge_agent.protocol.topics import Topics
+from tests.support import REPO_ROOT
+
+DOC = (REPO_ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+OPENAPI = REPO_ROOT / "edge_agent" / "bridge" / "openapi.json"
+ENUMS = [EventName, CheckOutcome, Outcome, UpdateStatus, Source, Availability]
+
+
+def in_backticks(text: str) -> bool:
+    return f"`{text}`" in DOC
+
+
+@pytest.mark.parametrize("enum", ENUMS, ids=lambda e: e.__name__)
+def test_every_value_of_the_wire_enumerations_is_documented(enum: type) -> None:
+    values = [str(member) for member in enum]  # type: ignore[var-annotated]
+    assert values
+    assert [v for v in values if not in_backticks(v)] == []
+
+
+def test_every_topic_is_documented() -> None:
+    topics = Topics("P")
+    shown = [topics.fleet_tag, topics.group_tag("<group>"), topics.device_tag("<id>"),
+             topics.fleet_check, topics.device_check("<id>"), topics.device_install("<id>"),
+             topics.availability("<id>"), topics.state("<id>"), topics.events("<id>"),
+             topics.reply("<id>", "<token>")]
+    assert [t for t in shown if t not in DOC] == []
+
+
+def test_every_http_route_is_documented() -> None:
+    paths = json.loads(OPENAPI.read_text(encoding="utf-8"))["paths"]
+    routes = [re.sub(r"\{(\w+)\}", r"<\1>", path) for path in paths]
+    assert len(routes) >= 8
+    assert [r for r in routes if r not in DOC] == []
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    """The repository's docs own the contract: no file cites the starting contract that
+    lived outside it."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    assert len(tracked) > 50
+    citing = [name for name in tracked
+              if (REPO_ROOT / name).is_file() and name != "tests/test_protocol_doc.py"
+              and re.search(r"SPEC section|SPEC\.md|shared/SPEC",
+                            (REPO_ROOT / name).read_text(encoding="utf-8", errors="replace"))]
+    assert citing == []
