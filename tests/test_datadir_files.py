@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from edge_agent.errors import RunConfigError, StorageError, TagError
 from edge_agent.files import FileRefused, read_regular_file
+from edge_agent.registry import RegistryClient
 from edge_agent.store import (
     MAX_FILE_BYTES,
     RUN_CONFIG_FILE,
@@ -350,3 +351,21 @@ def test_a_damaged_state_file_does_not_stop_the_agent_starting(device: Device) -
     agent = device.agent()  # used to raise RecursionError: the agent died at every start
     assert agent.state == AgentState()
 
+
+@pytest.mark.parametrize("plant", [plant_symlink, plant_fifo, plant_huge],
+                         ids=["symlink", "fifo", "huge"])
+def test_registry_credentials_in_a_planted_docker_config_are_refused(
+    data_dir: Path, plant: Callable[[Path], str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DOCKER_CONFIG may live in DATA_DIR (docs/OPERATIONS.md): the same rule applies."""
+    docker_dir = data_dir / "docker"
+    docker_dir.mkdir()
+    reason = plant(docker_dir / "config.json")
+    monkeypatch.setenv("DOCKER_CONFIG", str(docker_dir))
+    with caplog.at_level(logging.WARNING):
+        client = within(5, lambda: RegistryClient("registry.example.com/app"))
+    assert client._credentials is None
+    assert reason in caplog.text
+    assert SECRET not in caplog.text
+    client.close()
