@@ -11,17 +11,21 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.agent.config import Setting, describe_settings, load_settings
+from edge_agent.agent.errors import StorageError
+from edge_agent.files import read_regular_file
 from edge_agent.logs import setup_logging
+from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
     import argparse
 
 EXIT_CONFIG = 2
+STATUS_MAX_BYTES = 1 << 20
 
 
 def _row(setting: Setting) -> str:
@@ -74,13 +78,24 @@ def _install_signals(request_exit: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _read_status(path: Path) -> dict[str, Any]:
+    """status.json as the agent wrote it: a regular file (no link, FIFO or device), of
+    bounded size, holding a JSON object. StorageError or UntrustedJson otherwise."""
+    data = read_regular_file(path, max_bytes=STATUS_MAX_BYTES)
+    if data is None:
+        raise StorageError(f"{path} does not exist")
+    return safejson.loads_object(data, max_bytes=STATUS_MAX_BYTES)
+
+
 def _status(data_dir: Path) -> int:
     path = data_dir / "status.json"
     try:
-        print(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        print(f"edge-agent: no state yet at {path}: {exc.strerror}", file=sys.stderr)
+        document = _read_status(path)
+    except (StorageError, safejson.UntrustedJson) as exc:
+        print(f"edge-agent: no state yet at {path}: {exc}", file=sys.stderr)
         return 1
+    # Re-encoded, not echoed: escapes stay escaped, so the file cannot drive the terminal.
+    print(json.dumps(document, indent=1))
     return 0
 
 
@@ -88,9 +103,10 @@ def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
     """Healthy when the loop published its state recently (it does every TELEMETRY_INTERVAL)."""
     path = data_dir / "status.json"
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = _read_status(path)
         published = datetime.fromisoformat(str(document["ts"]).replace("Z", "+00:00"))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        status = str(document["update"]["status"])
+    except (StorageError, ValueError, KeyError, TypeError) as exc:
         print(f"unhealthy: cannot read {path}: {exc}", file=sys.stderr)
         return 1
     age = time.time() - published.timestamp()
@@ -98,7 +114,8 @@ def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
     if age > limit:
         print(f"unhealthy: last state is {age:.0f} s old (limit {limit:.0f} s)", file=sys.stderr)
         return 1
-    print(f"healthy: state {age:.0f} s old, update {document['update']['status']}")
+    shown = status if status.isidentifier() else repr(status)  # no escapes from a planted file
+    print(f"healthy: state {age:.0f} s old, update {shown}")
     return 0
 
 

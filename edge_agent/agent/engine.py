@@ -2,24 +2,41 @@
 
 Every docker-py call goes through ``Engine`` and every docker-py or requests error
 is translated here into the agent's own errors, so callers never import docker.
+
+Every call has a total deadline (``deadline.call``): a daemon that accepts the
+connection and never answers costs a check ``CALL_TIMEOUT_S``, not the agent, and a stop
+request ends the wait within the stop grace. A pull has no useful total size, so it is
+bounded by progress: given up when the daemon sends nothing for ``PULL_IDLE_S``, and
+after ``PULL_TIMEOUT_S`` in any case; closing its connection makes the daemon cancel it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import requests
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+import urllib3
+from docker import auth as docker_auth
+from docker.errors import (
+    APIError,
+    DockerException,
+    ImageNotFound,
+    NotFound,
+    create_api_error_from_http_exception,
+)
 from docker.models.containers import (  # type: ignore[attr-defined]
     Container,
     _create_container_args,  # the converter containers.run uses; no public twin
 )
 
+from edge_agent.agent import deadline
 from edge_agent.agent.errors import (
     DockerOperationError,
     DockerUnavailable,
@@ -34,6 +51,19 @@ LABEL_MANAGED = "io.edge-agent.managed"
 LABEL_TAG = "io.edge-agent.tag"
 LABEL_DIGEST = "io.edge-agent.digest"
 LABEL_CONFIG = "io.edge-agent.config"
+
+# Total deadline of one Docker call (docker-py's per-read timeout is a little longer, so a call
+# given up on a stalled daemon does not outlive it by much). ``stop`` adds the grace it
+# gives the container.
+CALL_TIMEOUT_S = 60.0
+DEFAULT_STOP_GRACE_S = 10
+# A pull is given up when the daemon reports nothing for this long (a stalled registry)
+PULL_IDLE_S = 120.0
+# and in any case after this (a registry dripping bytes slowly enough to report progress).
+PULL_TIMEOUT_S = 2 * 3600.0
+PULL_CONNECT_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,37 +135,65 @@ def _translated(action: str) -> Iterator[None]:
         raise DockerUnavailable(f"{action}: Docker daemon unreachable ({reason})") from None
     except DockerException as exc:
         raise DockerUnavailable(f"{action}: {exc}") from None
+    except deadline.GaveUp as exc:
+        if exc.stopping:
+            raise DockerUnavailable(str(exc)) from None
+        raise DockerUnavailable(f"{exc} (the Docker daemon is stalled or overloaded)") from None
 
 
 class Engine:
     """Docker operations on the managed container and its images."""
 
-    def __init__(self, client: docker.DockerClient) -> None:
+    def __init__(
+        self, client: docker.DockerClient, *, call_timeout_s: float = CALL_TIMEOUT_S,
+        pull_idle_s: float = PULL_IDLE_S, pull_timeout_s: float = PULL_TIMEOUT_S,
+    ) -> None:
         self._client = client
+        self._call_timeout_s = call_timeout_s
+        self._pull_idle_s = pull_idle_s
+        self._pull_timeout_s = pull_timeout_s
 
     @classmethod
-    def connect(cls, timeout_s: float = 30.0) -> Engine:
+    def connect(
+        cls, timeout_s: float = CALL_TIMEOUT_S, *, pull_idle_s: float = PULL_IDLE_S,
+        pull_timeout_s: float = PULL_TIMEOUT_S,
+    ) -> Engine:
         """Connect to the daemon from the environment, negotiating the API version."""
-        with _translated("connect to Docker"):
-            client = docker.from_env(version="auto", timeout=int(timeout_s))
-        return cls(client)
+        action = "connect to Docker"
+        with _translated(action):
+            client = deadline.call(
+                lambda: docker.from_env(version="auto", timeout=int(timeout_s) + 5),
+                timeout_s=timeout_s, what=action, should_abort=deadline.stopping)
+        return cls(client, call_timeout_s=timeout_s, pull_idle_s=pull_idle_s,
+                   pull_timeout_s=pull_timeout_s)
 
     def close(self) -> None:
         self._client.close()
 
+    def _call(
+        self, action: str, fn: Callable[[], T], *, changes: bool = False, extra_s: float = 0.0,
+    ) -> T:
+        """``fn()`` (docker-py calls) within the call deadline, errors translated. A call
+        that ``changes`` something gets the stop grace; a question is dropped at once."""
+        with _translated(action):
+            return deadline.call(fn, timeout_s=self._call_timeout_s + extra_s, what=action,
+                                 should_abort=None if changes else deadline.stopping)
+
     def ping(self) -> None:
-        with _translated("ping"):
-            self._client.ping()
+        self._call("ping", self._client.ping)
 
     # -- containers -------------------------------------------------------------
     def container(self, name_or_id: str) -> ContainerInfo | None:
         """Inspect a container by exact name or id; None when it does not exist."""
-        with _translated(f"inspect container {name_or_id}"):
+
+        def inspect() -> Container | None:
             try:
-                container = self._client.containers.get(name_or_id)
+                return self._client.containers.get(name_or_id)
             except NotFound:
                 return None
-        return _container_info(container)
+
+        container = self._call(f"inspect container {name_or_id}", inspect)
+        return None if container is None else _container_info(container)
 
     def validate_run_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Fail fast: convert the kwargs the way ``containers.run`` would, without a request.
@@ -160,8 +218,10 @@ class Engine:
             user_labels = dict.fromkeys(user_labels, "")
         run_kwargs["labels"] = {**user_labels, **labels, LABEL_MANAGED: "true"}
         try:
-            with _translated(f"create container {name}"):
-                container = self._client.containers.create(image, name=name, **run_kwargs)
+            container = self._call(
+                f"create container {name}",
+                lambda: self._client.containers.create(image, name=name, **run_kwargs),
+                changes=True)
         except DockerOperationError as exc:
             if "Conflict" in str(exc) or "already in use" in str(exc):
                 raise
@@ -172,34 +232,43 @@ class Engine:
         return str(container.id)
 
     def start(self, container_id: str) -> None:
-        with _translated(f"start container {container_id[:12]}"):
-            self._client.api.start(container_id)
+        self._call(f"start container {container_id[:12]}",
+                   lambda: self._client.api.start(container_id), changes=True)
 
     def stop(self, container_id: str, timeout_s: int | None = None) -> None:
-        with _translated(f"stop container {container_id[:12]}"):
-            if timeout_s is None:
-                self._client.api.stop(container_id)
-            else:
-                self._client.api.stop(container_id, timeout=timeout_s)
+        # The daemon waits up to the grace before it answers; the deadline allows for it.
+        grace = DEFAULT_STOP_GRACE_S if timeout_s is None else timeout_s
+        self._call(f"stop container {container_id[:12]}",
+                   lambda: self._client.api.stop(container_id, timeout=grace), changes=True,
+                   extra_s=grace)
 
     def rename(self, container_id: str, name: str) -> None:
-        with _translated(f"rename container {container_id[:12]} to {name}"):
-            self._client.api.rename(container_id, name)
+        self._call(f"rename container {container_id[:12]} to {name}",
+                   lambda: self._client.api.rename(container_id, name), changes=True)
 
     def remove(self, container_id: str) -> None:
         """Force-remove a container; a container already gone is fine."""
-        with _translated(f"remove container {container_id[:12]}"), contextlib.suppress(NotFound):
+
+        def remove() -> None:
+            with contextlib.suppress(NotFound):
                 self._client.api.remove_container(container_id, force=True)
+
+        self._call(f"remove container {container_id[:12]}", remove, changes=True)
 
     # -- images -----------------------------------------------------------------
     def image(self, reference: str) -> ImageInfo | None:
         """A local image by id or reference; None when it is not here."""
-        with _translated(f"inspect image {reference}"):
+
+        def inspect() -> dict[str, Any] | None:
             try:
-                attrs = self._client.api.inspect_image(reference)  # type: ignore[no-untyped-call]
+                attrs: dict[str, Any] = self._client.api.inspect_image(  # type: ignore[no-untyped-call]
+                    reference)
             except (ImageNotFound, NotFound):
                 return None
-        return _image_info(attrs)
+            return attrs
+
+        attrs = self._call(f"inspect image {reference}", inspect)
+        return None if attrs is None else _image_info(attrs)
 
     def pull(
         self,
@@ -210,16 +279,26 @@ class Engine:
     ) -> ImageInfo:
         """Pull ``repository`` at a tag or digest, reporting percent done.
 
-        ``should_abort`` is asked between progress messages so a shutdown never
-        waits for a slow download.
+        ``should_abort`` is asked while waiting for the daemon, so a shutdown never waits
+        for a slow or stalled download; a pull given up is cancelled in the daemon too
+        (it stops when the request's connection closes).
         """
         progress = PullProgress()
-        with _translated(f"pull {repository}:{reference}"):
-            stream = self._client.api.pull(repository, tag=reference, stream=True, decode=True)
+        action = f"pull {repository}:{reference}"
+
+        def stop() -> bool:
+            return should_abort() or deadline.stopping()
+
+        try:
+            response = deadline.call(
+                lambda: self._open_pull(repository, reference, action),
+                timeout_s=self._pull_idle_s, what=action, should_abort=stop)
+            messages = deadline.stream(
+                lambda: _pull_messages(response), idle_s=self._pull_idle_s,
+                timeout_s=self._pull_timeout_s, what=action,
+                cancel=lambda: _shut_down(response), should_abort=stop)
             try:
-                for message in stream:
-                    if should_abort():
-                        raise DockerOperationError("pull aborted: agent is stopping")
+                for message in messages:
                     if "error" in message:
                         detail = str(message.get("error"))
                         if "manifest unknown" in detail or "not found" in detail:
@@ -229,20 +308,55 @@ class Engine:
                     if percent is not None:
                         on_progress(percent)
             finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
+                messages.close()  # stops the reader (and cancels the pull) if we broke off
+                response.close()
+        except deadline.GaveUp as exc:
+            if exc.stopping:
+                raise DockerOperationError("pull aborted: agent is stopping") from None
+            raise DockerUnavailable(f"{exc} (a stalled registry or daemon); "
+                                    "pull cancelled, retried at the next check") from None
+        except requests.RequestException as exc:
+            # The read timeout backs up the idle limit; anything else is a broken stream.
+            if _is_read_timeout(exc):
+                raise DockerUnavailable(
+                    f"{action}: no progress for {self._pull_idle_s:g} s (a stalled registry "
+                    "or daemon); pull cancelled, retried at the next check") from None
+            raise DockerUnavailable(f"{action}: the daemon's answer broke off "
+                                    f"({type(exc).__name__})") from None
         separator = "@" if reference.startswith("sha256:") else ":"
         info = self.image(f"{repository}{separator}{reference}")
         if info is None:
             raise DockerOperationError(f"pulled {repository}:{reference} but cannot find it")
         return info
 
+    def _open_pull(self, repository: str, reference: str, action: str) -> requests.Response:
+        """Start ``POST /images/create`` as docker-py's ``pull`` does, but with a read
+        timeout (docker-py sends none for pulls) and a response whose connection can be
+        shut from another thread."""
+        api = self._client.api
+        registry, _ = docker_auth.resolve_repository_name(repository)
+        headers = {}
+        header = docker_auth.get_config_header(api, registry)
+        if header:
+            headers["X-Registry-Auth"] = header
+        with _translated(action):
+            response = api.post(
+                f"{api.base_url}/v{api.api_version}/images/create",
+                params={"fromImage": repository, "tag": reference}, headers=headers,
+                stream=True, timeout=(PULL_CONNECT_TIMEOUT_S, self._pull_idle_s + 5))
+            try:
+                response.raise_for_status()
+            except requests.HTTPError as exc:
+                response.close()
+                create_api_error_from_http_exception(exc)  # raises docker's APIError
+        return response
+
     def repository_images(self, repository: str) -> list[ImageInfo]:
         """Every local image of ``repository``, tagged or only known by digest."""
-        with _translated(f"list images of {repository}"):
-            found = self._client.api.images(name=repository)
-            dangling = self._client.api.images(filters={"dangling": True})
+        found = self._call(f"list images of {repository}",
+                           lambda: self._client.api.images(name=repository))
+        dangling = self._call("list dangling images",
+                              lambda: self._client.api.images(filters={"dangling": True}))
         infos: dict[str, ImageInfo] = {}
         for attrs in [*found, *dangling]:
             digests = tuple(attrs.get("RepoDigests") or ())
@@ -261,17 +375,21 @@ class Engine:
         refs = [t for t in image.tags if t.rsplit(":", 1)[0] == repository]
         refs += [d for d in image.repo_digests if d.split("@", 1)[0] == repository]
         for ref in refs:
-            try:
-                with _translated(f"remove image {ref}"), contextlib.suppress(NotFound):
+
+            def remove(ref: str = ref) -> None:
+                with contextlib.suppress(NotFound):
                     self._client.api.remove_image(ref, force=False, noprune=False)
+
+            try:
+                self._call(f"remove image {ref}", remove, changes=True)
             except DockerOperationError as exc:
                 log.info("kept image %s: %s", ref, exc)
                 return
 
     def managed_containers(self) -> list[ContainerInfo]:
         """All containers the agent created (for cleanup after a crash)."""
-        with _translated("list containers"):
-            found = self._client.containers.list(all=True, filters={"label": LABEL_MANAGED})
+        found = self._call("list containers", lambda: self._client.containers.list(
+            all=True, filters={"label": LABEL_MANAGED}))
         return [_container_info(c) for c in found]
 
     def events(self, container_name: str) -> Iterator[dict[str, Any]]:
@@ -282,6 +400,35 @@ class Engine:
             )
         with _translated("watch Docker events"):
             yield from stream
+
+
+def _pull_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """The JSON progress messages of a pull, one per line (unreadable lines skipped)."""
+    for line in response.iter_lines():
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(message, dict):
+            yield message
+
+
+def _is_read_timeout(exc: requests.RequestException) -> bool:
+    # requests reports a read timeout while streaming as ConnectionError(ReadTimeoutError)
+    return isinstance(exc, requests.Timeout) or any(
+        isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args)
+
+
+def _shut_down(response: requests.Response) -> None:
+    """Shut the socket of a streamed response, waking the thread blocked reading it.
+    (Closing alone would not wake it; the daemon sees the hang-up and cancels the pull.)"""
+    connection = getattr(response.raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _container_info(container: Container) -> ContainerInfo:

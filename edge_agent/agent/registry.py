@@ -4,25 +4,43 @@ docker-py's ``get_registry_data`` costs two manifest requests and a config-blob 
 a single ``HEAD /v2/<name>/manifests/<ref>`` with the index and manifest Accept
 headers answers "what digest does this tag point at" in a few hundred bytes.
 Authentication follows the registry's challenge (Bearer token or Basic) with
-credentials from the standard Docker config (DOCKER_CONFIG).
+credentials from the standard Docker config (DOCKER_CONFIG); a token is asked for the
+one thing the agent does, pulling this repository, whatever scope the challenge names.
+
+One question (HEAD, and the token request and second HEAD a challenge brings) has a total
+deadline, ``DEADLINE_S``, on top of the per-read socket timeout that a registry dripping
+a byte every few seconds would never trip. When it passes, or the agent is stopping,
+the question is given up and its connections are shut down, so nothing lingers.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import logging
+import math
 import re
+import socket
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3
 from docker import auth as docker_auth
 from docker.errors import DockerException
+from docker.utils import config as docker_config
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from edge_agent.agent.errors import ManifestUnknown, RegistryError
+from edge_agent.agent import deadline
+from edge_agent.agent.errors import ManifestUnknown, RegistryError, StorageError
+from edge_agent.files import read_regular_file
+from edge_agent.protocol import safejson
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +55,13 @@ MANIFEST_ACCEPT = ", ".join(
 DOCKER_HUB_INDEX = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
-TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+# Total time for one digest question, whatever the registry does byte by byte.
+DEADLINE_S = 30.0
+# A token answer is a few kilobytes of JSON; more is refused unread.
+MAX_TOKEN_ANSWER_BYTES = 64 * 1024
+MAX_DOCKER_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,27 +98,92 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _ShutdownAdapter(HTTPAdapter):
+    """An HTTPAdapter that can shut down its connections' sockets from another thread,
+    waking a thread blocked reading one (closing alone would not)."""
+
+    def __init__(self) -> None:
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pool_classes()
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is urllib3.ProxyManager:  # SOCKS managers have pools of their own
+            manager.pool_classes_by_scheme = self._pool_classes()
+        return manager
+
+    def _pool_classes(self) -> dict[str, type[HTTPConnectionPool]]:
+        connections = self._connections
+
+        class Pool(HTTPConnectionPool):
+            def _new_conn(self) -> Any:
+                conn = super()._new_conn()
+                connections.add(conn)
+                return conn
+
+        class SecurePool(HTTPSConnectionPool):
+            def _new_conn(self) -> Any:
+                conn = super()._new_conn()
+                connections.add(conn)
+                return conn
+
+        return {"http": Pool, "https": SecurePool}
+
+    def shut_down(self) -> None:
+        for conn in list(self._connections):
+            sock = getattr(conn, "sock", None)
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class RegistryClient:
     """Resolves tags to digests for one repository, caching bearer tokens."""
 
-    def __init__(self, repository: str, auth_configs: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, repository: str, auth_configs: Mapping[str, Any] | None = None, *,
+        deadline_s: float = DEADLINE_S,
+    ) -> None:
         self.location = locate(repository)
+        self.deadline_s = deadline_s
         self._session = requests.Session()
         self._session.headers["User-Agent"] = "edge-agent"
+        self._adapter = _ShutdownAdapter()
+        self._session.mount("http://", self._adapter)
+        self._session.mount("https://", self._adapter)
         self._credentials = _credentials_for(self.location.registry, auth_configs)
         # The Authorization header earned by the last challenge, and until when it is good.
         self._auth_header: str | None = None
         self._auth_expires = 0.0
 
     def close(self) -> None:
+        self._adapter.shut_down()
         self._session.close()
 
     def digest(self, reference: str) -> str:
         """Return the registry digest of ``reference`` (a tag or ``sha256:`` digest).
 
         Raises ManifestUnknown when the registry does not have it, RegistryError
-        when the question could not be answered.
+        when the question could not be answered within ``deadline_s``.
         """
+        what = f"registry check of {self.location.name}:{reference}"
+        try:
+            # A question changes nothing: on a stop it is dropped at once.
+            return deadline.call(lambda: self._digest(reference), timeout_s=self.deadline_s,
+                                 what=what, cancel=self._adapter.shut_down,
+                                 should_abort=deadline.stopping)
+        except deadline.GaveUp as exc:
+            if exc.stopping:
+                raise RegistryError(f"{what} given up: the agent is stopping") from None
+            raise RegistryError(f"registry did not answer within {self.deadline_s:g} s "
+                                f"(slow or stalled) for {self.location.name}:{reference}"
+                                ) from None
+
+    def _digest(self, reference: str) -> str:
         url = f"{self.location.base_url}/v2/{self.location.name}/manifests/{reference}"
         response = self._head(url)
         if response.status_code == 401:
@@ -119,7 +208,8 @@ class RegistryClient:
         if self._auth_header and time.monotonic() < self._auth_expires:
             headers["Authorization"] = self._auth_header
         try:
-            return self._session.head(url, headers=headers, timeout=TIMEOUT_S)
+            return self._session.head(url, headers=headers,
+                                      timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
         except requests.RequestException as exc:
             raise RegistryError(f"registry unreachable: {_short(exc)}") from None
 
@@ -138,34 +228,59 @@ class RegistryClient:
             return
         if scheme.lower() != "bearer" or "realm" not in params:
             raise RegistryError(f"registry sent an unsupported auth challenge: {challenge[:80]}")
-        query = {"service": params.get("service", "")}
-        query["scope"] = params.get("scope") or f"repository:{self.location.name}:pull"
+        # Pull access to this repository is all the agent needs, whatever the challenge
+        # names (some registries ask for "pull,push"): a read-only robot account may be
+        # refused more, and a token should not carry rights the agent never uses.
+        query = {"service": params.get("service", ""),
+                 "scope": f"repository:{self.location.name}:pull"}
         auth = self._credentials if self._credentials else None
         try:
-            token_response = self._session.get(
-                params["realm"], params=query, auth=auth, timeout=TIMEOUT_S
-            )
-        except requests.RequestException as exc:
+            with self._session.get(params["realm"], params=query, auth=auth, stream=True,
+                                   timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+                                   ) as token_response:
+                status = token_response.status_code
+                answer = token_response.raw.read(MAX_TOKEN_ANSWER_BYTES + 1,
+                                                  decode_content=True)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise RegistryError(f"token service unreachable: {_short(exc)}") from None
-        if token_response.status_code != 200:
-            raise RegistryError(f"token service answered HTTP {token_response.status_code}")
+        if status != 200:
+            raise RegistryError(f"token service answered HTTP {status}")
         try:
-            body = token_response.json()
+            body = safejson.loads_object(answer, max_bytes=MAX_TOKEN_ANSWER_BYTES)
             token = body.get("token") or body.get("access_token")
             expires_in = float(body.get("expires_in", 60))
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, TypeError):
             raise RegistryError("token service sent an unreadable answer") from None
         if not isinstance(token, str):
             raise RegistryError("token service sent no token")
+        if not math.isfinite(expires_in):
+            expires_in = 60.0
         self._auth_header = f"Bearer {token}"
         # Refresh a little early so a check never sends an expired token.
-        self._auth_expires = time.monotonic() + max(expires_in - 10, 1)
+        self._auth_expires = time.monotonic() + min(max(expires_in - 10, 1), 24 * 3600)
 
 
 def _credentials_for(
     registry: str, auth_configs: Mapping[str, Any] | None
 ) -> tuple[str, str] | None:
     """Username and password for ``registry`` from the Docker config, if any."""
+    if auth_configs is None:
+        # Read the way every file the agent reads is (DOCKER_CONFIG may be in DATA_DIR):
+        # a link, FIFO or junk there is refused, not followed, blocked on or guessed at.
+        path = docker_config.find_config_file()
+        if path is None:
+            return None
+        try:
+            data = read_regular_file(Path(str(path)), max_bytes=MAX_DOCKER_CONFIG_BYTES)
+        except StorageError as exc:  # names the path and the reason
+            log.warning("cannot read registry credentials: %s", exc)
+            return None
+        try:
+            auth_configs = safejson.loads_object(data or b"{}",
+                                                 max_bytes=MAX_DOCKER_CONFIG_BYTES)
+        except safejson.UntrustedJson as exc:
+            log.warning("cannot read registry credentials: %s: %s", path, exc)
+            return None
     try:
         config = docker_auth.load_config(config_dict=dict(auth_configs) if auth_configs else None)
         entry = config.resolve_authconfig(registry)

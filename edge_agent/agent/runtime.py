@@ -4,9 +4,12 @@ MQTT_HOST is set) and the Docker-events watcher feed the agent's inbox."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from edge_agent.agent import deadline
 from edge_agent.agent.config import Settings
 from edge_agent.agent.loop import Agent
 from edge_agent.agent.watcher import ContainerWatcher
@@ -21,6 +24,10 @@ EXIT_CONFIG = 2
 # With MQTT, the first check waits this long at most for the broker's retained desired
 # tags (it runs as soon as they have settled); a broker that is down costs no more.
 FIRST_CHECK_HOLD_S = 5.0
+# Of the SIGTERM promise (deadline.STOP_PROMISE_S), what the goodbyes may use at most;
+# the rest is for the step in progress (deadline.STOP_GRACE_S) and the interpreter's exit.
+WATCHER_STOP_S = 0.2
+GOODBYE_BY_S = deadline.STOP_PROMISE_S - 1.0
 
 
 def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]], None]) -> int:
@@ -42,14 +49,47 @@ def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]]
     else:
         log.info("MQTT_HOST is not set: standalone (tag file and polling only)")
     watcher = ContainerWatcher(settings.container_name, agent.inbox)
-    install_signals(agent.request_exit)
+    install_signals(_stop_handler(agent))
     watcher.start()
     if link is not None:
         link.start()
     try:
         agent.run()
     finally:
-        watcher.stop()
+        watcher.stop(WATCHER_STOP_S)
         if link is not None:
-            link.stop()
+            _say_goodbye(link)
     return 0
+
+
+def _stop_handler(agent: Agent) -> Callable[[], None]:
+    """What SIGTERM/SIGINT do. The handler runs in the loop's thread between two
+    bytecodes, possibly while that thread holds the inbox's lock, so it only notes the
+    request and sets an event; a small thread wakes the loop (``request_exit``)."""
+    asked = threading.Event()
+
+    def tell_agent() -> None:
+        asked.wait()
+        agent.request_exit()
+
+    threading.Thread(target=tell_agent, name="stop-request", daemon=True).start()
+
+    def on_signal() -> None:
+        if deadline.stop_requested_at() is not None:
+            return  # a second signal: already on the way out
+        deadline.request_stop()
+        asked.set()
+
+    return on_signal
+
+
+def _say_goodbye(link: AgentLink) -> None:
+    """Publish "offline" and disconnect, but not past the SIGTERM promise: a stalled
+    broker gets what time is left, then the will says offline for us."""
+    stopped_at = deadline.stop_requested_at()
+    left = GOODBYE_BY_S if stopped_at is None else stopped_at + GOODBYE_BY_S - time.monotonic()
+    goodbye = threading.Thread(target=link.stop, name="mqtt-goodbye", daemon=True)
+    goodbye.start()
+    goodbye.join(max(left, 0.1))
+    if goodbye.is_alive():
+        log.warning("MQTT: the broker did not take the goodbye in time; leaving without it")

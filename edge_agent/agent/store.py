@@ -1,7 +1,10 @@
 """Everything the agent keeps in DATA_DIR: the tag file, the run config and its own state.
 
 All writes are atomic (temp file, fsync, rename, fsync of the directory) so a power
-loss leaves either the old or the new content, never a torn file.
+loss leaves either the old or the new content, never a torn file; the rename replaces
+a link planted under the name instead of writing through it. Every read goes through
+``files.read_regular_file`` (no links, FIFOs or devices, a size limit) and JSON through
+the bounded decoder ``safejson``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
 from edge_agent.agent.errors import RunConfigError, StorageError
+from edge_agent.files import read_regular_file
+from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import validate_tag
 
@@ -29,6 +34,8 @@ RUN_CONFIG_FILE = "docker_config.json"
 STATE_FILE = "state.json"
 STATUS_FILE = "status.json"
 MAX_FILE_BYTES = 1 << 20
+# One tag and a newline; some slack for stray whitespace.
+MAX_TAG_FILE_BYTES = 4096
 
 # Set by the agent itself; a value in docker_config.json is dropped with a warning.
 AGENT_OWNED_KWARGS = frozenset({"detach", "name", "image"})
@@ -71,20 +78,6 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.close(dir_fd)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _read_small(path: Path) -> bytes | None:
-    """Read a file of at most MAX_FILE_BYTES; None when it does not exist."""
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise StorageError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
-    return data
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,7 @@ class DataDir:
     # -- tag file -----------------------------------------------------------------
     def read_tag(self) -> str | None:
         """The tag in the tag file; None when absent. Raises TagError for bad content."""
-        data = _read_small(self.path / TAG_FILE)
+        data = read_regular_file(self.path / TAG_FILE, max_bytes=MAX_TAG_FILE_BYTES)
         if data is None:
             return None
         try:
@@ -195,14 +188,14 @@ class DataDir:
         """Read and validate docker_config.json; a missing file means no extra arguments."""
         path = self.path / RUN_CONFIG_FILE
         try:
-            data = _read_small(path)
+            data = read_regular_file(path, max_bytes=MAX_FILE_BYTES)
         except StorageError as exc:
             raise RunConfigError(str(exc)) from None
         if data is None:
             return parse_run_config({})
         try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            obj = safejson.loads(data, max_bytes=MAX_FILE_BYTES)
+        except safejson.UntrustedJson as exc:
             raise RunConfigError(f"{path} is not valid JSON: {exc}") from None
         return parse_run_config(obj)
 
@@ -211,16 +204,18 @@ class DataDir:
         """The remembered state; a missing or damaged file starts fresh (and says so)."""
         path = self.path / STATE_FILE
         try:
-            data = _read_small(path)
+            data = read_regular_file(path, max_bytes=MAX_FILE_BYTES)
         except StorageError as exc:
             log.error("%s; starting from what Docker shows", exc)
             return AgentState()
         if data is None:
             return AgentState()
         try:
-            return AgentState.from_json(json.loads(data))
-        except (ValueError, TypeError, KeyError) as exc:
-            log.error("state file %s is damaged (%s); starting from what Docker shows", path, exc)
+            return AgentState.from_json(safejson.loads(data, max_bytes=MAX_FILE_BYTES))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # AttributeError: a value of the wrong JSON type where an object belongs
+            log.error("state file %s is damaged (%s); starting from what Docker shows", path,
+                      _short(exc))
             return AgentState()
 
     def save_state(self, state: AgentState) -> None:
@@ -231,14 +226,20 @@ class DataDir:
         atomic_write(self.path / STATUS_FILE, json.dumps(status, indent=1).encode(), durable=False)
 
     def read_status(self) -> dict[str, Any] | None:
-        data = _read_small(self.path / STATUS_FILE)
+        """The last state document written; None when absent or unreadable as one."""
+        data = read_regular_file(self.path / STATUS_FILE, max_bytes=MAX_FILE_BYTES)
         if data is None:
             return None
         try:
-            obj = json.loads(data)
-        except ValueError:
+            return safejson.loads_object(data, max_bytes=MAX_FILE_BYTES)
+        except safejson.UntrustedJson:
             return None
-        return obj if isinstance(obj, dict) else None
+
+
+def _short(exc: Exception) -> str:
+    """An exception in one short line (a damaged file's text is not echoed at length)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def parse_run_config(obj: Any) -> RunConfig:

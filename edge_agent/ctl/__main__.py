@@ -1,4 +1,4 @@
-"""``python -m edge_agent.ctl``."""
+"""``python -m edge_agent.ctl.cli``."""
 
 import sys
 

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from edge_agent.agent.errors import RunConfigError
-from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, parse_run_config
+from edge_agent.agent.store import (
+    AgentState,
+    DataDir,
+    ImageRef,
+    PendingUpdate,
+    parse_run_config,
+)
 from edge_agent.protocol.errors import TagError
 
 

@@ -1,0 +1,34 @@
+"""Timing how long an agent process takes to stop after SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from tests.support.agent_process import AgentProcess
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How an agent process ended after SIGTERM: its exit code (None: it had to be
+    killed) and the seconds from the signal to its exit (or to giving up)."""
+
+    code: int | None
+    seconds: float
+
+
+def time_sigterm(agent: AgentProcess, give_up_s: float = 15.0) -> Stopped:
+    """Send SIGTERM and wait up to ``give_up_s`` for the exit; SIGKILL after that."""
+    proc = agent.proc
+    assert proc is not None and proc.poll() is None, "the agent is not running"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code: int | None = proc.wait(give_up_s)
+    except subprocess.TimeoutExpired:
+        code = None
+        proc.kill()
+        proc.wait(10)
+    return Stopped(code, time.monotonic() - started)
