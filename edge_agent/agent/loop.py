@@ -264,7 +264,7 @@ class Agent:
     def resolve(self) -> Desired | None:
         """The effective desired tag from every source, by precedence."""
         groups = [(g, self.remote.get((Source.GROUP, g))) for g in self.settings.device_groups]
-        return resolve_desired(
+        desired = resolve_desired(
             device=self.remote.get((Source.DEVICE, None)),
             groups=groups,
             fleet=self.remote.get((Source.FLEET, None)),
@@ -272,6 +272,13 @@ class Agent:
             image_tag=self.settings.image_tag,
             fallback_tag=self.settings.fallback_tag,
         )
+        weaker = desired is None or desired.source in (Source.IMAGE, Source.FALLBACK)
+        if self._rejected_file_tag is not None and weaker:
+            # A tag file that is there but unusable (garbage, a link, a FIFO) says nothing
+            # about what to run: the weaker sources must not move the container meanwhile.
+            raise TagError(f"the tag file is unusable ({self._rejected_file_tag}); the "
+                           "container is left as it is until the file is fixed")
+        return desired
 
     def _read_tag_file(self) -> str | None:
         try:

@@ -66,6 +66,24 @@ def test_invalid_remote_payload_is_rejected_without_effect(tmp_path: Path) -> No
     assert events[0]["topic"] == "edge/devices/d/tag"
 
 
+def test_an_unusable_tag_file_holds_the_weaker_sources_back(tmp_path: Path) -> None:
+    """Garbage in DATA_DIR/tag must not move a healthy container to the image tag or
+    FALLBACK_TAG; a desired tag from MQTT still wins."""
+    agent = make_agent(tmp_path, CONTAINER_IMAGE="127.0.0.1:5000/nothing/app:1.0")
+    tag_file = tmp_path / "data" / "tag"
+    tag_file.parent.mkdir(parents=True, exist_ok=True)
+    tag_file.write_text("not a tag!\n")
+    with pytest.raises(TagError, match="the tag file is unusable"):
+        agent.resolve()
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"3.0", retained=False))
+    desired = agent.resolve()
+    assert desired is not None and (desired.tag, desired.source) == ("3.0", Source.DEVICE)
+    tag_file.unlink()  # no file at all is fine: the weaker sources apply
+    agent.remote.clear()
+    desired = agent.resolve()
+    assert desired is not None and desired.source is Source.IMAGE
+
+
 def test_remote_tags_follow_precedence_and_clear(tmp_path: Path) -> None:
     agent = make_agent(tmp_path, DEVICE_GROUPS="north,south")
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.0"))
