@@ -30,7 +30,7 @@ from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
 from edge_agent.logs import REQUEST_ID
 from edge_agent.protocol.errors import EdgeAgentError, TagError
-from edge_agent.protocol.events import EventName
+from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.messages import (
     CheckRequest,
     RemoteReady,
@@ -336,12 +336,18 @@ class Agent:
                 # once and answers the commands of this one.
                 self._pull_superseded(self._superseded_by, replies, install)
                 return None
-            # An update that started and broke off, or a tag that exists nowhere (not even
-            # the fallback), is an answer for whoever asked; a registry blip is not.
-            final = isinstance(exc, ManifestUnknown) or self.status.update_status in BUSY
-            error = str(exc)
-            self._report_failure(error, event=EventName.UPDATE_FAILED if final else None)
-            answered = final
+            if self.should_exit:
+                # SIGTERM gave up a blocking call: not the update's failure. The next
+                # start finishes or redoes whatever was under way.
+                log.info("check interrupted: the agent is stopping (%s)", exc)
+                error = "interrupted: the agent is stopping"
+            else:
+                # An update that started and broke off, or a tag that exists nowhere (not
+                # even the fallback), is an answer for whoever asked; a registry blip is not.
+                final = isinstance(exc, ManifestUnknown) or self.status.update_status in BUSY
+                error = str(exc)
+                self._report_failure(error, event=EventName.UPDATE_FAILED if final else None)
+                answered = final
         except Exception as exc:  # the loop boundary: a bug must not kill the agent
             log.exception("unexpected error during a check; the container is left as it is")
             error = f"internal error: {type(exc).__name__}: {exc}"
@@ -351,7 +357,7 @@ class Agent:
             self._last_error = None
             # notify mode's "available" still waits for cmd/install; "interrupted" for
             # the next start
-            answered = result.outcome not in ("available", "interrupted")
+            answered = result.outcome not in (CheckOutcome.AVAILABLE, CheckOutcome.INTERRUPTED)
         finally:
             REQUEST_ID.set(None)
             self._working_on = None
