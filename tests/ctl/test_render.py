@@ -1,7 +1,10 @@
-"""edge-ctl's handling of device data, fuzzed (pure, no I/O): whatever a device
-publishes (any depth, size, encoding, type, number), collecting, judging and showing it
-never raises, and what reaches the operator's terminal is printable and bounded. The
-same payloads against a real broker and edge-ctl process: tests/test_ctl.py."""
+"""How edge-ctl shows device data (pure, no I/O): the terminal-safe text, the fleet
+table, status, outcome and event texts; and, fuzzed, every path by which a device's
+message reaches the terminal (the table, watch lines, the set-tag --wait report):
+whatever a device publishes (any depth, size, encoding, type, number), collecting,
+judging and showing it never raises, and what reaches the operator's terminal is
+printable and bounded. The same payloads against a real broker and edge-ctl process:
+test_commands.py."""
 
 from __future__ import annotations
 
@@ -11,27 +14,31 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.ctl.cli import (
+from edge_agent.ctl.commands import collect_devices, watch_line
+from edge_agent.ctl.render import (
     CELL_CHARS,
     ELLIPSIS,
     MAX_DETAILS,
+    OUTCOMES,
     TEXT_CHARS,
     DeviceView,
-    Incoming,
     Printer,
     bar,
-    collect_devices,
+    date_time,
     describe_outcome,
     devices_table,
     printable,
-    report_outcome,
     status_text,
-    wait_for_tag,
-    watch_line,
+    superseded_text,
 )
+from edge_agent.ctl.waiting import report_outcome, wait_for_tag
+from edge_agent.protocol.events import CheckOutcome
+from edge_agent.protocol.mqtt import Incoming
+from edge_agent.protocol.timestamps import local_time
 from edge_agent.protocol.topics import Topics
 from tests.support.hostile import (
     FAR_TIMES,
@@ -81,8 +88,10 @@ STATES = shaped({
 })
 EVENTS = shaped({
     "event": st.one_of(st.sampled_from(["update_started", "pull_progress", "update_succeeded",
-                                        "rolled_back", "fallback", "update_failed"]), VALUES),
+                                        "rolled_back", "fallback", "update_failed",
+                                        "tag_superseded"]), VALUES),
     "request_id": st.one_of(st.just("r1"), VALUES), "tag": st.one_of(st.just("2.0"), VALUES),
+    "new_tag": VALUES, "superseded_by": VALUES,
     "progress": st.one_of(NUMBERS, VALUES), "ts": st.one_of(st.sampled_from(FAR_TIMES), VALUES),
     "reason": VALUES, "from_tag": VALUES, "device_id": VALUES, "type": VALUES,
     "outcome": VALUES, "ok": VALUES, "error": VALUES,
@@ -255,7 +264,7 @@ def test_set_tag_wait_reports_any_device_answer_safely(messages: list[Incoming],
                                                         as_json: bool) -> None:
     out, err = io.StringIO(), io.StringIO()
     printer = Printer(as_json, out, err)
-    waited = wait_for_tag(Script(messages), "dev1", "2.0", "r1", 1.0, printer)  # type: ignore[arg-type]
+    waited = wait_for_tag(Script(messages), "dev1", "2.0", "r1", 1.0, printer)
     code = report_outcome("dev1", "2.0", "r1", waited, 1.0, printer)
     assert code in (0, 1, 3)
     assert_terminal_safe(err.getvalue())
@@ -270,3 +279,58 @@ def test_a_device_view_without_state_still_shows() -> None:
     table = devices_table([DeviceView("dev1", None, None, "state ignored: \x1b[2J")])
     assert table.splitlines()[1].split() == ["dev1", "?", "-", "-", "-", "-", "-", "state",
                                              "ignored:", "\\x1b[2J"]
+
+
+def test_every_check_outcome_has_its_words() -> None:
+    assert set(OUTCOMES) == set(CheckOutcome)
+    for outcome in CheckOutcome:
+        text = describe_outcome({"ok": True, "outcome": str(outcome), "tag": "2.0"})
+        assert "2.0" in text and text != f"{outcome} (2.0)"  # words, not the raw outcome
+
+
+def test_table_and_bar_formatting() -> None:
+    state = {
+        "device_id": "dev1",
+        "desired": {"tag": "2.0", "source": "device", "group": None, "request_id": "r"},
+        "running": {"tag": "1.0", "status": "running", "health": "healthy"},
+        "update": {"status": "pulling", "progress": 45.2,
+                   "last_check_at": "2026-11-29T10:08:03.480Z", "last_error": None},
+        "fallback": {"active": False},
+    }
+    table = devices_table([DeviceView("dev1", True, state), DeviceView("dev2", None, None)])
+    lines = table.splitlines()
+    assert lines[1].split()[:7] == ["dev1", "yes", "1.0", "2.0", "(device)", "pulling", "45%"]
+    assert " ".join(lines[1].split()[8:10]) == local_time("2026-11-29T10:08:03.480Z",
+                                                          with_date=True)
+    assert lines[2].split()[:3] == ["dev2", "?", "-"]
+    assert bar(0) == "[" + "." * 20 + "]"
+    assert bar(50) == "[" + "#" * 10 + "." * 10 + "]"
+    assert bar(100) == "[" + "#" * 20 + "]"
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("2026-11-29T10:08:03Z", local_time("2026-11-29T10:08:03Z", with_date=True)),
+    ("2026-11-29 10:08:03", "2026-11-29 10:08:03"),  # no offset: no timestamp, shown as sent
+    ("9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59-23:59"),  # beyond 9000: the same
+    ("\x1b[2J", "\\x1b[2J"),
+    (None, "-"), (17, "-"),
+])
+def test_a_time_field_is_local_time_or_what_the_device_sent(value: Any, shown: str) -> None:
+    assert date_time(value) == shown
+
+
+def test_a_superseded_request_in_words() -> None:
+    assert superseded_text({"new_tag": "3.0", "superseded_by": "r2"}) == \
+        "replaced by 3.0 (request r2) before it was applied"
+    assert superseded_text({"new_tag": "3.0"}) == "replaced by 3.0 before it was applied"
+    assert superseded_text({"new_tag": None}) == "cleared before it was applied"
+    assert superseded_text({"new_tag": ["x"], "superseded_by": "\x1b[2J"}) == \
+        "replaced by ? (request \\x1b[2J) before it was applied"
+
+
+@FUZZ
+@given(event=st.dictionaries(st.sampled_from(["new_tag", "superseded_by", "tag"]), VALUES))
+def test_any_superseded_event_is_described_safely(event: dict[str, Any]) -> None:
+    text = superseded_text(event)
+    assert_terminal_safe(text)
+    assert len(text) <= 2 * CELL_CHARS + 60

@@ -1,0 +1,277 @@
+"""The subcommands of edge-ctl, one function each: ``devices``, ``set-tag``,
+``clear-tag``, ``check``/``install`` and ``watch``.
+
+Each takes the parsed arguments, the broker settings and the Printer, opens its own
+``Session`` (subscribed before it publishes, so no answer is missed), and returns the
+exit code; failures raise ``CtlError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from collections.abc import Callable, Sequence
+
+from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CtlError
+from edge_agent.ctl.render import (
+    CELL_CHARS,
+    DeviceView,
+    Printer,
+    clock,
+    describe_outcome,
+    devices_table,
+    event_details,
+    percent,
+    printable,
+    status_text,
+    superseded_text,
+    text_at,
+)
+from edge_agent.ctl.session import Session, document, document_or_none
+from edge_agent.ctl.waiting import report_outcome, wait_for_tag
+from edge_agent.protocol.errors import TagError
+from edge_agent.protocol.events import CheckOutcome, EventName
+from edge_agent.protocol.mqtt import Incoming
+from edge_agent.protocol.safejson import UntrustedJson
+from edge_agent.protocol.settings import MqttSettings
+from edge_agent.protocol.state import Availability, UpdateStatus
+from edge_agent.protocol.tags import validate_tag
+from edge_agent.protocol.timestamps import utc_now
+from edge_agent.protocol.topics import Topics
+
+Command = Callable[[argparse.Namespace, MqttSettings, Printer], int]
+
+AVAILABILITY = {Availability.ONLINE.encode(): True, Availability.OFFLINE.encode(): False}
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits: within the request-id grammar)."""
+    return uuid.uuid4().hex
+
+
+def _target(args: argparse.Namespace, topics: Topics) -> tuple[str, str]:
+    """(description, desired-tag topic) of --device / --group / --fleet."""
+    if args.device:
+        return f"device {args.device}", topics.device_tag(args.device)
+    if args.group:
+        return f"group {args.group}", topics.group_tag(args.group)
+    return "the fleet", topics.fleet_tag
+
+
+# -- devices ------------------------------------------------------------------------------
+def cmd_devices(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    session = Session(settings, [topics.all_states, topics.all_availability])
+    try:
+        devices = collect_devices(topics, session.retained())
+    finally:
+        session.close()
+    wanted = set(args.device or ())
+    shown = sorted((v for k, v in devices.items() if not wanted or k in wanted),
+                   key=lambda v: v.device_id)
+    text = devices_table(shown) if shown else (
+        f"no devices have reported under {topics.prefix}/ (or {settings.username or 'this user'} "
+        "may not read them: operators need the operator ACL)")
+    printer.result([v.to_json() for v in shown], text)
+    return EXIT_OK
+
+
+def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, DeviceView]:
+    """The fleet as the retained state and availability messages show it. The device's
+    id comes from the topic (the broker's ACL vouches for it), never from the payload."""
+    devices: dict[str, DeviceView] = {}
+    for message in messages:
+        device_id = topics.device_of(message.topic)
+        if device_id is None or not message.payload:
+            continue
+        view = devices.setdefault(device_id, DeviceView(device_id))
+        if message.topic == topics.availability(device_id):
+            view.online = AVAILABILITY.get(message.payload.strip())
+        elif message.topic == topics.state(device_id):
+            try:
+                view.state, view.state_error = document(message), None
+            except UntrustedJson as exc:
+                view.state, view.state_error = None, f"state ignored: {exc}"
+    return devices
+
+
+# -- desired tags -------------------------------------------------------------------------
+def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    try:
+        tag = validate_tag(args.tag)
+    except TagError as exc:
+        raise CtlError(f"invalid tag: {exc}", EXIT_USAGE) from None
+    if args.wait and not args.device:
+        raise CtlError("--wait needs --device (a group or the fleet has no single answer)",
+                       EXIT_USAGE)
+    topics = Topics(settings.topic_prefix)
+    what, topic = _target(args, topics)
+    request_id = args.request_id or new_request_id()
+    payload = json.dumps({"tag": tag, "request_id": request_id,
+                          "issued_at": utc_now()}).encode()
+    subscriptions = []
+    if args.wait:
+        subscriptions = [topics.state(args.device), topics.events(args.device),
+                         topics.availability(args.device)]
+    session = Session(settings, subscriptions)
+    try:
+        if args.wait:
+            session.retained()  # the old state and availability: not an answer
+        session.publish(topic, payload, retain=True)
+        if not args.wait:
+            printer.result({"tag": tag, "topic": topic, "request_id": request_id},
+                           f"desired tag of {what} set to {tag} (request {request_id})")
+            return EXIT_OK
+        printer.note(f"desired tag of {what} set to {tag}; waiting for the device "
+                     f"(up to {args.timeout:g} s)")
+        waited = wait_for_tag(session, args.device, tag, request_id, args.timeout, printer)
+    finally:
+        session.close()
+    return report_outcome(args.device, tag, request_id, waited, args.timeout, printer)
+
+
+def cmd_clear_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    what, topic = _target(args, topics)
+    session = Session(settings, [])
+    try:
+        session.publish(topic, b"", retain=True)
+    finally:
+        session.close()
+    printer.result({"topic": topic, "cleared": True}, f"desired tag of {what} cleared")
+    return EXIT_OK
+
+
+# -- check and install --------------------------------------------------------------------
+def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    """``check`` and ``install``: a command, answered on an MQTT 5 response topic."""
+    install = args.command == "install"
+    topics = Topics(settings.topic_prefix)
+    request_id = new_request_id()
+    if args.device:
+        topic = topics.device_install(args.device) if install else topics.device_check(
+            args.device)
+    else:
+        topic = topics.fleet_check
+    if args.wait and not args.device:
+        raise CtlError("--wait needs --device", EXIT_USAGE)
+    if args.wait and settings.protocol != "5":
+        raise CtlError("--wait needs MQTT 5 (response topics); unset MQTT_PROTOCOL", EXIT_USAGE)
+    response_topic = topics.reply(args.device, request_id) if args.wait else None
+    session = Session(settings, [response_topic] if response_topic else [])
+    try:
+        session.publish(topic, json.dumps({"request_id": request_id}).encode(), retain=False,
+                        response_topic=response_topic, correlation=request_id.encode())
+        if response_topic is None:
+            printer.result({"topic": topic, "request_id": request_id},
+                           f"{args.command} sent to {topic}")
+            return EXIT_OK
+        printer.note(f"{args.command} sent to {args.device}; waiting for its answer")
+        for message in session.messages(args.timeout):
+            answer = document_or_none(message)
+            if message.correlation == request_id.encode() and answer is not None:
+                break
+        else:
+            raise CtlError(f"no answer from {args.device} within {args.timeout:g} s "
+                           "(offline, or busy with an update?)", EXIT_TIMEOUT)
+    finally:
+        session.close()
+    ok = answer.get("ok") is True and answer.get("outcome") not in (CheckOutcome.ROLLED_BACK,
+                                                                    CheckOutcome.SKIPPED)
+    if answer.get("error"):
+        text = f"{args.device}: {args.command} failed: {printable(answer['error'])}"
+    else:
+        text = f"{args.device}: {describe_outcome(answer)}"
+    printer.result(answer, text)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# -- watch ----------------------------------------------------------------------------------
+def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
+    topics = Topics(settings.topic_prefix)
+    if args.device:
+        subscriptions = [topics.events(args.device), topics.availability(args.device),
+                         topics.state(args.device)]
+    else:
+        subscriptions = [topics.all_events, topics.all_availability, topics.all_states]
+    session = Session(settings, subscriptions)
+    statuses: dict[str, str] = {}
+    count = 0
+    try:
+        for message in session.retained():  # where everyone stands; not news
+            device_id = topics.device_of(message.topic)
+            body = document_or_none(message)
+            if device_id and message.topic == topics.state(device_id) and body is not None:
+                statuses[device_id] = text_at(body, "update", "status") or "-"
+        printer.note(f"watching {args.device or 'every device'} under {topics.prefix}/ "
+                     "(Ctrl-C to stop)")
+        for message in session.messages(args.timeout):
+            if watch_line(topics, message, statuses, printer):
+                count += 1
+                if args.count and count >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return EXIT_OK
+
+
+def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],
+               printer: Printer) -> bool:
+    """Show one message; True when it was an event (what --count counts). The device's
+    id comes from the topic (the broker's ACL vouches for it), never from the payload."""
+    device_id = topics.device_of(message.topic) or "?"
+    who = printable(device_id, CELL_CHARS)
+    if message.topic == topics.availability(device_id):
+        text = message.payload.decode(errors="replace").strip() or "(cleared)"
+        printer.result({"type": "availability", "device_id": device_id, "availability": text},
+                       f"{clock(None)}  {who}  is {printable(text, CELL_CHARS)}")
+        return False
+    is_state = message.topic == topics.state(device_id)
+    try:
+        body = document(message)
+    except UntrustedJson as exc:
+        kind = "state" if is_state else "event"
+        printer.note_once((device_id, kind, str(exc)),
+                          f"{clock(None)}  {who}  sent an unreadable {kind} (ignored): {exc}")
+        return False
+    if is_state:
+        status = text_at(body, "update", "status") or "-"
+        if statuses.get(device_id) == status:
+            return False
+        statuses[device_id] = status
+        if status == UpdateStatus.PULLING:
+            return False  # the progress events tell that story
+        printer.result({"type": "status", "device_id": device_id, "status": status,
+                        "state": body},
+                       f"{clock(body.get('ts'))}  {who}  status {status_text(body)}")
+        return False
+    event = body.get("event")
+    if event == EventName.UPDATE_STARTED:
+        printer.new_pull(device_id)
+    if event == EventName.PULL_PROGRESS and not printer.as_json:
+        printer.progress(device_id, text_at(body, "tag") or "-",
+                         percent(body.get("progress")) or 0.0)
+        return True
+    name = printable(text_at(body, "event") or "?", CELL_CHARS)
+    if event == EventName.TAG_SUPERSEDED:
+        details = f"{printable(text_at(body, 'tag') or '?', CELL_CHARS)} {superseded_text(body)}"
+    else:
+        details = event_details(body)
+    request_id = body.get("request_id")
+    request = f"  [request {printable(request_id, CELL_CHARS)}]" if request_id else ""
+    printer.result({**body, "type": "event", "device_id": device_id},
+                   f"{clock(body.get('ts'))}  {who}  {name}  {details}{request}")
+    return True
+
+
+COMMANDS: dict[str, Command] = {
+    "devices": cmd_devices,
+    "set-tag": cmd_set_tag,
+    "clear-tag": cmd_clear_tag,
+    "check": cmd_request,
+    "install": cmd_request,
+    "watch": cmd_watch,
+}
