@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,7 +26,14 @@ from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.mqtt import BrokerUnavailable
-from edge_agent.protocol.tags import REQUEST_ID_PATTERN, is_request_id, validate_tag
+from edge_agent.protocol.tags import (
+    REQUEST_ID_PATTERN,
+    command_payload,
+    desired_tag_payload,
+    is_request_id,
+    new_request_id,
+    validate_tag,
+)
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
 
@@ -162,7 +168,7 @@ class Api:
         publisher: Publisher,
         *,
         max_wait_s: float = 300.0,
-        new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_request_id: Callable[[], str] = new_request_id,
         now: Callable[[], float] = time.time,
     ) -> None:
         self._token = token.encode()
@@ -333,13 +339,11 @@ class Api:
 
     def _check(self, scope: str, target: str | None, topic: str) -> Response:
         request_id = self._new_request_id()
-        payload = {"request_id": request_id, "issued_at": self._issued_at()}
-        self._publish(topic, json.dumps(payload).encode(), retain=False)
+        self._publish(topic, command_payload(request_id, self._issued_at()), retain=False)
         return json_response(202, {"request_id": request_id, "scope": scope, "target": target})
 
     def _publish_tag(self, topic: str, tag: str, request_id: str) -> None:
-        payload = {"tag": tag, "request_id": request_id, "issued_at": self._issued_at()}
-        self._publish(topic, json.dumps(payload).encode())
+        self._publish(topic, desired_tag_payload(tag, request_id, self._issued_at()))
         log.info("published desired tag %s on %s (request %s)", tag, topic, request_id)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:

@@ -9,8 +9,6 @@ exit code; failures raise ``CtlError``.
 from __future__ import annotations
 
 import argparse
-import json
-import uuid
 from collections.abc import Callable, Sequence
 
 from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CtlError
@@ -36,18 +34,18 @@ from edge_agent.protocol.mqtt import Incoming
 from edge_agent.protocol.safejson import UntrustedJson
 from edge_agent.protocol.settings import MqttSettings
 from edge_agent.protocol.state import Availability, UpdateStatus
-from edge_agent.protocol.tags import validate_tag
+from edge_agent.protocol.tags import (
+    command_payload,
+    desired_tag_payload,
+    new_request_id,
+    validate_tag,
+)
 from edge_agent.protocol.timestamps import utc_now
 from edge_agent.protocol.topics import Topics
 
 Command = Callable[[argparse.Namespace, MqttSettings, Printer], int]
 
 AVAILABILITY = {Availability.ONLINE.encode(): True, Availability.OFFLINE.encode(): False}
-
-
-def new_request_id() -> str:
-    """A fresh request id (32 hex digits: within the request-id grammar)."""
-    return uuid.uuid4().hex
 
 
 def _target(args: argparse.Namespace, topics: Topics) -> tuple[str, str]:
@@ -108,8 +106,7 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     topics = Topics(settings.topic_prefix)
     what, topic = _target(args, topics)
     request_id = args.request_id or new_request_id()
-    payload = json.dumps({"tag": tag, "request_id": request_id,
-                          "issued_at": utc_now()}).encode()
+    payload = desired_tag_payload(tag, request_id, utc_now())
     subscriptions = []
     if args.wait:
         subscriptions = [topics.state(args.device), topics.events(args.device),
@@ -161,7 +158,7 @@ def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Print
     response_topic = topics.reply(args.device, request_id) if args.wait else None
     session = Session(settings, [response_topic] if response_topic else [])
     try:
-        session.publish(topic, json.dumps({"request_id": request_id}).encode(), retain=False,
+        session.publish(topic, command_payload(request_id, utc_now()), retain=False,
                         response_topic=response_topic, correlation=request_id.encode())
         if response_topic is None:
             printer.result({"topic": topic, "request_id": request_id},

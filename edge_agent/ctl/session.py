@@ -20,7 +20,13 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.ctl.errors import EXIT_FAILED, EXIT_TIMEOUT, CtlError
 from edge_agent.protocol import safejson
-from edge_agent.protocol.mqtt import BrokerClient, BrokerUnavailable, Incoming, MqttConnectError
+from edge_agent.protocol.mqtt import (
+    BrokerClient,
+    BrokerUnavailable,
+    Incoming,
+    MqttConnectError,
+    PublishRefused,
+)
 from edge_agent.protocol.safejson import UntrustedJson
 from edge_agent.protocol.settings import MqttSettings
 from edge_agent.protocol.topics import Topics
@@ -109,12 +115,9 @@ class Session:
 def publish_error(exc: BrokerUnavailable) -> CtlError:
     """A publish the broker did not take, as edge-ctl ends on it: refused (exit 1, with
     the operator ACL hint) or not acknowledged in time, or no connection (exit 3)."""
-    message = str(exc)
-    # BrokerUnavailable has no subclass for a refusal (an MQTT 5 PUBACK reason code);
-    # its text is the only sign. tests/ctl/test_session.py holds the two together.
-    if message.startswith("the broker refused"):
-        return CtlError(f"{message}; {OPERATOR_ACL}", EXIT_FAILED)
-    return CtlError(message, EXIT_TIMEOUT)
+    if isinstance(exc, PublishRefused):
+        return CtlError(f"{exc}; {OPERATOR_ACL}", EXIT_FAILED)
+    return CtlError(str(exc), EXIT_TIMEOUT)
 
 
 def document(message: Incoming) -> dict[str, Any]:

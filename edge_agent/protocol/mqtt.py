@@ -65,6 +65,16 @@ class BrokerUnavailable(EdgeAgentError):
     """The broker did not take a message: not connected, refused, or no PUBACK in time."""
 
 
+class PublishRefused(BrokerUnavailable):
+    """The broker answered the publish with a failure (an MQTT 5 PUBACK reason code,
+    usually its ACL): retrying will not help."""
+
+    def __init__(self, message: str, topic: str, reason: str) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.reason = reason
+
+
 # -- connecting -------------------------------------------------------------------
 def connect_client(
     mqtt: MqttSettings,
@@ -518,8 +528,9 @@ class BrokerClient:
                 refused = tracker.refused_publishes.pop(info.mid, None)
             if refused is not None:
                 user = self.settings.username or "this user"
-                raise BrokerUnavailable(f"the broker refused the message to {topic} "
-                                        f"({refused}); check the broker's ACL for {user}")
+                raise PublishRefused(f"the broker refused the message to {topic} "
+                                     f"({refused}); check the broker's ACL for {user}",
+                                     topic, refused)
 
     def resubscribe(self, topics: Sequence[str]) -> bool:
         """Subscribe to ``topics`` again, which makes the broker send their retained

@@ -5,7 +5,9 @@ Shared by the agent and the HTTP bridge so both accept exactly the same tags.
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from dataclasses import dataclass
 
 from edge_agent.protocol.errors import TagError
@@ -38,6 +40,23 @@ def validate_tag(tag: str) -> str:
 def is_request_id(value: object) -> bool:
     """True when ``value`` is a string that follows the one request-id grammar."""
     return isinstance(value, str) and REQUEST_ID_RE.fullmatch(value) is not None
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits, within the request-id grammar)."""
+    return uuid.uuid4().hex
+
+
+def desired_tag_payload(tag: str, request_id: str, issued_at: str) -> bytes:
+    """The JSON form of a desired-tag message, as operators publish it."""
+    return json.dumps({"tag": tag, "request_id": request_id, "issued_at": issued_at},
+                      separators=(",", ":")).encode()
+
+
+def command_payload(request_id: str, issued_at: str) -> bytes:
+    """The JSON body of a command (``cmd/check``, ``cmd/install``) with its request id."""
+    return json.dumps({"request_id": request_id, "issued_at": issued_at},
+                      separators=(",", ":")).encode()
 
 
 def is_digest(tag: str) -> bool:

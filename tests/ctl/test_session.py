@@ -21,7 +21,7 @@ from edge_agent.ctl.session import (
     document_or_none,
     publish_error,
 )
-from edge_agent.protocol.mqtt import BrokerUnavailable, Incoming
+from edge_agent.protocol.mqtt import BrokerUnavailable, Incoming, PublishRefused
 from edge_agent.protocol.safejson import UntrustedJson
 from edge_agent.protocol.topics import Topics
 from tests.support.broker import Broker, MqttWatcher
@@ -74,9 +74,9 @@ def test_a_refused_publish_is_not_success(broker: Broker, test_id: str) -> None:
 
 
 def test_publish_errors_keep_their_exit_codes() -> None:
-    refused = publish_error(BrokerUnavailable(
+    refused = publish_error(PublishRefused(
         "the broker refused the message to edge/fleet/tag (Not authorized); check the "
-        "broker's ACL for dev1"))
+        "broker's ACL for dev1", "edge/fleet/tag", "Not authorized"))
     assert refused.code == EXIT_FAILED and str(refused).endswith(OPERATOR_ACL)
     late = publish_error(BrokerUnavailable("the MQTT broker did not acknowledge the message "
                                            "to edge/fleet/tag within 10 s"))
