@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -20,11 +19,11 @@ from edge_agent.files import read_regular_file
 from edge_agent.logs import setup_logging
 from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import ConfigError
+from edge_agent.protocol.settings import EXIT_CONFIG
 
 if TYPE_CHECKING:
     import argparse
 
-EXIT_CONFIG = 2
 STATUS_MAX_BYTES = 1 << 20
 
 
@@ -120,5 +119,4 @@ def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

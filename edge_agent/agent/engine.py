@@ -179,9 +179,6 @@ class Engine:
             return deadline.call(fn, timeout_s=self._call_timeout_s + extra_s, what=action,
                                  should_abort=None if changes else deadline.stopping)
 
-    def ping(self) -> None:
-        self._call("ping", self._client.ping)
-
     # -- containers -------------------------------------------------------------
     def container(self, name_or_id: str) -> ContainerInfo | None:
         """Inspect a container by exact name or id; None when it does not exist."""
@@ -385,12 +382,6 @@ class Engine:
             except DockerOperationError as exc:
                 log.info("kept image %s: %s", ref, exc)
                 return
-
-    def managed_containers(self) -> list[ContainerInfo]:
-        """All containers the agent created (for cleanup after a crash)."""
-        found = self._call("list containers", lambda: self._client.containers.list(
-            all=True, filters={"label": LABEL_MANAGED}))
-        return [_container_info(c) for c in found]
 
     def events(self, container_name: str) -> Iterator[dict[str, Any]]:
         """Stream Docker events of the managed container (blocks; for a watcher thread)."""

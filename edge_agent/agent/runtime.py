@@ -14,13 +14,13 @@ from edge_agent.agent.config import Settings
 from edge_agent.agent.loop import Agent
 from edge_agent.agent.watcher import ContainerWatcher
 from edge_agent.protocol.errors import ConfigError
+from edge_agent.protocol.settings import EXIT_CONFIG
 
 if TYPE_CHECKING:
     from edge_agent.agent.link import AgentLink
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 2
 # With MQTT, the first check waits this long at most for the broker's retained desired
 # tags (it runs as soon as they have settled); a broker that is down costs no more.
 FIRST_CHECK_HOLD_S = 5.0

@@ -14,8 +14,7 @@ from edge_agent import __version__
 from edge_agent.bridge.settings import BRIDGE_SETTINGS, SHORT_TOKEN_CHARS, load_bridge_settings
 from edge_agent.logs import setup_logging
 from edge_agent.protocol.errors import ConfigError
-
-EXIT_CONFIG = 2
+from edge_agent.protocol.settings import EXIT_CONFIG
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from edge_agent.protocol.errors import ConfigError
 
+# The exit code of every program for a bad setting (one line on stderr names it).
+EXIT_CONFIG = 2
+
 
 @dataclass(frozen=True)
 class MqttSettings:
