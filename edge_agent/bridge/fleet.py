@@ -344,8 +344,7 @@ class Fleet:
                     device.state_seq = seq
                     if not retained and payload:
                         device.seen(self._clock())
-                    self._forget_if_empty(device)
-                    self._changed(device)
+                    self._cleared(device)
                 return
             device = self._device(device_id)
             if device is None:
@@ -373,8 +372,7 @@ class Fleet:
                 device = self._devices.get(device_id)
                 if device is not None:
                     device.availability = None
-                    self._forget_if_empty(device)
-                    self._changed(device)
+                    self._cleared(device)
                 return
             device = self._device(device_id)
             if device is None:
@@ -439,9 +437,11 @@ class Fleet:
             device = self._devices[device_id] = Device(device_id)
         return device
 
-    def _forget_if_empty(self, device: Device) -> None:
+    def _cleared(self, device: Device) -> None:
+        """After a field of ``device`` was cleared: forget it when nothing is left."""
         if device.state is None and device.availability is None:
             del self._devices[device.device_id]
+        self._changed(device)
 
     # -- reads (HTTP threads) -------------------------------------------------------
     def list_json(self) -> bytes:
