@@ -4,6 +4,12 @@ The update is journalled in the agent state before every step that changes Docke
 and the container names tell the rest: ``<name>-next`` is a new container not yet in
 place, ``<name>-previous`` the old one kept until the new one has proven itself.
 After a crash, ``recover()`` finishes or undoes whatever it finds.
+
+Every failure ends with the old container serving: before the old container is stopped
+the update is undone and the error reported (retried at the next check); after it, a
+new container that Docker refuses to start, or that fails verification, is rolled back
+and its image remembered as failed for this desired tag and docker_config.json. When the
+daemon itself is gone mid-update, ``recover()`` undoes the update once it answers again.
 """
 
 from __future__ import annotations
@@ -26,11 +32,30 @@ from edge_agent.engine import (
 )
 from edge_agent.errors import (
     DockerOperationError,
+    EdgeAgentError,
     ManifestUnknown,
     RegistryError,
-    RunConfigError,
 )
-from edge_agent.reconcile import Action, Desired, Probe, Running, Target, Verdict, decide, judge
+from edge_agent.reconcile import (
+    MAX_INTERRUPTED,
+    Action,
+    Desired,
+    Found,
+    Probe,
+    Recovery,
+    Running,
+    Target,
+    Verdict,
+    attempt,
+    counts_as_interrupted,
+    decide,
+    failed_keys,
+    failure_of,
+    interruptions,
+    judge,
+    plan_recovery,
+    relevant_attempts,
+)
 from edge_agent.registry import RegistryClient
 from edge_agent.status import FallbackView, RunningView, Status, UpdateStatus, utc_now
 from edge_agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
@@ -76,6 +101,8 @@ class Updater:
         self.next_name = f"{self.name}-next"
         self.previous_name = f"{self.name}-previous"
         self._kill_at = os.environ.get(KILL_AT_ENV)
+        # For tests: called with the step name at every failpoint (e.g. to stop a daemon).
+        self.step_hook: Callable[[str], None] | None = None
         self._recovered = False
         # Images of this repository other than current and previous may be lying around:
         # at start, and after any update that did not commit (rollback, crash, bad config).
@@ -90,17 +117,20 @@ class Updater:
             self._recovered = True
         self.status.last_check_at = utc_now()
         self.status.set_update(UpdateStatus.CHECKING)
-        # A failed digest is only remembered for the desired tag it failed under.
-        self.state.failed = [f for f in self.state.failed if f.get("desired") == desired.tag]
         run_config = self.data.read_run_config()
         self.engine.validate_run_kwargs(run_config.kwargs)
         for warning in run_config.warnings:
             log.warning("%s", warning)
+        # Failed and broken-off attempts hold only for the desired tag and the
+        # docker_config.json they were made under: a change of either is worth a new try.
+        self.state.failed = relevant_attempts(self.state.failed, desired.tag, run_config.digest)
+        self.state.interrupted = relevant_attempts(self.state.interrupted, desired.tag,
+                                                   run_config.digest)
         current = self.engine.container(self.name)
         self.status.running = self.view(current)
         target = self._resolve_target(desired)
         self._show_fallback(desired, target)
-        failed = frozenset(f["digest"] for f in self.state.failed)
+        failed = failed_keys(self.state.failed, desired.tag, run_config.digest)
         action = decide(target, self._running(current), run_config.digest, failed)
 
         if action is Action.NOTHING:
@@ -118,10 +148,14 @@ class Updater:
             self._finish_check(latest=target.tag)
             return CheckResult(action, "started", target)
         if action is Action.SKIP_FAILED:
+            assert target.key is not None
+            why = failure_of(self.state.failed, desired.tag, run_config.digest, target.key)
+            if self._prune_due and current is not None and current.running:
+                self._prune()  # the image that failed is of no use
             self._finish_check(
                 latest=target.tag,
-                error=f"{target.tag} ({target.digest}) failed verification before; "
-                "waiting for a new digest or desired tag",
+                error=f"{target.tag} ({target.key}) failed verification before: {why}; "
+                "waiting for a new digest, desired tag or docker_config.json",
             )
             return CheckResult(action, "skipped", target)
         if self.settings.update_mode == "notify" and not install:
@@ -149,17 +183,18 @@ class Updater:
             local = self._local_image(tag)
             if local is not None:
                 log.info("%s is not in the registry but exists locally; using it", tag)
-                return Target(tag, None)
+                return Target(tag, None, image_id=local.id)
             fallback = self.settings.fallback_tag
             if not fallback or fallback == tag:
                 raise
             reason = f"tag {tag} not found in registry (manifest unknown)"
             return Target(fallback, self.registry.digest(fallback), fallback_reason=reason)
         except RegistryError as exc:
-            if self._local_image(tag) is None:
+            local = self._local_image(tag)
+            if local is None:
                 raise
             log.warning("%s; deciding with the local image of %s", exc, tag)
-            return Target(tag, None, registry_error=str(exc))
+            return Target(tag, None, registry_error=str(exc), image_id=local.id)
 
     def _local_image(self, tag: str) -> ImageInfo | None:
         separator = "@" if is_digest(tag) else ":"
@@ -215,43 +250,82 @@ class Updater:
         self.status.latest_version = target.tag
         self._prune_due = True  # cleared by the prune of a commit
         image = self._ensure_image(target)
-        ref = ImageRef(target.tag, target.digest, image.id)
-        self.state.pending = PendingUpdate(
-            step="creating", target=ref, old_container_id=current.id if current else None,
-            request_id=desired.request_id,
+        self._failpoint("pulled")
+        old_id = current.id if current else None
+        pending = PendingUpdate(
+            step="creating", target=ImageRef(target.tag, target.digest, image.id),
+            old_container_id=old_id, request_id=desired.request_id, desired_tag=desired.tag,
+            config_digest=run_config.digest,
         )
+        self.state.pending = pending
         self.data.save_state(self.state)
         self.status.set_update(UpdateStatus.INSTALLING)
+        try:
+            new_id = self._create(target, run_config)
+            # Renames first, while the old container still serves: the downtime is only
+            # the gap between stopping the old container and starting the new one.
+            if current is not None:
+                self.engine.rename(current.id, self.previous_name)
+                self._failpoint("renamed_old")
+            self.engine.rename(new_id, self.name)
+            self._failpoint("renamed_new")
+            pending.step = "starting"
+            self.data.save_state(self.state)
+            if current is not None and current.running:
+                self.engine.stop(current.id)
+                self._failpoint("stopped")
+        except EdgeAgentError:
+            # Nothing is proven wrong with the image: put the old container back as it
+            # was, report the error, try again at the next check.
+            self._undo()
+            raise
+        try:
+            self.engine.start(new_id)
+        except EdgeAgentError as exc:
+            # What the daemon shows decides: the answer to a start that worked may be lost
+            # (a timeout). A daemon that does not answer at all proves nothing about the
+            # image: recover() undoes the update once it is back.
+            try:
+                started = self._find(new_id)
+            except EdgeAgentError:
+                raise exc from None
+            if started is None or not started.running:
+                self._rollback(new_id, old_id, f"did not start: {exc}")
+                return "rolled_back"
+        pending.step = "verifying"
+        self.data.save_state(self.state)
+        self._failpoint("started")
+        return self._verify_and_settle(new_id, old_id)
+
+    def _create(self, target: Target, run_config: RunConfig) -> str:
+        """Create ``<name>-next`` for ``target`` and journal its id."""
+        pending = self.state.pending
+        assert pending is not None
         self._remove_named(self.next_name)
         labels = {LABEL_TAG: target.tag, LABEL_CONFIG: run_config.digest}
         if target.digest:
             labels[LABEL_DIGEST] = target.digest
-        try:
-            new_id = self.engine.create(self._reference(target), self.next_name,
-                                        run_config.kwargs, labels)
-        except RunConfigError:
-            self.state.pending = None
-            self.data.save_state(self.state)
-            raise
-        self.state.pending.new_container_id = new_id
-        self.state.pending.step = "swapping"
+        new_id = self.engine.create(self._reference(target), self.next_name,
+                                    run_config.kwargs, labels)
+        pending.new_container_id = new_id
+        pending.step = "swapping"
         self.data.save_state(self.state)
         self._failpoint("created")
-        # Renames first, while the old container still serves: the downtime is only
-        # the gap between stopping the old container and starting the new one.
-        if current is not None:
-            self.engine.rename(current.id, self.previous_name)
-            self._failpoint("renamed_old")
-        self.engine.rename(new_id, self.name)
-        self._failpoint("renamed_new")
-        if current is not None and current.running:
-            self.engine.stop(current.id)
-            self._failpoint("stopped")
-        self.engine.start(new_id)
-        self.state.pending.step = "verifying"
+        return new_id
+
+    def _undo(self) -> None:
+        """Undo an update that failed before it proved anything (best effort: when Docker
+        cannot do it now, the journal stays and ``recover()`` does it at the next check)."""
+        pending = self.state.pending
+        assert pending is not None
+        try:
+            self._restore(self._find(pending.new_container_id),
+                          self._find(pending.old_container_id))
+        except EdgeAgentError as exc:
+            log.debug("cannot undo the update now (%s); recovering at the next check", exc)
+            return
+        self.state.pending = None
         self.data.save_state(self.state)
-        self._failpoint("started")
-        return self._verify_and_settle(new_id, current.id if current else None)
 
     def _ensure_image(self, target: Target) -> ImageInfo:
         """The local image for ``target``, pulled (with progress) when not already here."""
@@ -290,6 +364,7 @@ class Updater:
             log.info("stopping during verification; it resumes at the next start")
             return "interrupted"
         if verdict is Verdict.HEALTHY:
+            self._failpoint("verified")
             self._commit(new_id, old_id)
             return "updated"
         self._rollback(new_id, old_id, reason)
@@ -331,6 +406,7 @@ class Updater:
                 self.state.previous = ImageRef(shown.tag or "unknown", shown.digest, old.image_id)
         self.state.applied = pending.target
         self.state.pending = None
+        self.state.interrupted = []
         self.data.save_state(self.state)
         self.status.last_success_at = utc_now()
         self.status.latest_version = pending.target.tag
@@ -340,29 +416,54 @@ class Updater:
                           container_id=new_id, request_id=pending.request_id)
         self._prune()
 
-    def _rollback(self, new_id: str, old_id: str | None, reason: str) -> None:
+    def _rollback(self, new_id: str | None, old_id: str | None, reason: str) -> None:
+        """The new container failed: journal why, put the old one back, remember it."""
         pending = self.state.pending
         assert pending is not None
-        log.error("update to %s failed verification (%s); rolling back", pending.target.tag, reason)
+        log.error("update to %s failed (%s); rolling back", pending.target.tag, reason)
+        pending.failure = reason
+        pending.step = "rolling_back"
+        self.data.save_state(self.state)
+        self._failpoint("rolling_back")
         self.status.set_update(UpdateStatus.ROLLING_BACK)
-        self.engine.remove(new_id)
-        if old_id is not None:
-            self.engine.rename(old_id, self.name)
-            self.engine.start(old_id)
-        desired = self.status.desired
-        self.state.failed.append({
-            "desired": desired.tag if desired else pending.target.tag,
-            "digest": pending.target.digest or pending.target.image_id,
-            "reason": reason,
-        })
+        restored = self._restore(self._find(new_id), self._find(old_id))
+        self._settle_failure(reason, restored)
+
+    def _restore(self, new: ContainerInfo | None, old: ContainerInfo | None) -> bool:
+        """Remove the new container (and any ``-next``/``-previous`` that is not the old
+        one), put the old one back under the container name and running. Idempotent.
+        Returns whether there was an old container to restore."""
+        if new is not None and (old is None or new.id != old.id):
+            self.engine.remove(new.id)
+        for name in (self.next_name, self.previous_name):
+            stale = self.engine.container(name)
+            if stale is not None and (old is None or stale.id != old.id):
+                self.engine.remove(stale.id)
+        if old is None:
+            return False
+        if old.name != self.name:
+            self.engine.rename(old.id, self.name)
+        if not old.running:
+            self.engine.start(old.id)
+        return True
+
+    def _settle_failure(self, reason: str, restored: bool) -> None:
+        """Remember the failed attempt (not tried again under this desired tag and run
+        config), end the update and answer the request that asked for it."""
+        pending = self.state.pending
+        assert pending is not None
+        key = pending.target.digest or pending.target.image_id
+        desired = pending.desired_tag or pending.target.tag
+        self.state.failed.append(attempt(desired, key, pending.config_digest, reason,
+                                         pending.target.image_id))
+        self.state.interrupted = [r for r in self.state.interrupted if r.get("digest") != key]
         self.state.pending = None
         self.data.save_state(self.state)
         self.status.last_error = f"update to {pending.target.tag} rolled back: {reason}"
         self.observe()
         self.status.set_update(UpdateStatus.IDLE)
         self.status.event("rolled_back", tag=pending.target.tag, digest=pending.target.digest,
-                          reason=reason, restored=old_id is not None,
-                          request_id=pending.request_id)
+                          reason=reason, restored=restored, request_id=pending.request_id)
 
     def _prune(self) -> None:
         """Keep the current and previous images of the repository; remove the others."""
@@ -374,38 +475,76 @@ class Updater:
 
     # -- recovery ---------------------------------------------------------------
     def recover(self) -> None:
-        """Finish or undo an update that a crash interrupted (SPEC section 5 step 5)."""
+        """Finish or undo an update that a crash or a Docker error broke off, from the
+        journal and the containers found. Idempotent: what it cannot do now (daemon gone)
+        it does next time; an update undone here without a verdict is counted, so one
+        that never gets a verdict gives up (MAX_INTERRUPTED)."""
+        pending = self.state.pending
         current = self.engine.container(self.name)
         previous = self.engine.container(self.previous_name)
         upcoming = self.engine.container(self.next_name)
-        if previous is None and upcoming is None:
-            if self.state.pending is not None:
-                self.state.pending = None
-                self.data.save_state(self.state)
+        if pending is None and previous is None and upcoming is None:
+            return
+        if pending is not None:
+            # The journal names both containers; by name only what it could not record.
+            old = self._find(pending.old_container_id) or previous
+            new = self._find(pending.new_container_id) or upcoming
+        elif upcoming is not None:  # state lost: the names are all there is
+            new, old = upcoming, previous or current
+        else:
+            new, old = current, previous
+        found = Found(
+            journal=pending is not None,
+            step=pending.step if pending else None,
+            failure=pending.failure if pending else None,
+            new_status=new.status if new else None,
+            new_in_place=new is not None and new.name == self.name,
+            old_exists=old is not None,
+        )
+        plan = plan_recovery(found)
+        if plan is Recovery.CLEAR:
+            self._forget_pending()
             return
         log.warning("found an interrupted update (%s); recovering",
-                    ", ".join(c.name for c in (current, previous, upcoming) if c))
-        if upcoming is not None:
-            self.engine.remove(upcoming.id)
-        if previous is not None and current is None:
-            self.engine.rename(previous.id, self.name)
-            if not previous.running:
-                self.engine.start(previous.id)
-        elif previous is not None and current is not None:
-            if current.status == "created" or self.state.pending is None:
-                # The new container never ran: put the old one back; the next check redoes it.
-                self.engine.remove(current.id)
-                self.engine.rename(previous.id, self.name)
-                if not previous.running:
-                    self.engine.start(previous.id)
-            else:
-                if previous.running:
-                    self.engine.stop(previous.id)
-                if not current.running:
-                    self.engine.start(current.id)
-                self._verify_and_settle(current.id, previous.id)
-        self.state.pending = None
-        self.data.save_state(self.state)
+                    ", ".join(c.name for c in (current, previous, upcoming) if c)
+                    or f"journalled at {found.step}")
+        if plan is Recovery.VERIFY:
+            assert new is not None and pending is not None
+            if old is not None and old.running:
+                self.engine.stop(old.id)
+            self._verify_and_settle(new.id, old.id if old else None)
+            return
+        if pending is not None:
+            self.status.set_update(UpdateStatus.ROLLING_BACK)
+        restored = self._restore(new, old)
+        if pending is None:
+            return
+        if pending.failure is not None:
+            self._settle_failure(pending.failure, restored)
+        elif counts_as_interrupted(found, plan):
+            self._count_interruption(pending, restored)
+        else:
+            self._forget_pending()
+
+    def _count_interruption(self, pending: PendingUpdate, restored: bool) -> None:
+        key = pending.target.digest or pending.target.image_id
+        desired = pending.desired_tag or pending.target.tag
+        config = pending.config_digest
+        self.state.interrupted.append(
+            attempt(desired, key, config, f"broken off at step {pending.step}"))
+        count = interruptions(self.state.interrupted, desired, key, config or "")
+        if count >= MAX_INTERRUPTED:
+            self._settle_failure(f"broken off {count} times without a verdict (the agent or "
+                                 "the Docker daemon stopped during the update)", restored)
+            return
+        log.warning("the update to %s was broken off (%d of %d times); trying it again",
+                    pending.target.tag, count, MAX_INTERRUPTED)
+        self._forget_pending()
+
+    def _forget_pending(self) -> None:
+        if self.state.pending is not None:
+            self.state.pending = None
+            self.data.save_state(self.state)
 
     # -- observation --------------------------------------------------------------
     def observe(self) -> ContainerInfo | None:
@@ -435,7 +574,12 @@ class Updater:
         if stale is not None:
             self.engine.remove(stale.id)
 
+    def _find(self, container_id: str | None) -> ContainerInfo | None:
+        return self.engine.container(container_id) if container_id else None
+
     def _failpoint(self, step: str) -> None:
+        if self.step_hook is not None:
+            self.step_hook(step)
         if self._kill_at == step:
             log.warning("%s=%s: killing the agent now", KILL_AT_ENV, step)
             os.kill(os.getpid(), signal.SIGKILL)
