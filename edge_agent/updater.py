@@ -8,8 +8,10 @@ After a crash, ``recover()`` finishes or undoes whatever it finds.
 Every failure ends with the old container serving: before the old container is stopped
 the update is undone and the error reported (retried at the next check); after it, a
 new container that Docker refuses to start, or that fails verification, is rolled back
-and its image remembered as failed for this desired tag and docker_config.json. When the
-daemon itself is gone mid-update, ``recover()`` undoes the update once it answers again.
+and its image remembered as failed for this desired tag and docker_config.json (with no
+previous container, one that would not start stays in place and is started again at
+each check). When the daemon itself is gone mid-update, ``recover()`` undoes the update
+once it answers again.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class Updater:
         self.next_name = f"{self.name}-next"
         self.previous_name = f"{self.name}-previous"
         self._kill_at = os.environ.get(KILL_AT_ENV)
+        self._start_reported: str | None = None  # the container last reported as not running
+        self._recovering = False
         # For tests: called with the step name at every failpoint (e.g. to stop a daemon).
         self.step_hook: Callable[[str], None] | None = None
         self._recovered = False
@@ -134,6 +138,7 @@ class Updater:
         action = decide(target, self._running(current), run_config.digest, failed)
 
         if action is Action.NOTHING:
+            self._start_reported = None
             self._remember_applied(target, current)
             if self._prune_due and current is not None and current.running:
                 self._prune()
@@ -141,9 +146,13 @@ class Updater:
             return CheckResult(action, "unchanged", target)
         if action is Action.START:
             assert current is not None
-            log.warning("container %s is %s; starting it", self.name, current.status)
-            self.status.event("container_exited", status=current.status,
-                              exit_code=current.exit_code, action="started")
+            # Once per container until it is seen running: one that never starts, or
+            # exits at once every time, is a repeated condition, not news at every check.
+            if self._start_reported != current.id:
+                log.warning("container %s is %s; starting it", self.name, current.status)
+                self.status.event("container_exited", status=current.status,
+                                  exit_code=current.exit_code, action="started")
+                self._start_reported = current.id
             self.engine.start(current.id)
             self._finish_check(latest=target.tag)
             return CheckResult(action, "started", target)
@@ -289,6 +298,9 @@ class Updater:
                 started = self._find(new_id)
             except EdgeAgentError:
                 raise exc from None
+            if started is not None and not started.running and old_id is None:
+                self._keep_in_place()
+                raise
             if started is None or not started.running:
                 self._rollback(new_id, old_id, f"did not start: {exc}")
                 return "rolled_back"
@@ -326,6 +338,19 @@ class Updater:
             return
         self.state.pending = None
         self.data.save_state(self.state)
+
+    def _keep_in_place(self) -> None:
+        """A first install that Docker would not start: there is nothing to go back to,
+        so the container stays in place and every check starts it again (a port in use
+        may be freed). The error is reported, and repeated, like any other."""
+        pending = self.state.pending
+        assert pending is not None
+        log.warning("%s did not start and there is no previous container to go back to; "
+                    "starting it again at every check", pending.target.tag)
+        self.state.applied = pending.target
+        self.state.pending = None
+        self.data.save_state(self.state)
+        self.observe()
 
     def _ensure_image(self, target: Target) -> ImageInfo:
         """The local image for ``target``, pulled (with progress) when not already here."""
@@ -411,7 +436,7 @@ class Updater:
         self.status.last_success_at = utc_now()
         self.status.latest_version = pending.target.tag
         self.observe()
-        self.status.set_update(UpdateStatus.IDLE)
+        self._end_update()
         self.status.event("update_succeeded", tag=pending.target.tag, digest=pending.target.digest,
                           container_id=new_id, request_id=pending.request_id)
         self._prune()
@@ -461,7 +486,7 @@ class Updater:
         self.data.save_state(self.state)
         self.status.last_error = f"update to {pending.target.tag} rolled back: {reason}"
         self.observe()
-        self.status.set_update(UpdateStatus.IDLE)
+        self._end_update()
         self.status.event("rolled_back", tag=pending.target.tag, digest=pending.target.digest,
                           reason=reason, restored=restored, request_id=pending.request_id)
 
@@ -479,6 +504,23 @@ class Updater:
         journal and the containers found. Idempotent: what it cannot do now (daemon gone)
         it does next time; an update undone here without a verdict is counted, so one
         that never gets a verdict gives up (MAX_INTERRUPTED)."""
+        # The check that runs recovery already shows its own desired tag; the update
+        # found here is an older one: its events answer its own request only, and the
+        # state shows no verdict ("idle") on the new one until the check has one.
+        desired, self.status.desired = self.status.desired, None
+        self._recovering = True
+        try:
+            self._recover()
+        finally:
+            self._recovering = False
+            self.status.desired = desired
+
+    def _end_update(self) -> None:
+        """The update is over: idle, unless a check goes on after recovering it."""
+        if not self._recovering:
+            self.status.set_update(UpdateStatus.IDLE)
+
+    def _recover(self) -> None:
         pending = self.state.pending
         current = self.engine.container(self.name)
         previous = self.engine.container(self.previous_name)

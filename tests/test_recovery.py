@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
 
+from edge_agent.answers import judge_event, judge_state
+from edge_agent.bridge.fleet import wait_answer
 from edge_agent.reconcile import MAX_INTERRUPTED
 from tests.support.device import Device, publish
-from tests.support.updates import DockerMark, container_names, created_since
+from tests.support.updates import DockerMark, ask, container_names, created_since
 
 STEPS = ["pulling", "created", "renamed_old", "renamed_new", "stopped", "started", "verified"]
 
@@ -27,7 +30,10 @@ def test_killed_mid_update_converges_on_restart(
 ) -> None:
     device = Device(repo=unique_repo, name=container_name, data_dir=tmp_path / "data")
     publish(device.repo, "1.0", "1.0")
-    publish(device.repo, "2.0", "2.0")
+    # content of its own: an image that another repository on the daemon shares would
+    # be "pulled" without a layer to download, and the "pulling" step would never come
+    new_version = f"2.0 {container_name}"
+    publish(device.repo, "2.0", new_version)
     device.write_tag("1.0")
     device.agent().check()
     assert device.serving() == "1.0"
@@ -41,7 +47,7 @@ def test_killed_mid_update_converges_on_restart(
     result = agent.check()
 
     assert result is not None and result.outcome in ("updated", "unchanged")
-    assert device.serving() == "2.0"
+    assert device.serving() == new_version
     containers = docker_client.containers.list(all=True, filters={"name": container_name})
     assert sorted(c.name for c in containers) == [container_name]
     assert containers[0].status == "running"
@@ -181,3 +187,34 @@ def test_an_update_broken_off_again_and_again_gives_up(
     (event,) = [e for e in agent.events if e["event"] == "rolled_back"]  # type: ignore[attr-defined]
     assert f"broken off {MAX_INTERRUPTED} times" in event["reason"]
     converged(device, docker_client, caplog)
+
+
+@pytest.mark.parametrize("kind", ["ok", "exits"])
+def test_recovering_an_older_update_does_not_answer_a_new_request(
+    kind: str, device: Device, docker_client: docker.DockerClient,
+) -> None:
+    """The agent is killed while verifying 2.0 (a file tag, no request id); meanwhile an
+    operator asks for 3.0 (request r-2). The check that follows first finishes or undoes
+    the 2.0 update: nothing it publishes on the way may answer r-2 (no idle state showing
+    r-2 on another tag, no rolled_back carrying r-2); r-2 is answered by 3.0 only."""
+    publish(device.repo, "1.0", "1.0")
+    publish(device.repo, "2.0", "2.0", kind)  # type: ignore[arg-type]
+    publish(device.repo, "3.0", "3.0")
+    device.write_tag("1.0")
+    device.agent().check()
+    device.write_tag("2.0")
+    killed_at(device, "started")
+
+    agent = device.agent()
+    states: list[dict[str, Any]] = []
+    agent.status.state_sinks.append(states.append)
+    ask(agent, "3.0", "r-2")
+    result = agent.check()
+
+    assert result is not None and result.outcome == "updated"
+    assert device.serving() == "3.0"
+    answers = [wait_answer(judge_state(s, "r-2", "3.0")) for s in states]
+    answers += [judge_event(e, "r-2", "3.0") for e in agent.events]  # type: ignore[attr-defined]
+    given = [a for a in answers if a is not None]
+    assert given, "r-2 was never answered"
+    assert all(a.ok for a in given), [a.reason for a in given if not a.ok]

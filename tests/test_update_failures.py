@@ -14,25 +14,32 @@ daemon is back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
+import docker.errors
 import pytest
 
-from edge_agent.agent import Agent, RemoteTagMessage
+from edge_agent.agent import Agent
 from edge_agent.answers import judge_event, judge_state
 from edge_agent.bridge.fleet import wait_answer
-from edge_agent.reconcile import Source
 from edge_agent.updater import Updater
 from tests.support import wait_until
 from tests.support.device import Device
 from tests.support.dockerd import PrivateDockerd
 from tests.support.images import Kind, build_and_push, remove_repo_images
 from tests.support.registry import PrivateRegistry, RegistryLog
-from tests.support.updates import DockerMark, TakenPort, container_names, created_since
+from tests.support.updates import (
+    DockerMark,
+    TakenPort,
+    ask,
+    container_names,
+    created_since,
+)
 
 
 @pytest.fixture
@@ -54,12 +61,6 @@ def events_of(agent: Agent, name: str) -> list[dict[str, Any]]:
 
 def updater(agent: Agent) -> Updater:
     return agent._ensure_updater()  # the test hook lives on the agent's own updater
-
-
-def ask(agent: Agent, tag: str, request_id: str) -> None:
-    """A live device tag over MQTT, as the bridge or edge-ctl publishes it."""
-    payload = json.dumps({"tag": tag, "request_id": request_id}).encode()
-    agent.handle(RemoteTagMessage(Source.DEVICE, payload, topic="test", retained=False))
 
 
 def state_file(device: Device) -> dict[str, Any]:
@@ -139,20 +140,52 @@ def test_a_container_that_cannot_start_is_rolled_back_and_not_retried(
     assert container_names(docker_client, device.name) == [device.name]
 
 
-def test_a_first_install_that_cannot_start_leaves_nothing_behind(
-    device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog,
+@pytest.mark.parametrize("fault", ["bad_entrypoint", "taken_port"])
+def test_a_first_install_that_cannot_start_is_started_again_until_it_can(
+    fault: str, unique_repo: str, container_name: str, tmp_path: Path,
+    docker_client: docker.DockerClient, registry_log: RegistryLog,
 ) -> None:
-    publish(docker_client, device.repo, "1.0", "1.0", "bad_entrypoint")
-    device.write_tag("1.0")
-    agent = device.agent()
-    result = agent.check()
+    """Nothing to go back to: the container stays in place and each check starts it
+    again (no pull, no new container, the error reported once); once its port is free,
+    the app comes up by itself."""
+    with TakenPort() as taken:
+        device = Device(repo=unique_repo, name=container_name, data_dir=tmp_path / "data")
+        if fault == "taken_port":  # publish the port that the socket holds
+            device = Device(repo=unique_repo, name=container_name,
+                            data_dir=tmp_path / "data", port=taken.port)
+        publish(docker_client, device.repo, "1.0", "1.0",
+                "bad_entrypoint" if fault == "bad_entrypoint" else "ok")
+        device.write_tag("1.0")
+        agent = device.agent()
+        assert agent.check() is None
+        (failed,) = events_of(agent, "update_failed")
+        assert ("no such file" if fault == "bad_entrypoint" else "already") in failed["error"]
+        created = docker_client.containers.get(device.name)
+        assert created.status == "created"
+        assert container_names(docker_client, device.name) == [device.name]
+        assert state_file(device)["pending"] is None
 
-    assert result is not None and result.outcome == "rolled_back"
-    assert container_names(docker_client, device.name) == []
-    (event,) = events_of(agent, "rolled_back")
-    assert event["restored"] is False
-    assert device.status()["running"]["status"] == "missing"
-    assert_not_tried_again(agent, device, docker_client, registry_log)
+        registry_log.sync()
+        mark, docker_mark = registry_log.mark(), DockerMark()
+        for _ in range(2):
+            assert agent.check() is None
+        registry_log.sync()
+        assert registry_log.blob_gets(device.repo, since=mark) == 0
+        assert created_since(docker_client, device.name, docker_mark) == []
+        assert len(events_of(agent, "update_started")) == 1
+        assert len(events_of(agent, "update_failed")) == 1  # the same error, reported once
+        assert len(events_of(agent, "container_exited")) == 1  # "starting it", once
+        assert docker_client.containers.get(device.name).id == created.id
+
+    result = agent.check()  # the port is free now
+    if fault == "bad_entrypoint":
+        assert result is None
+        assert docker_client.containers.get(device.name).status == "created"
+    else:
+        assert result is not None and result.outcome == "started"
+        assert wait_until(lambda: device.serving() == "1.0", timeout=10,
+                          message="1.0 serving")
+    assert container_names(docker_client, device.name) == [device.name]
 
 
 def test_a_failed_start_after_a_config_change_keeps_the_old_config_serving(
@@ -210,12 +243,20 @@ def test_a_failed_image_is_not_tried_again_while_the_registry_is_away(
 # -- the image goes away mid-update -------------------------------------------------------
 def remove_image_at(agent: Agent, step: str, client: docker.DockerClient,
                     reference: str) -> list[str]:
-    """At ``step`` of the update, force-remove the image ``reference`` from the daemon."""
+    """At ``step`` of the update, remove the image ``reference`` (``repo:tag``): every
+    reference of its repository to it. Test images of the same content share an id across
+    tests, so the id itself may stay, used elsewhere; for the agent the image is gone."""
     done: list[str] = []
+    repo = reference.rsplit(":", 1)[0]
 
     def hook(at: str) -> None:
         if at == step and not done:
-            client.images.remove(client.images.get(reference).id, force=True)
+            image = client.images.get(reference)
+            refs = [*image.tags, *image.attrs.get("RepoDigests", [])]
+            for ref in refs:
+                if ref.startswith((f"{repo}:", f"{repo}@")):
+                    with contextlib.suppress(docker.errors.ImageNotFound):  # gone with the tag
+                        client.images.remove(ref, force=True)
             done.append(at)
     updater(agent).step_hook = hook
     return done
