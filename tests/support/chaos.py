@@ -41,6 +41,8 @@ import docker.errors
 import requests
 
 from edge_agent.engine import LABEL_DIGEST, LABEL_TAG
+from edge_agent.errors import TagError
+from edge_agent.tags import parse_tag_payload
 from edge_agent.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
@@ -50,7 +52,7 @@ from tests.support.images import build_and_push, remove_registry_images, repo_im
 from tests.support.registry import PrivateRegistry, manifest_digest
 from tests.support.updates import TakenPort, listening_port
 
-__all__ = ["BAD_TAG", "KILL_STEPS", "OPERATOR", "Soak", "SoakAgent", "hostile_payloads"]
+__all__ = ["ACTIONS", "BAD_TAG", "KILL_STEPS", "OPERATOR", "Soak", "SoakAgent", "hostile_payloads"]
 
 OPERATOR = "chaos-operator"
 KILL_STEPS = ("pulling", "created", "renamed_old", "renamed_new", "stopped", "started",
@@ -63,20 +65,22 @@ ANSWER_TIMEOUT_S = 90.0
 
 
 def hostile_payloads(rng: random.Random) -> list[tuple[str, bytes]]:
-    """(kind, payload) of what a broken or hostile client sends: every kind once."""
-    deep = rng.choice([1000, 5000, 20000])
+    """(kind, payload) of what a broken or hostile client sends: every kind once. Sizes
+    around the agent's 4 KiB limit for desired tags, and far above it."""
+    deep = rng.choice([1000, 2000, 5000, 20000])
     return [
         ("deep_array", b'{"tag": ' + b"[" * deep + b"]" * deep + b"}"),
         ("deep_object", b'{"a": ' * deep + b"1" + b"}" * deep),
         ("deep_bare", b"[" * deep),
         ("huge_text", b"v" * rng.choice([64 << 10, 256 << 10, 1 << 20])),
         ("huge_json", b'{"tag": "' + b"a" * (256 << 10) + b'"}'),
-        ("binary", rng.randbytes(rng.randint(1, 4096))),
+        ("binary", b"\x00" + rng.randbytes(rng.randint(64, 4096))),
         ("not_utf8", b"\xff\xfe\xfd" + rng.randbytes(16)),
         ("big_number", b'{"tag": 1' + b"0" * 5000 + b"}"),
         ("nan", b'{"tag": NaN, "request_id": Infinity}'),
         ("wrong_types", b'{"tag": {"x": [1, 2]}, "request_id": ["a"]}'),
-        ("not_an_object", rng.choice([b"[]", b"null", b"42", b'"v1"'])),
+        # (bare "42" or "null" would be valid plain-text tags: not junk)
+        ("not_an_object", rng.choice([b"[]", b"{}", b'"v1"', b"[1, 2]"])),
         ("escapes", '{"tag": "v1\u001b[2J\u0007", "request_id": "\u202e\u0000"}'.encode()),
         ("bad_tag", rng.choice([b"../../etc/passwd", b"v1 v2", b"-v1", b"a" * 200])),
         ("bad_state", json.dumps({
@@ -113,6 +117,7 @@ class Soak:
     dockerd: PrivateDockerd | None = None
     say: Callable[[str], None] = lambda _message: None
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    faults: Sequence[str] | None = None  # the random faults to choose from; None: all
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def __post_init__(self) -> None:
@@ -140,9 +145,10 @@ class Soak:
 
     @property
     def actions(self) -> tuple[str, ...]:
-        if self.dockerd is None:
-            return ACTIONS
-        return (*(a for a in ACTIONS if a not in PORT_ACTIONS), "dockerd")
+        """The faults ``run`` picks from at random."""
+        found = ACTIONS if self.dockerd is None else (
+            *(a for a in ACTIONS if a not in PORT_ACTIONS), "dockerd")
+        return tuple(a for a in found if self.faults is None or a in self.faults)
 
     def start(self) -> None:
         self.broker.add_operator(OPERATOR)
@@ -382,8 +388,10 @@ class Soak:
                 not_ours = self.rng.choice([self.topics.fleet_tag,
                                             self.topics.device_tag(target.name),
                                             self.topics.state(target.name)])
-                sent = _publish(self.operator, self.rng.choice(
-                    [self.topics.fleet_tag, self.topics.device_tag(target.name)]), payload)
+                sent = 0
+                if is_junk(payload):
+                    sent += _publish(self.operator, self.rng.choice(
+                        [self.topics.fleet_tag, self.topics.device_tag(target.name)]), payload)
                 sent += _publish(device, own, payload, retain=self.rng.random() < 0.5)
                 sent += _publish(device, not_ours, payload, retain=True)
                 self.counts[f"hostile_{kind}"] += 1
@@ -495,8 +503,11 @@ class Soak:
             where = f"{name} (expected {tag})"
             if on_broker[name] != tag:
                 problems.append(f"{where}: the broker holds {on_broker[name]}")
-            tag_file = (agent.device.data_dir / "tag").read_text().strip()
-            if tag_file != tag:
+            path = agent.device.data_dir / "tag"
+            tag_file = path.read_text().strip() if path.exists() else None
+            from_mqtt = self.device_tags[name] is not None or self.fleet_tag is not None
+            # no MQTT tag ever: CONTAINER_IMAGE's tag rules, and nothing is written
+            if tag_file != tag and (tag_file is not None or from_mqtt):
                 problems.append(f"{where}: tag file says {tag_file!r}")
             mine = sorted(c.name or "" for c in containers
                           if c.name == name or (c.name or "").startswith(f"{name}-")
@@ -585,6 +596,16 @@ def _get(document: Any, *path: str) -> Any:
             return None
         document = document.get(key)
     return document
+
+
+def is_junk(payload: bytes) -> bool:
+    """Whether the agent's parser refuses ``payload`` as a desired tag. Anything it would
+    accept is a desired-state change, not a fault: never sent live by the hostile fault."""
+    try:
+        parse_tag_payload(payload)
+    except (TagError, ValueError, RecursionError):
+        return True
+    return False
 
 
 def _publish(client: MqttWatcher, topic: str, payload: bytes, *, retain: bool = False) -> int:
