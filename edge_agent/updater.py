@@ -469,7 +469,17 @@ class Updater:
         if old.name != self.name:
             self.engine.rename(old.id, self.name)
         if not old.running:
-            self.engine.start(old.id)
+            try:
+                self.engine.start(old.id)
+            except EdgeAgentError as exc:
+                if self._find(old.id) is None:  # raises while the daemon is gone: retried
+                    raise
+                # The old container is back in place but will not start either: as far
+                # as a rollback can go. Stopping here keeps recovery from failing forever
+                # (a fixed image could never be tried).
+                log.error("the previous container %s did not start either: %s", old.id[:12],
+                          exc)
+                return False
         return True
 
     def _settle_failure(self, reason: str, restored: bool) -> None:

@@ -188,6 +188,35 @@ def test_a_first_install_that_cannot_start_is_started_again_until_it_can(
     assert container_names(docker_client, device.name) == [device.name]
 
 
+def test_a_rollback_to_a_container_that_cannot_start_does_not_block_later_updates(
+    device: Device, docker_client: docker.DockerClient,
+) -> None:
+    """The container to go back to cannot start either (a first install kept in place):
+    the rollback goes as far as it can, the failure is remembered, and the next image
+    that works is installed; recovery does not fail at every check."""
+    publish(docker_client, device.repo, "1.0", "1.0-bad", "bad_entrypoint")
+    publish(docker_client, device.repo, "2.0", "2.0-bad", "bad_entrypoint")
+    device.write_tag("1.0")
+    agent = device.agent()
+    assert agent.check() is None  # kept in place, created
+
+    device.write_tag("2.0")
+    result = agent.check()
+    assert result is not None and result.outcome == "rolled_back"
+    (event,) = events_of(agent, "rolled_back")
+    assert event["restored"] is False
+    assert state_file(device)["pending"] is None
+    assert container_names(docker_client, device.name) == [device.name]
+    result = agent.check()
+    assert result is not None and result.outcome == "skipped"
+
+    publish(docker_client, device.repo, "2.0", "2.0-fixed")
+    result = agent.check()
+    assert result is not None and result.outcome == "updated"
+    assert device.serving() == "2.0-fixed"
+    assert container_names(docker_client, device.name) == [device.name]
+
+
 def test_a_failed_start_after_a_config_change_keeps_the_old_config_serving(
     device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog,
 ) -> None:
