@@ -54,20 +54,30 @@ def test_tag_changes_survive_broker_registry_and_agent_failures(
     broker: Broker, private_registry: Callable[..., PrivateRegistry],
     docker_client: docker.DockerClient, tmp_path: Path,
 ) -> None:
-    """10 tag changes to 2 agents with a broker restart, a registry outage, a SIGKILL and
-    a SIGKILL at an update step; then every invariant of the soak holds."""
+    """10 tag changes to 2 agents with a broker restart, a registry outage, a SIGKILL, a
+    SIGKILL at an update step, a release whose image cannot start and a docker_config.json
+    whose port is taken; the failed starts are answered and the apps keep serving; then
+    every invariant of the soak holds."""
     chosen = seed()
     soak = Soak(broker=broker, registry=private_registry(), workdir=tmp_path, agents_n=2,
                 versions=["v0", "v1", "v2", "v3"], seed=chosen, build_client=docker_client)
     try:
         soak.start()
-        soak.run(10, schedule={1: "broker", 3: "registry", 5: "kill", 7: "kill_at"},
-                 pause_s=(0.2, 1.0))
+        soak.converge(timeout=90)  # a failed start needs a good version to go back to
+        faults = {1: "broker", 3: "registry", 5: "kill", 6: "bad_image", 7: "kill_at",
+                  8: "taken_port"}
+        soak.run(10, schedule=faults, pause_s=(0.2, 1.0))
         soak.finish_chaos()
-        soak.converge(timeout=90)
+        try:
+            soak.converge(timeout=90)
+        except TimeoutError as exc:
+            pytest.fail(f"seed {chosen}: {exc}\n{soak.problems}\n{soak.logs()}")
         problems = soak.invariants()
         assert problems == [], f"seed {chosen}: {problems}\n{soak.logs()}"
-        assert {soak.counts[a] for a in ("broker", "registry", "kill", "kill_at")} == {1}
+        assert {soak.counts[a] for a in faults.values()} == {1}
+        # the bad release (one or both agents) and the taken port were answered
+        assert soak.counts["failed_start_answered"] >= 2
+        assert soak.events()["rolled_back"] >= 2
         assert soak.counts["changes"] == 10
     finally:
         soak.close()

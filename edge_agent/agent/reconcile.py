@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_agent.protocol.state import Source
 
@@ -66,6 +66,12 @@ class Target:
     digest: str | None
     fallback_reason: str | None = None  # set when running FALLBACK_TAG instead of desired
     registry_error: str | None = None  # set when decided from local images alone
+    image_id: str | None = None  # the local image, when decided without a registry digest
+
+    @property
+    def key(self) -> str | None:
+        """What a failure of this target is remembered by: the digest, else the local image."""
+        return self.digest or self.image_id
 
 
 @dataclass(frozen=True)
@@ -82,19 +88,20 @@ class Action(enum.StrEnum):
     NOTHING = "nothing"
     START = "start"  # same image and config, but the container is not running
     UPDATE = "update"
-    SKIP_FAILED = "skip_failed"  # this digest failed verification for this desired tag
+    SKIP_FAILED = "skip_failed"  # this image failed for this desired tag and run config
 
 
 def decide(
     target: Target,
     running: Running | None,
     config_digest: str,
-    failed_digests: frozenset[str],
+    failed: frozenset[str],
 ) -> Action:
     """Compare the target with the running container.
 
     A target without a digest (registry unreachable, image only known locally) matches
-    by tag. A digest that already failed verification for this desired tag is skipped.
+    by tag. ``failed`` holds the keys (``Target.key``) of images that failed under this
+    desired tag with this run config (``failed_keys``): they are skipped.
     """
     if running is not None and running.config_digest == config_digest:
         same_image = (
@@ -102,9 +109,108 @@ def decide(
         )
         if same_image:
             return Action.NOTHING if running.running else Action.START
-    if target.digest is not None and target.digest in failed_digests:
+    if target.key is not None and target.key in failed:
         return Action.SKIP_FAILED
     return Action.UPDATE
+
+
+# -- failed and interrupted attempts ----------------------------------------------------
+# An attempt is remembered as {"desired", "digest", "config", "reason", "image"}: the
+# desired tag it was made for, the image (Target.key), the docker_config.json digest, why
+# it ended, and the local image id (so it is known again when the registry is away and
+# the agent decides by the local image). A change of any of the first three is worth a
+# new try; records of earlier agents carry no "config" and hold for any run config.
+Attempt = Mapping[str, str]
+A = TypeVar("A", bound=Attempt)
+
+# An update broken off this many times in a row with no verdict (agent killed, Docker
+# daemon gone while the old container was stopped) counts as failed: an image that takes
+# the device down at start must not take it down forever.
+MAX_INTERRUPTED = 3
+# Journal steps at which the old container may already be stopped.
+STOPPING_STEPS = frozenset({"starting", "verifying"})
+
+
+def attempt(desired: str, key: str, config: str | None, reason: str,
+            image_id: str | None = None) -> dict[str, str]:
+    """A record for AgentState.failed or AgentState.interrupted."""
+    record = {"desired": desired, "digest": key, "reason": reason}
+    if config is not None:
+        record["config"] = config
+    if image_id is not None and image_id != key:
+        record["image"] = image_id
+    return record
+
+
+def _concerns(record: Attempt, desired: str, config: str) -> bool:
+    return record.get("desired") == desired and record.get("config", config) == config
+
+
+def relevant_attempts(records: Sequence[A], desired: str, config: str) -> list[A]:
+    """The records that still hold for this desired tag and run config; others are void."""
+    return [r for r in records if _concerns(r, desired, config)]
+
+
+def failed_keys(records: Sequence[Attempt], desired: str, config: str) -> frozenset[str]:
+    """Keys of the images not to try again under this desired tag and run config."""
+    return frozenset(key for r in records if _concerns(r, desired, config)
+                     for key in (r.get("digest"), r.get("image")) if key)
+
+
+def failure_of(records: Sequence[Attempt], desired: str, config: str, key: str) -> str | None:
+    """Why ``key`` failed under this desired tag and config; None if it did not."""
+    for record in records:
+        if _concerns(record, desired, config) and key in (record.get("digest"),
+                                                          record.get("image")):
+            return record.get("reason") or "no reason recorded"
+    return None
+
+
+def interruptions(records: Sequence[Attempt], desired: str, key: str, config: str) -> int:
+    """How many updates to ``key`` under this desired tag and config were broken off."""
+    return sum(1 for r in records if _concerns(r, desired, config) and r.get("digest") == key)
+
+
+# -- recovery -------------------------------------------------------------------------
+class Recovery(enum.StrEnum):
+    CLEAR = "clear"  # nothing to undo: forget the journal
+    ROLL_BACK = "roll_back"  # remove the new container, put the old one back in service
+    VERIFY = "verify"  # the new container runs: judge it as the update would have
+
+
+@dataclass(frozen=True)
+class Found:
+    """What recovery finds: the journal of the update and the containers it made."""
+
+    journal: bool  # an update is journalled in the state
+    step: str | None  # its last journalled step
+    failure: str | None  # the journal says it failed and a rollback was under way
+    new_status: str | None  # the new container's status; None when there is none
+    new_in_place: bool  # the new container holds the container name
+    old_exists: bool  # the container the update replaces still exists
+
+
+def plan_recovery(found: Found) -> Recovery:
+    """Finish or undo an update that a crash or a Docker error broke off.
+
+    Only a journalled update whose new container runs in place is carried on (verified);
+    everything else is undone. An update already judged failed is always undone.
+    """
+    if found.failure is not None:
+        return Recovery.ROLL_BACK
+    if found.new_status is None:
+        return Recovery.ROLL_BACK if found.old_exists else Recovery.CLEAR
+    if (found.journal and found.new_in_place and found.step in STOPPING_STEPS
+            and found.new_status in ("running", "restarting")):
+        return Recovery.VERIFY
+    return Recovery.ROLL_BACK
+
+
+def counts_as_interrupted(found: Found, plan: Recovery) -> bool:
+    """An undone update that may have stopped the old container, with no verdict of its
+    own: it counts towards MAX_INTERRUPTED."""
+    return (plan is Recovery.ROLL_BACK and found.journal and found.failure is None
+            and found.step in STOPPING_STEPS)
 
 
 class Verdict(enum.StrEnum):
@@ -129,7 +235,8 @@ STABLE_RUN_S = 10.0
 def judge(
     probe: Probe, *, has_healthcheck: bool, initial_restarts: int, timeout_s: float
 ) -> tuple[Verdict, str]:
-    """Decide whether a freshly started container has proven itself (SPEC section 5 step 4)."""
+    """Decide whether a freshly started container has proven itself (docs/PROTOCOL.md,
+    section 10, step 4)."""
     if probe.status in ("exited", "dead"):
         return Verdict.FAILED, f"container {probe.status}"
     if probe.restart_count > initial_restarts or probe.status == "restarting":

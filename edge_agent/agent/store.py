@@ -107,16 +107,25 @@ class PendingUpdate:
     old_container_id: str | None
     new_container_id: str | None = None
     request_id: str | None = None
+    desired_tag: str | None = None  # the desired tag it serves: failures are kept per tag
+    config_digest: str | None = None  # the docker_config.json the new container was made with
+    failure: str | None = None  # why it failed, set before the rollback starts
 
 
 @dataclass
 class AgentState:
-    """What the agent remembers across restarts."""
+    """What the agent remembers across restarts.
+
+    ``failed`` and ``interrupted`` hold attempts as ``{"desired", "digest", "config",
+    "reason"}``: a digest (or local image id) that failed under a desired tag with a
+    docker_config.json, and updates broken off (agent killed, daemon gone) with no verdict.
+    """
 
     applied: ImageRef | None = None
     previous: ImageRef | None = None
     failed: list[dict[str, str]] = field(default_factory=list)
     pending: PendingUpdate | None = None
+    interrupted: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, **asdict(self)}
@@ -138,15 +147,22 @@ class AgentState:
                 old_container_id=pending_raw.get("old_container_id"),
                 new_container_id=pending_raw.get("new_container_id"),
                 request_id=pending_raw.get("request_id"),
+                desired_tag=pending_raw.get("desired_tag"),
+                config_digest=pending_raw.get("config_digest"),
+                failure=pending_raw.get("failure"),
             )
         failed = [
             {str(k): str(v) for k, v in item.items()} for item in obj.get("failed", [])
+        ]
+        interrupted = [
+            {str(k): str(v) for k, v in item.items()} for item in obj.get("interrupted", [])
         ]
         return cls(
             applied=image(obj.get("applied")),
             previous=image(obj.get("previous")),
             failed=failed,
             pending=pending,
+            interrupted=interrupted,
         )
 
 

@@ -1,9 +1,18 @@
-"""Carries out SPEC section 5: check, pull, swap, verify, commit or roll back, recover.
+"""Carries out the update (docs/PROTOCOL.md, section 10): check, pull, swap, verify,
+commit or roll back, recover.
 
 The update is journalled in the agent state before every step that changes Docker,
 and the container names tell the rest: ``<name>-next`` is a new container not yet in
 place, ``<name>-previous`` the old one kept until the new one has proven itself.
 After a crash, ``recover()`` finishes or undoes whatever it finds.
+
+Every failure ends with the old container serving: before the old container is stopped
+the update is undone and the error reported (retried at the next check); after it, a
+new container that Docker refuses to start, or that fails verification, is rolled back
+and its image remembered as failed for this desired tag and docker_config.json (with no
+previous container, one that would not start stays in place and is started again at
+each check). When the daemon itself is gone mid-update, ``recover()`` undoes the update
+once it answers again.
 """
 
 from __future__ import annotations
@@ -24,25 +33,32 @@ from edge_agent.agent.engine import (
     Engine,
     ImageInfo,
 )
-from edge_agent.agent.errors import (
-    DockerOperationError,
-    ManifestUnknown,
-    RegistryError,
-    RunConfigError,
-)
+from edge_agent.agent.errors import DockerOperationError, ManifestUnknown, RegistryError
 from edge_agent.agent.reconcile import (
+    MAX_INTERRUPTED,
     Action,
     Desired,
+    Found,
     Probe,
+    Recovery,
     Running,
     Target,
     Verdict,
+    attempt,
+    counts_as_interrupted,
     decide,
+    failed_keys,
+    failure_of,
+    interruptions,
     judge,
+    plan_recovery,
+    relevant_attempts,
 )
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.status import FallbackView, RunningView, Status
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
+from edge_agent.protocol.errors import EdgeAgentError
+from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.state import UpdateStatus
 from edge_agent.protocol.tags import is_digest
 from edge_agent.protocol.timestamps import utc_now
@@ -59,7 +75,7 @@ class CheckResult:
     """What a check did, for the caller (and the bridge's ?wait) to report."""
 
     action: Action
-    outcome: str  # "unchanged", "started", "updated", "rolled_back", "available", "skipped"
+    outcome: CheckOutcome
     target: Target
 
 
@@ -87,6 +103,10 @@ class Updater:
         self.next_name = f"{self.name}-next"
         self.previous_name = f"{self.name}-previous"
         self._kill_at = os.environ.get(KILL_AT_ENV)
+        self._start_reported: str | None = None  # the container last reported as not running
+        self._recovering = False
+        # For tests: called with the step name at every failpoint (e.g. to stop a daemon).
+        self.step_hook: Callable[[str], None] | None = None
         self._recovered = False
         # Images of this repository other than current and previous may be lying around:
         # at start, and after any update that did not commit (rollback, crash, bad config).
@@ -101,45 +121,57 @@ class Updater:
             self._recovered = True
         self.status.last_check_at = utc_now()
         self.status.set_update(UpdateStatus.CHECKING)
-        # A failed digest is only remembered for the desired tag it failed under.
-        self.state.failed = [f for f in self.state.failed if f.get("desired") == desired.tag]
         run_config = self.data.read_run_config()
         self.engine.validate_run_kwargs(run_config.kwargs)
         for warning in run_config.warnings:
             log.warning("%s", warning)
+        # Failed and broken-off attempts hold only for the desired tag and the
+        # docker_config.json they were made under: a change of either is worth a new try.
+        self.state.failed = relevant_attempts(self.state.failed, desired.tag, run_config.digest)
+        self.state.interrupted = relevant_attempts(self.state.interrupted, desired.tag,
+                                                   run_config.digest)
         current = self.engine.container(self.name)
         self.status.running = self.view(current)
         target = self._resolve_target(desired)
         self._show_fallback(desired, target)
-        failed = frozenset(f["digest"] for f in self.state.failed)
+        failed = failed_keys(self.state.failed, desired.tag, run_config.digest)
         action = decide(target, self._running(current), run_config.digest, failed)
 
         if action is Action.NOTHING:
+            self._start_reported = None
             self._remember_applied(target, current)
             if self._prune_due and current is not None and current.running:
                 self._prune()
             self._finish_check(latest=target.tag, error=target.registry_error)
-            return CheckResult(action, "unchanged", target)
+            return CheckResult(action, CheckOutcome.UNCHANGED, target)
         if action is Action.START:
             assert current is not None
-            log.warning("container %s is %s; starting it", self.name, current.status)
-            self.status.event("container_exited", status=current.status,
-                              exit_code=current.exit_code, action="started")
+            # Once per container until it is seen running: one that never starts, or
+            # exits at once every time, is a repeated condition, not news at every check.
+            if self._start_reported != current.id:
+                log.warning("container %s is %s; starting it", self.name, current.status)
+                self.status.event(EventName.CONTAINER_EXITED, status=current.status,
+                                  exit_code=current.exit_code, action="started")
+                self._start_reported = current.id
             self.engine.start(current.id)
             self._finish_check(latest=target.tag)
-            return CheckResult(action, "started", target)
+            return CheckResult(action, CheckOutcome.STARTED, target)
         if action is Action.SKIP_FAILED:
+            assert target.key is not None
+            why = failure_of(self.state.failed, desired.tag, run_config.digest, target.key)
+            if self._prune_due and current is not None and current.running:
+                self._prune()  # the image that failed is of no use
             self._finish_check(
                 latest=target.tag,
-                error=f"{target.tag} ({target.digest}) failed verification before; "
-                "waiting for a new digest or desired tag",
+                error=f"{target.tag} ({target.key}) failed verification before: {why}; "
+                "waiting for a new digest, desired tag or docker_config.json",
             )
-            return CheckResult(action, "skipped", target)
+            return CheckResult(action, CheckOutcome.SKIPPED, target)
         if self.settings.update_mode == "notify" and not install:
             log.info("update to %s available; waiting for install", target.tag)
             self.status.latest_version = target.tag
             self.status.set_update(UpdateStatus.AVAILABLE)
-            return CheckResult(action, "available", target)
+            return CheckResult(action, CheckOutcome.AVAILABLE, target)
         outcome = self._update(desired, target, current, run_config)
         return CheckResult(action, outcome, target)
 
@@ -160,17 +192,18 @@ class Updater:
             local = self._local_image(tag)
             if local is not None:
                 log.info("%s is not in the registry but exists locally; using it", tag)
-                return Target(tag, None)
+                return Target(tag, None, image_id=local.id)
             fallback = self.settings.fallback_tag
             if not fallback or fallback == tag:
                 raise
             reason = f"tag {tag} not found in registry (manifest unknown)"
             return Target(fallback, self.registry.digest(fallback), fallback_reason=reason)
         except RegistryError as exc:
-            if self._local_image(tag) is None:
+            local = self._local_image(tag)
+            if local is None:
                 raise
             log.warning("%s; deciding with the local image of %s", exc, tag)
-            return Target(tag, None, registry_error=str(exc))
+            return Target(tag, None, registry_error=str(exc), image_id=local.id)
 
     def _local_image(self, tag: str) -> ImageInfo | None:
         separator = "@" if is_digest(tag) else ":"
@@ -184,7 +217,7 @@ class Updater:
         self.status.fallback = FallbackView(True, desired.tag, target.fallback_reason)
         if not already.active or already.requested_tag != desired.tag:
             log.warning("fallback: %s; running %s", target.fallback_reason, target.tag)
-            self.status.event("fallback", requested_tag=desired.tag, tag=target.tag,
+            self.status.event(EventName.FALLBACK, requested_tag=desired.tag, tag=target.tag,
                               reason=target.fallback_reason)
 
     def _running(self, container: ContainerInfo | None) -> Running | None:
@@ -216,53 +249,108 @@ class Updater:
     def _update(
         self, desired: Desired, target: Target, current: ContainerInfo | None,
         run_config: RunConfig,
-    ) -> str:
+    ) -> CheckOutcome:
         from_tag = self.status.running.tag
         log.info("updating %s: %s -> %s (%s)", self.name, from_tag, target.tag, target.digest)
-        self.status.event("update_started", from_tag=from_tag, to_tag=target.tag,
+        self.status.event(EventName.UPDATE_STARTED, from_tag=from_tag, to_tag=target.tag,
                           digest=target.digest)
         self.status.last_error = None
         # Home Assistant shows "up to date" when latest == installed, even in progress.
         self.status.latest_version = target.tag
         self._prune_due = True  # cleared by the prune of a commit
         image = self._ensure_image(target)
-        ref = ImageRef(target.tag, target.digest, image.id)
-        self.state.pending = PendingUpdate(
-            step="creating", target=ref, old_container_id=current.id if current else None,
-            request_id=desired.request_id,
+        self._failpoint("pulled")
+        old_id = current.id if current else None
+        pending = PendingUpdate(
+            step="creating", target=ImageRef(target.tag, target.digest, image.id),
+            old_container_id=old_id, request_id=desired.request_id, desired_tag=desired.tag,
+            config_digest=run_config.digest,
         )
+        self.state.pending = pending
         self.data.save_state(self.state)
         self.status.set_update(UpdateStatus.INSTALLING)
+        try:
+            new_id = self._create(target, run_config)
+            # Renames first, while the old container still serves: the downtime is only
+            # the gap between stopping the old container and starting the new one.
+            if current is not None:
+                self.engine.rename(current.id, self.previous_name)
+                self._failpoint("renamed_old")
+            self.engine.rename(new_id, self.name)
+            self._failpoint("renamed_new")
+            pending.step = "starting"
+            self.data.save_state(self.state)
+            if current is not None and current.running:
+                self.engine.stop(current.id)
+                self._failpoint("stopped")
+        except EdgeAgentError:
+            # Nothing is proven wrong with the image: put the old container back as it
+            # was, report the error, try again at the next check.
+            self._undo()
+            raise
+        try:
+            self.engine.start(new_id)
+        except EdgeAgentError as exc:
+            # What the daemon shows decides: the answer to a start that worked may be lost
+            # (a timeout). A daemon that does not answer at all proves nothing about the
+            # image: recover() undoes the update once it is back.
+            try:
+                started = self._find(new_id)
+            except EdgeAgentError:
+                raise exc from None
+            if started is not None and not started.running and old_id is None:
+                self._keep_in_place()
+                raise
+            if started is None or not started.running:
+                self._rollback(new_id, old_id, f"did not start: {exc}")
+                return CheckOutcome.ROLLED_BACK
+        pending.step = "verifying"
+        self.data.save_state(self.state)
+        self._failpoint("started")
+        return self._verify_and_settle(new_id, old_id)
+
+    def _create(self, target: Target, run_config: RunConfig) -> str:
+        """Create ``<name>-next`` for ``target`` and journal its id."""
+        pending = self.state.pending
+        assert pending is not None
         self._remove_named(self.next_name)
         labels = {LABEL_TAG: target.tag, LABEL_CONFIG: run_config.digest}
         if target.digest:
             labels[LABEL_DIGEST] = target.digest
-        try:
-            new_id = self.engine.create(self._reference(target), self.next_name,
-                                        run_config.kwargs, labels)
-        except RunConfigError:
-            self.state.pending = None
-            self.data.save_state(self.state)
-            raise
-        self.state.pending.new_container_id = new_id
-        self.state.pending.step = "swapping"
+        new_id = self.engine.create(self._reference(target), self.next_name,
+                                    run_config.kwargs, labels)
+        pending.new_container_id = new_id
+        pending.step = "swapping"
         self.data.save_state(self.state)
         self._failpoint("created")
-        # Renames first, while the old container still serves: the downtime is only
-        # the gap between stopping the old container and starting the new one.
-        if current is not None:
-            self.engine.rename(current.id, self.previous_name)
-            self._failpoint("renamed_old")
-        self.engine.rename(new_id, self.name)
-        self._failpoint("renamed_new")
-        if current is not None and current.running:
-            self.engine.stop(current.id)
-            self._failpoint("stopped")
-        self.engine.start(new_id)
-        self.state.pending.step = "verifying"
+        return new_id
+
+    def _undo(self) -> None:
+        """Undo an update that failed before it proved anything (best effort: when Docker
+        cannot do it now, the journal stays and ``recover()`` does it at the next check)."""
+        pending = self.state.pending
+        assert pending is not None
+        try:
+            self._restore(self._find(pending.new_container_id),
+                          self._find(pending.old_container_id))
+        except EdgeAgentError as exc:
+            log.debug("cannot undo the update now (%s); recovering at the next check", exc)
+            return
+        self.state.pending = None
         self.data.save_state(self.state)
-        self._failpoint("started")
-        return self._verify_and_settle(new_id, current.id if current else None)
+
+    def _keep_in_place(self) -> None:
+        """A first install that Docker would not start: there is nothing to go back to,
+        so the container stays in place and every check starts it again (a port in use
+        may be freed). The error is reported, and repeated, like any other."""
+        pending = self.state.pending
+        assert pending is not None
+        log.warning("%s did not start and there is no previous container to go back to; "
+                    "starting it again at every check", pending.target.tag)
+        self.state.applied = pending.target
+        self.state.pending = None
+        self.data.save_state(self.state)
+        self.observe()
 
     def _ensure_image(self, target: Target) -> ImageInfo:
         """The local image for ``target``, pulled (with progress) when not already here."""
@@ -280,7 +368,7 @@ class Updater:
         def on_progress(percent: float) -> None:
             self._failpoint("pulling")
             self.status.progress = percent
-            self.status.event("pull_progress", tag=target.tag, progress=percent)
+            self.status.event(EventName.PULL_PROGRESS, tag=target.tag, progress=percent)
             self.status.publish()
 
         return self.engine.pull(repo, target.tag, on_progress, self.should_abort)
@@ -295,16 +383,17 @@ class Updater:
     def _tag_points_at(self, target: Target, image: ImageInfo) -> bool:
         return f"{self.settings.repository}:{target.tag}" in image.tags
 
-    def _verify_and_settle(self, new_id: str, old_id: str | None) -> str:
+    def _verify_and_settle(self, new_id: str, old_id: str | None) -> CheckOutcome:
         verdict, reason = self._verify(new_id)
         if verdict is Verdict.WAIT:
             log.info("stopping during verification; it resumes at the next start")
-            return "interrupted"
+            return CheckOutcome.INTERRUPTED
         if verdict is Verdict.HEALTHY:
+            self._failpoint("verified")
             self._commit(new_id, old_id)
-            return "updated"
+            return CheckOutcome.UPDATED
         self._rollback(new_id, old_id, reason)
-        return "rolled_back"
+        return CheckOutcome.ROLLED_BACK
 
     def _verify(self, container_id: str) -> tuple[Verdict, str]:
         """Watch the new container until it proves itself, fails, or we must stop."""
@@ -342,37 +431,75 @@ class Updater:
                 self.state.previous = ImageRef(shown.tag or "unknown", shown.digest, old.image_id)
         self.state.applied = pending.target
         self.state.pending = None
+        self.state.interrupted = []
         self.data.save_state(self.state)
         self.status.last_success_at = utc_now()
         self.status.latest_version = pending.target.tag
         self.observe()
-        self.status.set_update(UpdateStatus.IDLE)
-        self.status.event("update_succeeded", tag=pending.target.tag, digest=pending.target.digest,
-                          container_id=new_id, request_id=pending.request_id)
+        self._end_update()
+        self.status.event(EventName.UPDATE_SUCCEEDED, tag=pending.target.tag,
+                          digest=pending.target.digest, container_id=new_id,
+                          request_id=pending.request_id)
         self._prune()
 
-    def _rollback(self, new_id: str, old_id: str | None, reason: str) -> None:
+    def _rollback(self, new_id: str | None, old_id: str | None, reason: str) -> None:
+        """The new container failed: journal why, put the old one back, remember it."""
         pending = self.state.pending
         assert pending is not None
-        log.error("update to %s failed verification (%s); rolling back", pending.target.tag, reason)
+        log.error("update to %s failed (%s); rolling back", pending.target.tag, reason)
+        pending.failure = reason
+        pending.step = "rolling_back"
+        self.data.save_state(self.state)
+        self._failpoint("rolling_back")
         self.status.set_update(UpdateStatus.ROLLING_BACK)
-        self.engine.remove(new_id)
-        if old_id is not None:
-            self.engine.rename(old_id, self.name)
-            self.engine.start(old_id)
-        desired = self.status.desired
-        self.state.failed.append({
-            "desired": desired.tag if desired else pending.target.tag,
-            "digest": pending.target.digest or pending.target.image_id,
-            "reason": reason,
-        })
+        restored = self._restore(self._find(new_id), self._find(old_id))
+        self._settle_failure(reason, restored)
+
+    def _restore(self, new: ContainerInfo | None, old: ContainerInfo | None) -> bool:
+        """Remove the new container (and any ``-next``/``-previous`` that is not the old
+        one), put the old one back under the container name and running. Idempotent.
+        Returns whether there was an old container to restore."""
+        if new is not None and (old is None or new.id != old.id):
+            self.engine.remove(new.id)
+        for name in (self.next_name, self.previous_name):
+            stale = self.engine.container(name)
+            if stale is not None and (old is None or stale.id != old.id):
+                self.engine.remove(stale.id)
+        if old is None:
+            return False
+        if old.name != self.name:
+            self.engine.rename(old.id, self.name)
+        if not old.running:
+            try:
+                self.engine.start(old.id)
+            except EdgeAgentError as exc:
+                if self._find(old.id) is None:  # raises while the daemon is gone: retried
+                    raise
+                # The old container is back in place but will not start either: as far
+                # as a rollback can go. Stopping here keeps recovery from failing forever
+                # (a fixed image could never be tried).
+                log.error("the previous container %s did not start either: %s", old.id[:12],
+                          exc)
+                return False
+        return True
+
+    def _settle_failure(self, reason: str, restored: bool) -> None:
+        """Remember the failed attempt (not tried again under this desired tag and run
+        config), end the update and answer the request that asked for it."""
+        pending = self.state.pending
+        assert pending is not None
+        key = pending.target.digest or pending.target.image_id
+        desired = pending.desired_tag or pending.target.tag
+        self.state.failed.append(attempt(desired, key, pending.config_digest, reason,
+                                         pending.target.image_id))
+        self.state.interrupted = [r for r in self.state.interrupted if r.get("digest") != key]
         self.state.pending = None
         self.data.save_state(self.state)
         self.status.last_error = f"update to {pending.target.tag} rolled back: {reason}"
         self.observe()
-        self.status.set_update(UpdateStatus.IDLE)
-        self.status.event("rolled_back", tag=pending.target.tag, digest=pending.target.digest,
-                          reason=reason, restored=old_id is not None,
+        self._end_update()
+        self.status.event(EventName.ROLLED_BACK, tag=pending.target.tag,
+                          digest=pending.target.digest, reason=reason, restored=restored,
                           request_id=pending.request_id)
 
     def _prune(self) -> None:
@@ -385,38 +512,93 @@ class Updater:
 
     # -- recovery ---------------------------------------------------------------
     def recover(self) -> None:
-        """Finish or undo an update that a crash interrupted (SPEC section 5 step 5)."""
+        """Finish or undo an update that a crash or a Docker error broke off, from the
+        journal and the containers found. Idempotent: what it cannot do now (daemon gone)
+        it does next time; an update undone here without a verdict is counted, so one
+        that never gets a verdict gives up (MAX_INTERRUPTED)."""
+        # The check that runs recovery already shows its own desired tag; the update
+        # found here is an older one: its events answer its own request only, and the
+        # state shows no verdict ("idle") on the new one until the check has one.
+        desired, self.status.desired = self.status.desired, None
+        self._recovering = True
+        try:
+            self._recover()
+        finally:
+            self._recovering = False
+            self.status.desired = desired
+
+    def _end_update(self) -> None:
+        """The update is over: idle, unless a check goes on after recovering it."""
+        if not self._recovering:
+            self.status.set_update(UpdateStatus.IDLE)
+
+    def _recover(self) -> None:
+        pending = self.state.pending
         current = self.engine.container(self.name)
         previous = self.engine.container(self.previous_name)
         upcoming = self.engine.container(self.next_name)
-        if previous is None and upcoming is None:
-            if self.state.pending is not None:
-                self.state.pending = None
-                self.data.save_state(self.state)
+        if pending is None and previous is None and upcoming is None:
+            return
+        if pending is not None:
+            # The journal names both containers; by name only what it could not record.
+            old = self._find(pending.old_container_id) or previous
+            new = self._find(pending.new_container_id) or upcoming
+        elif upcoming is not None:  # state lost: the names are all there is
+            new, old = upcoming, previous or current
+        else:
+            new, old = current, previous
+        found = Found(
+            journal=pending is not None,
+            step=pending.step if pending else None,
+            failure=pending.failure if pending else None,
+            new_status=new.status if new else None,
+            new_in_place=new is not None and new.name == self.name,
+            old_exists=old is not None,
+        )
+        plan = plan_recovery(found)
+        if plan is Recovery.CLEAR:
+            self._forget_pending()
             return
         log.warning("found an interrupted update (%s); recovering",
-                    ", ".join(c.name for c in (current, previous, upcoming) if c))
-        if upcoming is not None:
-            self.engine.remove(upcoming.id)
-        if previous is not None and current is None:
-            self.engine.rename(previous.id, self.name)
-            if not previous.running:
-                self.engine.start(previous.id)
-        elif previous is not None and current is not None:
-            if current.status == "created" or self.state.pending is None:
-                # The new container never ran: put the old one back; the next check redoes it.
-                self.engine.remove(current.id)
-                self.engine.rename(previous.id, self.name)
-                if not previous.running:
-                    self.engine.start(previous.id)
-            else:
-                if previous.running:
-                    self.engine.stop(previous.id)
-                if not current.running:
-                    self.engine.start(current.id)
-                self._verify_and_settle(current.id, previous.id)
-        self.state.pending = None
-        self.data.save_state(self.state)
+                    ", ".join(c.name for c in (current, previous, upcoming) if c)
+                    or f"journalled at {found.step}")
+        if plan is Recovery.VERIFY:
+            assert new is not None and pending is not None
+            if old is not None and old.running:
+                self.engine.stop(old.id)
+            self._verify_and_settle(new.id, old.id if old else None)
+            return
+        if pending is not None:
+            self.status.set_update(UpdateStatus.ROLLING_BACK)
+        restored = self._restore(new, old)
+        if pending is None:
+            return
+        if pending.failure is not None:
+            self._settle_failure(pending.failure, restored)
+        elif counts_as_interrupted(found, plan):
+            self._count_interruption(pending, restored)
+        else:
+            self._forget_pending()
+
+    def _count_interruption(self, pending: PendingUpdate, restored: bool) -> None:
+        key = pending.target.digest or pending.target.image_id
+        desired = pending.desired_tag or pending.target.tag
+        config = pending.config_digest
+        self.state.interrupted.append(
+            attempt(desired, key, config, f"broken off at step {pending.step}"))
+        count = interruptions(self.state.interrupted, desired, key, config or "")
+        if count >= MAX_INTERRUPTED:
+            self._settle_failure(f"broken off {count} times without a verdict (the agent or "
+                                 "the Docker daemon stopped during the update)", restored)
+            return
+        log.warning("the update to %s was broken off (%d of %d times); trying it again",
+                    pending.target.tag, count, MAX_INTERRUPTED)
+        self._forget_pending()
+
+    def _forget_pending(self) -> None:
+        if self.state.pending is not None:
+            self.state.pending = None
+            self.data.save_state(self.state)
 
     # -- observation --------------------------------------------------------------
     def observe(self) -> ContainerInfo | None:
@@ -446,7 +628,12 @@ class Updater:
         if stale is not None:
             self.engine.remove(stale.id)
 
+    def _find(self, container_id: str | None) -> ContainerInfo | None:
+        return self.engine.container(container_id) if container_id else None
+
     def _failpoint(self, step: str) -> None:
+        if self.step_hook is not None:
+            self.step_hook(step)
         if self._kill_at == step:
             log.warning("%s=%s: killing the agent now", KILL_AT_ENV, step)
             os.kill(os.getpid(), signal.SIGKILL)

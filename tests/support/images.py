@@ -8,6 +8,8 @@ httpd on port 8080 under a ``sh`` wrapper that exits at once on SIGTERM, so
 - ``healthy``: plus a HEALTHCHECK (every 1 s) that fetches the version file.
 - ``unhealthy``: plus a HEALTHCHECK (every 1 s) that always fails.
 - ``exits``: exits with code 1 after 0.5 s.
+- ``bad_entrypoint``: its ENTRYPOINT names a file that does not exist, so the container
+  never starts (Docker answers the start with ``exec: ... no such file or directory``).
 
 Each (kind, version) has its own digest. Builds use the daemon's build cache (the
 busybox and script layers are shared), so a build+push takes well under a second once
@@ -47,8 +49,8 @@ __all__ = [
     "split_reference",
 ]
 
-Kind = Literal["ok", "healthy", "unhealthy", "exits"]
-KINDS: tuple[Kind, ...] = ("ok", "healthy", "unhealthy", "exits")
+Kind = Literal["ok", "healthy", "unhealthy", "exits", "bad_entrypoint"]
+KINDS: tuple[Kind, ...] = ("ok", "healthy", "unhealthy", "exits", "bad_entrypoint")
 
 #: the static busybox from Debian's busybox-static package
 BUSYBOX = Path("/bin/busybox")
@@ -77,6 +79,7 @@ exit 1
 _HEALTHCHECKS: dict[Kind, str] = {
     "ok": "",
     "exits": "",
+    "bad_entrypoint": "",
     "healthy": (
         "HEALTHCHECK --interval=1s --timeout=1s --retries=2 CMD "
         f'["/bin/busybox", "wget", "-q", "-O", "/dev/null", '
@@ -86,6 +89,10 @@ _HEALTHCHECKS: dict[Kind, str] = {
         'HEALTHCHECK --interval=1s --timeout=1s --retries=1 CMD ["/bin/busybox", "false"]\n'
     ),
 }
+
+
+_ENTRYPOINT = '["/bin/busybox", "sh", "/app.sh"]'
+_ENTRYPOINTS: dict[Kind, str] = {"bad_entrypoint": '["/bin/no-such-program"]'}
 
 
 class ImageBuildError(RuntimeError):
@@ -131,7 +138,7 @@ def dockerfile_for(kind: Kind, version: str) -> str:
         f"LABEL {TEST_IMAGE_LABEL}=1 io.edge-agent.test.kind={kind} "
         f"io.edge-agent.test.version={json.dumps(version)}\n"
         f"{_HEALTHCHECKS[kind]}"
-        'ENTRYPOINT ["/bin/busybox", "sh", "/app.sh"]\n'
+        f"ENTRYPOINT {_ENTRYPOINTS.get(kind, _ENTRYPOINT)}\n"
     )
 
 

@@ -1,0 +1,104 @@
+"""Helpers for tests of failed updates: what Docker holds and did, and real faults.
+
+- ``container_names``: the containers whose names start with a prefix (``<name>``,
+  ``<name>-next``, ``<name>-previous``).
+- ``DockerMark`` / ``created_since``: the containers the daemon created after a moment,
+  from its own event log (proof that a check did not try again).
+- ``TakenPort``: a TCP port held by a listening socket, so Docker cannot publish it.
+- ``listening_port``: a free port outside the kernel's ephemeral range, for an app that
+  must be publishable later too (an outgoing connection may hold an ephemeral one).
+- ``ask``: hand an in-process agent a live device tag with a request id, as the bridge or
+  edge-ctl publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import docker
+
+from edge_agent.agent.loop import Agent
+from edge_agent.protocol.messages import RemoteTagMessage
+from edge_agent.protocol.state import Source
+
+
+def container_names(client: docker.DockerClient, prefix: str) -> list[str]:
+    return sorted(c.name for c in client.containers.list(all=True, filters={"name": prefix})
+                  if c.name and c.name.startswith(prefix))
+
+
+@dataclass(frozen=True)
+class DockerMark:
+    """A moment on the daemon's clock (the same host: the wall clock)."""
+
+    at: float = field(default_factory=time.time)
+
+
+def created_since(client: docker.DockerClient, prefix: str, mark: DockerMark) -> list[str]:
+    """Names of the containers starting with ``prefix`` created since ``mark``."""
+    time.sleep(0.05)  # events are stamped as they happen; let the last one land
+    until = time.time()
+    names = []
+    stream = client.events(since=f"{mark.at:.6f}", until=f"{until:.6f}", decode=True,
+                           filters={"type": "container", "event": "create"})
+    try:
+        for event in stream:
+            name = str(event.get("Actor", {}).get("Attributes", {}).get("name", ""))
+            if name.startswith(prefix):
+                names.append(name)
+    finally:
+        stream.close()
+    return names
+
+
+def listening_port(rng: random.Random | None = None) -> int:
+    """A port that is free now and below the ephemeral range (``free_port`` picks from
+    that range, where any outgoing connection may take it in the meantime)."""
+    rng = rng or random.Random()
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+class TakenPort:
+    """A port on 127.0.0.1 held by a listening socket: Docker's attempt to publish it on
+    0.0.0.0 fails with "address already in use" when the container starts."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port: int = self.sock.getsockname()[1]
+
+    def release(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def ask(agent: Agent, tag: str, request_id: str) -> None:
+    """A live device tag over MQTT with a request id, straight into the agent's handler."""
+    payload = json.dumps({"tag": tag, "request_id": request_id}).encode()
+    agent.handle(RemoteTagMessage(Source.DEVICE, payload, topic="test", retained=False))
