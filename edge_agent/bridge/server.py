@@ -14,7 +14,8 @@ What a client cannot do:
 - take the last of ``max_connections``: when all are in use, the oldest connection that
   is idle, still sending its head, or not authenticated is closed for the new one;
   only when every connection is busy with an authenticated request is the answer 503;
-- send a body to an /api route without the token: 401 before the body is read.
+- send a body to an /api route or /metrics without the token: 401 before the body is
+  read.
 """
 
 from __future__ import annotations

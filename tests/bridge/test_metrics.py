@@ -26,7 +26,8 @@ from edge_agent.bridge.api import Api, Request
 from edge_agent.bridge.fleet import DeviceSnapshot, Fleet, FleetSnapshot
 from edge_agent.bridge.metrics import FleetMetrics
 from edge_agent.bridge.server import Bridge
-from edge_agent.bridge.settings import BridgeSettings
+from edge_agent.bridge.settings import BridgeSettings, load_bridge_settings
+from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.topics import Topics
 from tests.bridge.support import (
     TOKEN,
@@ -394,3 +395,22 @@ def test_prometheus_sees_a_real_update_and_rollback_and_every_panel_has_data(
             query = query.replace(variable, duration)
         assert "$" not in query, expr
         assert prom.query(query), f"dashboard query returned no data: {expr}"
+
+
+def test_metrics_token_setting(tmp_path: Path) -> None:
+    base = {"MQTT_HOST": "b", "BRIDGE_TOKEN": TOKEN}
+    assert load_bridge_settings(base).metrics_token is None
+    assert load_bridge_settings({**base, "BRIDGE_METRICS_TOKEN": METRICS_TOKEN}
+                                ).metrics_token == METRICS_TOKEN
+    path = tmp_path / "token"
+    path.write_text(METRICS_TOKEN + "\n")
+    assert load_bridge_settings({**base, "BRIDGE_METRICS_TOKEN_FILE": str(path)}
+                                ).metrics_token == METRICS_TOKEN
+    path.write_text("")
+    for env in ({"BRIDGE_METRICS_TOKEN": "  "}, {"BRIDGE_METRICS_TOKEN_FILE": str(path)},
+                {"BRIDGE_METRICS_TOKEN": "a b"},
+                {"BRIDGE_METRICS_TOKEN": "x", "BRIDGE_METRICS_TOKEN_FILE": str(path)}):
+        with pytest.raises(ConfigError, match="BRIDGE_METRICS_TOKEN"):
+            load_bridge_settings({**base, **env})
+    assert METRICS_TOKEN not in repr(load_bridge_settings(
+        {**base, "BRIDGE_METRICS_TOKEN": METRICS_TOKEN}))
