@@ -25,10 +25,17 @@ import docker
 import docker.errors
 import pytest
 import requests
+from hypothesis import HealthCheck, settings
 
 from tests.support import DEFAULT_REGISTRY
 from tests.support.images import remove_registry_images, remove_repo_images
 from tests.support.registry import PrivateRegistry, RegistryLog, registry_answers
+
+# Property tests judge behaviour, never speed: on a loaded CI machine a per-example
+# deadline or the "too slow" health check would fail a correct run.
+settings.register_profile("edge-agent", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("edge-agent")
 
 TEST_LABEL = "io.edge-agent.test"
 CONTAINER_PREFIX = "edge-test-"
