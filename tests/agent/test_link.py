@@ -29,7 +29,7 @@ from edge_agent.agent.config import load_settings
 from edge_agent.agent.link import AgentLink
 from edge_agent.agent.loop import Agent, ContainerEvent
 from edge_agent.agent.status import RunningView
-from edge_agent.protocol.answers import Answer, judge_event, judge_state
+from edge_agent.protocol.answers import Answer, Outcome, judge_event, judge_state
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.messages import (
     MAX_COMMAND_BYTES,
@@ -328,6 +328,11 @@ def settled_on(tag: str) -> Callable[[dict[str, Any]], bool]:
         and s["running"]["status"] == "running"
 
 
+def settled_from(tag: str, source: str) -> Callable[[dict[str, Any]], bool]:
+    """Settled on ``tag``, desired from ``source`` (device, group or fleet)."""
+    return lambda s: settled_on(tag)(s) and s["desired"]["source"] == source
+
+
 def events_since(watcher: MqttWatcher, prefix: str, device: str, mark: float) -> list[Any]:
     return [m.json() for m in watcher.on(Topics(prefix).events(device)) if m.at >= mark]
 
@@ -402,10 +407,13 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
             b'{"tag": "2.0", "request_id": 7}', b"2.0 3.0"]
     for payload in junk:  # not retained: the retained 2.0 stays the device's tag
         watcher.publish(topics.device_tag(name), payload)
-    rejected = wait_until(
-        lambda: (found := [e for e in events_since(watcher, prefix, name, mark)
-                           if e["event"] == "tag_rejected"]) and len(found) >= len(junk)
-        and found, message="a tag_rejected event per junk payload")
+
+    def all_rejected() -> list[Any] | None:
+        found = [e for e in events_since(watcher, prefix, name, mark)
+                 if e["event"] == "tag_rejected"]
+        return found if len(found) >= len(junk) else None
+
+    rejected = wait_until(all_rejected, message="a tag_rejected event per junk payload")
     assert len(rejected) == len(junk)
     assert all(e["topic"] == topics.device_tag(name) and e["reason"] for e in rejected)
     assert any("too large" in e["reason"] for e in rejected)
@@ -462,8 +470,7 @@ def test_fleet_and_group_broadcasts_reach_three_agents(
         for key, (tag, source) in expected.items():
             wait_state(
                 watcher, prefix, devices[key].name,
-                lambda s, tag=tag, source=source: settled_on(tag)(s)
-                and s["desired"]["source"] == source,
+                settled_from(tag, source),
                 since=since, message=f"{tag} from {source}")
             assert devices[key].serving() == tag
 
@@ -810,7 +817,7 @@ def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
     assert unanswered == []
     outcomes = Counter(a.outcome for rid, tag in flips
                        for a in request_answers(watcher, prefix, name, rid, tag, mark)[:1])
-    assert outcomes["superseded"] >= len(flips) - 4, outcomes
+    assert outcomes[Outcome.SUPERSEDED] >= len(flips) - 4, outcomes
     assert [a.outcome for a in request_answers(watcher, prefix, name, last_id, last_tag,
                                                mark)][:1] in (["applied"], ["updated"])
     assert agent.alive

@@ -13,7 +13,12 @@ import pytest
 from edge_agent.agent.loop import Agent
 from tests.support import wait_until
 from tests.support.device import Device, publish
-from tests.support.images import build_image, push_image, remove_repo_images
+from tests.support.images import (
+    build_image,
+    container_image_id,
+    push_image,
+    remove_repo_images,
+)
 from tests.support.registry import RegistryLog
 
 
@@ -62,7 +67,7 @@ def test_tag_change_swaps_and_keeps_previous_image(device: Device, docker_client
     device.write_tag("1.0")
     agent = device.agent()
     agent.check()
-    old_image = docker_client.containers.get(device.name).image.id
+    old_image = container_image_id(docker_client, device.name)
 
     device.write_tag("2.0")
     result = agent.check()
@@ -306,7 +311,7 @@ def test_keeps_current_and_previous_images_and_prunes_older(
     for version in ("1.0", "2.0", "3.0"):
         device.write_tag(version)
         agent.check()
-        image_ids[version] = docker_client.containers.get(device.name).image.id
+        image_ids[version] = container_image_id(docker_client, device.name)
 
     local = {image.id for image in docker_client.images.list(name=device.repo)}
     assert local == {image_ids["2.0"], image_ids["3.0"]}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # ships no type hints
 import requests
 from paho.mqtt.client import Client, MQTTMessage
 
@@ -315,4 +315,5 @@ def schema_validator(name: str) -> Callable[[Any], None]:
     schemas = _openapi_to_json_schema(openapi_document(300.0)["components"]["schemas"])
     validator = jsonschema.Draft202012Validator(
         {"components": {"schemas": schemas}, "$ref": f"#/components/schemas/{name}"})
-    return validator.validate
+    validate: Callable[[Any], None] = validator.validate
+    return validate

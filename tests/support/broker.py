@@ -335,6 +335,16 @@ class MqttWatcher:
             self.client = None
 
 
+def text_is(text: str) -> Callable[[Received], bool]:
+    """A ``wait_for`` predicate: the message's payload reads ``text``."""
+    return lambda m: m.text == text
+
+
+def payload_is(payload: bytes) -> Callable[[Received], bool]:
+    """A ``wait_for`` predicate: the message's payload is exactly ``payload``."""
+    return lambda m: m.payload == payload
+
+
 def _safe(predicate: Callable[[Received], bool], message: Received) -> bool:
     try:
         return predicate(message)

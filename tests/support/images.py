@@ -269,6 +269,13 @@ def repo_image_ids(
     }
 
 
+def container_image_id(client: docker.DockerClient, name: str) -> str:
+    """Id of the image the container ``name`` runs."""
+    image = client.containers.get(name).image
+    assert image is not None and image.id is not None, f"the image of {name} is gone"
+    return image.id
+
+
 def _references(client: docker.DockerClient) -> dict[str, list[str]]:
     # One listing call: images.list() inspects each image afterwards, which races with
     # other tests removing images in between (ImageNotFound).
