@@ -13,7 +13,7 @@
    bridge -> broker -> agent -> broker -> bridge round trip.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/bridge.json.
-Run: python bench/bench_bridge.py [--seconds 5] [--rounds 20]
+Run: python -m bench.bench_bridge [--seconds 5] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.bridge.support import (
     TOKEN,

@@ -14,7 +14,7 @@ of the agents, of Mosquitto and of dockerd+containerd (shared with anything else
 running on the machine) over the same window.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/fleet.json.
-Run: python bench/bench_fleet.py [--agents 50]
+Run: python -m bench.bench_fleet [--agents 50]
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CpuWindow, pids_named, rss_mb, summary, table, wait_for, write_results
 from edge_agent.protocol.topics import Topics

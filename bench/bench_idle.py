@@ -13,7 +13,7 @@ For comparison, measured in the same run: bare Python processes that import dock
 (and use it once), and one that imports everything the agent needs.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/idle.json.
-Run: python bench/bench_idle.py [--seconds 300]
+Run: python -m bench.bench_idle [--seconds 300]
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CpuWindow, pss_mb, rss_mb, table, wait_for, write_results
 from tests.conftest import remove_test_containers

@@ -14,7 +14,7 @@ Both sides pull for real (the repository's local images are removed before every
 round) from the shared registry; the rounds alternate agent, floor, agent, ...
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/mqtt_update.json.
-Run: python bench/bench_mqtt_update.py [--rounds 7]
+Run: python -m bench.bench_mqtt_update [--rounds 7]
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Probe, by_mode, summary, table, write_results
 from edge_agent.protocol.topics import Topics

@@ -11,7 +11,7 @@ reported on its own.
 For comparison, the bare interpreter start (``python -c pass``) and ``import docker``.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/startup.json.
-Run: python bench/bench_startup.py [--rounds 7]
+Run: python -m bench.bench_startup [--rounds 7]
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import summary, table, write_results
 from edge_agent.protocol.topics import Topics
