@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,7 +90,7 @@ def _load_worker(url: str, seconds: float, keepalive: bool, out: Any) -> None:
             conn.request("GET", "/api/v1/devices", headers=headers)
             response = conn.getresponse()
             body = response.read()
-            ok = response.status == 200 and body.count(b'"id":') == DEVICES
+            ok = response.status == HTTPStatus.OK and body.count(b'"id":') == DEVICES
         except (OSError, http.client.HTTPException):
             ok = False
             conn.close()
@@ -153,14 +154,14 @@ def put_wait_rounds(api: ApiClient, device_id: str, rounds: int) -> dict[str, An
             response = api.put(f"/api/v1/devices/{device_id}/tag?wait=60", json={"tag": tag})
             bucket.append(time.perf_counter() - start)
             statuses.append(response.status_code)
-            if response.status_code != 200:
+            if response.status_code != HTTPStatus.OK:
                 raise RuntimeError(f"PUT {tag}: {response.status_code} {response.text}")
     return {"changed_s": summary(changed), "unchanged_s": summary(unchanged),
             "samples_changed_s": changed, "samples_unchanged_s": unchanged,
             "statuses": sorted(set(statuses))}
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per load level")

@@ -55,7 +55,7 @@ def is_settled(state: dict[str, Any] | None, tag: str) -> bool:
                 and state["running"]["status"] == "running")
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=50)

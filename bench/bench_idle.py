@@ -56,7 +56,7 @@ def last_check(device: Device) -> str | None:
         return None
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=300.0)

@@ -83,7 +83,7 @@ def floor_round(client: docker.DockerClient, repo: str, name: str, port: int,
     return {"latency_s": seen - start, "downtime_s": probe.longest_gap}
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)

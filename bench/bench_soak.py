@@ -63,7 +63,7 @@ from tests.support.dockerd import PrivateDockerd, bridge_exists
 from tests.support.registry import PrivateRegistry
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--changes", type=int, default=200)

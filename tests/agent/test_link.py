@@ -314,7 +314,7 @@ def agents(tmp_path: Path, container_name: str, unique_repo: str) -> Iterator[Ag
     print(fleet.logs())
 
 
-def wait_state(watcher: MqttWatcher, prefix: str, device: str,
+def wait_state(watcher: MqttWatcher, prefix: str, device: str,  # noqa: PLR0913
                predicate: Callable[[dict[str, Any]], bool], *, since: float = 0.0,
                timeout: float = 30.0, message: str = "a state") -> dict[str, Any]:
     found = watcher.wait_for(Topics(prefix).state(device), lambda m: predicate(m.json()),
@@ -337,7 +337,7 @@ def events_since(watcher: MqttWatcher, prefix: str, device: str, mark: float) ->
     return [m.json() for m in watcher.on(Topics(prefix).events(device)) if m.at >= mark]
 
 
-def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b"",
+def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b"",  # noqa: PLR0913, PLR0917
         correlation: bytes = b"corr", timeout: float = 30.0) -> Received:
     """Send an MQTT 5 request with Response Topic and Correlation Data; the answer."""
     properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -353,7 +353,7 @@ def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b""
 
 # -- acceptance -------------------------------------------------------------------------
 @pytest.mark.broker
-def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
+def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(  # noqa: PLR0913, PLR0915, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -448,7 +448,7 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
 
 
 @pytest.mark.broker
-def test_fleet_and_group_broadcasts_reach_three_agents(
+def test_fleet_and_group_broadcasts_reach_three_agents(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -554,7 +554,7 @@ def test_broker_down_at_start_and_gone_for_30_s(
 
 
 @pytest.mark.broker
-def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(
+def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -587,7 +587,7 @@ def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(
 
 
 @pytest.mark.broker
-def test_notify_mode_installs_on_command_and_answers_mqtt5_requests(
+def test_notify_mode_installs_on_command_and_answers_mqtt5_requests(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -667,7 +667,7 @@ def rejected_since(watcher: MqttWatcher, prefix: str, device: str, mark: float,
 
 
 @pytest.mark.broker
-def test_deep_json_retained_on_tag_topics_never_stops_the_agent(
+def test_deep_json_retained_on_tag_topics_never_stops_the_agent(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -716,7 +716,7 @@ def test_deep_json_retained_on_tag_topics_never_stops_the_agent(
 
 
 @pytest.mark.broker
-def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_commands(
+def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_commands(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -749,7 +749,7 @@ def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_comm
     assert agent.alive
 
 
-def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: str,
+def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: str,  # noqa: PLR0913, PLR0917
                     tag: str, since: float) -> list[Answer]:
     """Every answer the device gave to ``request_id``, by edge_agent.protocol.answers' judges."""
     t = Topics(prefix)
@@ -760,7 +760,7 @@ def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: 
 
 
 @pytest.mark.broker
-def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
+def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -824,7 +824,7 @@ def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
 
 
 @pytest.mark.broker
-def test_a_new_desired_tag_stops_a_slow_pull(
+def test_a_new_desired_tag_stops_a_slow_pull(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:

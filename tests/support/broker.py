@@ -171,7 +171,7 @@ class Broker:
         return True
 
     # -- settings for clients -------------------------------------------------------
-    def settings(self, user: str | None, *, prefix: str = "edge", tls: bool = False,
+    def settings(self, user: str | None, *, prefix: str = "edge", tls: bool = False,  # noqa: PLR0913
                  ca_file: Path | None = None, protocol: str = "5",
                  password: str | None = None) -> MqttSettings:
         return MqttSettings(

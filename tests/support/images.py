@@ -181,7 +181,7 @@ def _consume(stream: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[str
     return chunks
 
 
-def build_image(
+def build_image(  # noqa: PLR0913 - an image's name, content and target
     repo: str,
     tag: str,
     version: str,
@@ -237,7 +237,7 @@ def push_image(
     raise ImageBuildError(f"docker push {name}:{tag}: no digest in the push output")
 
 
-def build_and_push(
+def build_and_push(  # noqa: PLR0913 - an image's name, content and target
     repo: str,
     tag: str,
     version: str,
