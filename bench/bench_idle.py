@@ -33,9 +33,9 @@ from typing import Any
 import docker
 
 from bench.common import CpuWindow, pss_mb, rss_mb, table, wait_for, write_results
-from tests.conftest import remove_test_containers
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
+from tests.support.containers import remove_test_containers
 from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 from tests.support.registry import RegistryLog, repo_path

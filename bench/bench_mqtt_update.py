@@ -33,10 +33,10 @@ import docker
 
 from bench.common import Probe, by_mode, summary, table, write_results
 from edge_agent.protocol.topics import Topics
-from tests.conftest import remove_test_containers
 from tests.support import free_port, wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.containers import remove_test_containers
 from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 
