@@ -249,7 +249,8 @@ def test_reconnect_forgets_remote_tags_until_the_broker_replays_them(tmp_path: P
     agent = Agent(load_settings(env))
     agent.handle(RemoteTagMessage(Source.DEVICE, b"2.0", "edge/devices/dev1/tag"))
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.5", "edge/fleet/tag"))
-    assert agent.resolve() is not None and agent.resolve().tag == "2.0"  # type: ignore[union-attr]
+    resolved = agent.resolve()
+    assert resolved is not None and resolved.tag == "2.0"
     agent.handle(RemoteReset())
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.5", "edge/fleet/tag"))  # the replay
     agent.handle(RemoteReady())

@@ -115,7 +115,8 @@ def update_status(dev: Device) -> str | None:
 
 def last_check(dev: Device) -> str | None:
     try:
-        return dev.status()["update"]["last_check_at"]  # type: ignore[no-any-return]
+        checked: str | None = dev.status()["update"]["last_check_at"]
+        return checked
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -14,6 +14,7 @@ from edge_agent.agent.loop import Agent
 from tests.support import wait_until
 from tests.support.device import Device, publish
 from tests.support.images import (
+    Kind,
     build_image,
     container_image_id,
     push_image,
@@ -129,10 +130,10 @@ def test_no_pull_when_unchanged_and_new_digest_is_picked_up(
 
 @pytest.mark.parametrize("bad_kind", ["exits", "unhealthy"])
 def test_bad_update_rolls_back_and_is_not_retried(
-    device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog, bad_kind: str
+    device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog, bad_kind: Kind
 ) -> None:
     publish(device.repo, "1.0", "1.0")
-    publish(device.repo, "2.0", "2.0-bad", bad_kind)  # type: ignore[arg-type]
+    publish(device.repo, "2.0", "2.0-bad", bad_kind)
     device.write_tag("1.0")
     agent = device.agent()
     agent.check()
@@ -326,4 +327,5 @@ def test_digest_pin(device: Device, docker_client: docker.DockerClient) -> None:
     assert result is not None and result.outcome == "updated"
     assert device.serving() == "pinned"
     assert docker_client.containers.get(device.name).attrs["Config"]["Image"] == f"{device.repo}@{digest}"
-    assert agent.check().outcome == "unchanged"  # type: ignore[union-attr]
+    again = agent.check()
+    assert again is not None and again.outcome == "unchanged"
