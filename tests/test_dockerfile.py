@@ -125,7 +125,8 @@ def test_dockerfile_defaults_to_official_slim_python_and_names_no_architecture()
 def test_build_context_is_the_package_only() -> None:
     names = context_names(build_context())
     assert "pyproject.toml" in names
-    assert "edge_agent/agent.py" in names
+    assert "edge_agent/agent/loop.py" in names
+    assert "edge_agent/protocol/mqtt.py" in names
     assert not [n for n in names if n.startswith(("tests/", ".git/", "data/", "docs/"))]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 

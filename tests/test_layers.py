@@ -63,6 +63,15 @@ def test_operator_tools_never_load_docker(program: str) -> None:
     assert [m for m in loaded if m.startswith("edge_agent.agent")] == []
 
 
+def test_the_agent_never_loads_prometheus_client() -> None:
+    """prometheus-client is the bridge's optional dependency (the ``bridge`` extra)."""
+    assert "prometheus_client" in loaded_by("edge_agent.bridge.metrics")  # the check works
+    loaded = loaded_by(*modules_in("agent"), *modules_in("protocol"))
+    assert [m for m in loaded if m.split(".")[0] == "prometheus_client"] == []
+    for path in sorted((PACKAGE / "agent").rglob("*.py")):
+        assert not {n for n in imported_names(path) if n.startswith("prometheus_client")}, path
+
+
 def test_the_protocol_is_docker_free_and_stands_alone() -> None:
     loaded = loaded_by(*modules_in("protocol"))
     assert [m for m in loaded if m == "docker" or m.startswith("docker.")] == []

@@ -280,16 +280,24 @@ class PullProgress:
             return None
         detail = message.get("progressDetail") or {}
         current, total = detail.get("current"), detail.get("total")
-        fraction = self.layers.get(layer, 0.0)
-        if status == "Downloading" and total:
-            fraction = 0.9 * min(current or 0, total) / total
-        elif status == "Extracting" and total:
-            fraction = 0.9 + 0.1 * min(current or 0, total) / total
-        elif status in ("Pull complete", "Already exists"):
-            fraction = 1.0
-        elif status in ("Download complete", "Verifying Checksum"):
-            fraction = max(fraction, 0.9)
-        self.layers[layer] = fraction
+        if status == "Already exists":
+            # Nothing to download: a layer the device has counts for nothing either way.
+            # (Counting it as done showed 100 % before the layers still to come were
+            # even announced, and the report never goes down.)
+            self.layers.pop(layer, None)
+        else:
+            fraction = self.layers.get(layer, 0.0)
+            if status == "Downloading" and total:
+                fraction = 0.9 * min(current or 0, total) / total
+            elif status == "Extracting" and total:
+                fraction = 0.9 + 0.1 * min(current or 0, total) / total
+            elif status == "Pull complete":
+                fraction = 1.0
+            elif status in ("Download complete", "Verifying Checksum"):
+                fraction = max(fraction, 0.9)
+            self.layers[layer] = fraction
+        if not self.layers:
+            return None
         percent = round(100 * sum(self.layers.values()) / len(self.layers), 1)
         if percent >= self.last_reported + 1 or (percent == 100 and self.last_reported < 100):  # noqa: PLR2004
             self.last_reported = percent

@@ -16,7 +16,7 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
-from edge_agent.protocol.events import EventName, event_body
+from edge_agent.protocol.events import EventName, bounded_text, event_body
 from edge_agent.protocol.state import BUSY, UpdateStatus
 from edge_agent.protocol.timestamps import utc_now
 
@@ -123,13 +123,13 @@ class Status:
                 "request_id": desired.request_id if desired else None,
             },
             "running": vars(self.running).copy(),
-            "fallback": vars(self.fallback).copy(),
+            "fallback": {**vars(self.fallback), "reason": _bounded(self.fallback.reason)},
             "update": {
                 "status": str(self.update_status),
                 "progress": self.progress,
                 "last_check_at": self.last_check_at,
                 "last_success_at": self.last_success_at,
-                "last_error": self.last_error,
+                "last_error": _bounded(self.last_error),
             },
             "installed_version": installed,
             "latest_version": latest,
@@ -142,6 +142,10 @@ class Status:
                                              in_progress=in_progress,
                                              percentage=self.progress),
         }
+
+
+def _bounded(text: str | None) -> str | None:
+    return None if text is None else bounded_text(text)
 
 
 def _call_sink(sink: Callable[[dict[str, Any]], None], body: dict[str, Any]) -> None:

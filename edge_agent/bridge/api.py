@@ -46,6 +46,9 @@ PUT_FIELDS = frozenset({"tag", "request_id"})
 # spaces, nan or inf, which float() would all take
 WAIT_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
 JSON = "application/json"
+METRICS_PATH = "/metrics"
+# the Prometheus text format (edge_agent.bridge.metrics writes it)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -130,6 +133,7 @@ class Call:
 ROUTES: tuple[Route, ...] = (
     Route("GET", ("healthz",), "healthz", auth=False),
     Route("GET", ("openapi.json",), "openapi", auth=False),
+    Route("GET", ("metrics",), "metrics"),
     Route("GET", ("api", "v1", "devices"), "list_devices"),
     Route("GET", ("api", "v1", "devices", "{id}"), "get_device"),
     Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag",
@@ -170,8 +174,12 @@ class Api:
         max_wait_s: float = 300.0,
         new_request_id: Callable[[], str] = new_request_id,
         now: Callable[[], float] = time.time,
+        metrics_token: str | None = None,
     ) -> None:
         self._token = token.encode()
+        # /metrics takes the API token or this read-only one (for Prometheus)
+        self._metrics_token = metrics_token.encode() if metrics_token else None
+        self._metrics: Callable[[], bytes] | None = None
         self.topics = topics
         self.fleet = fleet
         self.publisher = publisher
@@ -208,7 +216,7 @@ class Api:
             raise HttpError(400, "request target must be an absolute path")
         segments = tuple(_decode_segment(s) for s in path[1:].split("/"))
         if segments[:1] == ("api",):
-            self._authenticate(request.headers)
+            self._authenticate(request.headers, path)
         candidates = [(route, params) for route in ROUTES
                       if (params := _match(route.pattern, segments)) is not None]
         if not candidates:
@@ -216,7 +224,9 @@ class Api:
         for route, params in candidates:
             if route.method == method:
                 if route.auth:
-                    self._authenticate(request.headers)
+                    # (the route matched the decoded path; "/%6detrics" is /metrics too)
+                    self._authenticate(request.headers, METRICS_PATH
+                                       if route.handler == "metrics" else path)
                 query = _parse_query(query_text)
                 unknown = sorted(set(query) - route.query)
                 if unknown:
@@ -233,18 +243,26 @@ class Api:
 
     @staticmethod
     def needs_token(target: str) -> bool:
-        """Whether a request for ``target`` must carry the token (every /api route)."""
-        return target.startswith("/api/") or target.partition("?")[0] == "/api"
+        """Whether a request for ``target`` must carry a token (every /api route and
+        /metrics)."""
+        path = target.partition("?")[0]
+        return target.startswith("/api/") or path in ("/api", METRICS_PATH)
 
-    def authorized(self, headers: Mapping[str, str]) -> bool:
-        """Whether ``headers`` carry the bearer token (compared in constant time)."""
+    def authorized(self, headers: Mapping[str, str], target: str = "") -> bool:
+        """Whether ``headers`` carry the bearer token (compared in constant time); for
+        /metrics the metrics token also does."""
         value = headers.get("authorization", "")
         scheme, _, given = value.strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), self._token)
+        if scheme.lower() != "bearer":
+            return False
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        ok = hmac.compare_digest(given_bytes, self._token)
+        if self._metrics_token is not None and target.partition("?")[0] == METRICS_PATH:
+            ok = hmac.compare_digest(given_bytes, self._metrics_token) or ok
+        return ok
 
-    def _authenticate(self, headers: Mapping[str, str]) -> None:
-        if not self.authorized(headers):
+    def _authenticate(self, headers: Mapping[str, str], path: str) -> None:
+        if not self.authorized(headers, path):
             raise HttpError(401, "missing or invalid bearer token",
                             {"WWW-Authenticate": 'Bearer realm="edge-bridge"'})
 
@@ -261,6 +279,19 @@ class Api:
 
     def openapi(self, call: Call) -> Response:
         return Response(200, self._openapi, JSON, {"Cache-Control": "no-cache"})
+
+    def metrics(self, call: Call) -> Response:
+        """The fleet for Prometheus; 501 when prometheus-client is not installed."""
+        if self._metrics is None:
+            try:
+                from edge_agent.bridge.metrics import (  # noqa: PLC0415 - optional
+                    FleetMetrics,
+                )
+            except ImportError:
+                raise HttpError(501, "/metrics needs the prometheus-client library: "
+                                     "pip install 'edge-agent[bridge]'") from None
+            self._metrics = FleetMetrics(self.fleet, lambda: self.publisher.connected).render
+        return Response(200, self._metrics(), METRICS_CONTENT_TYPE, {"Cache-Control": "no-store"})
 
     def list_devices(self, call: Call) -> Response:
         connected = b"true" if self.publisher.connected else b"false"

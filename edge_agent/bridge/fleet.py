@@ -29,6 +29,7 @@ from typing import Any
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
+from edge_agent.protocol.events import EventName
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
 
@@ -54,6 +55,8 @@ BUDGET_MIN_COST = 1024
 # RESYNC_EVERY_S while it lasts.
 RESYNC_QUIET_S = 2.0
 RESYNC_EVERY_S = 30.0
+# the events the bridge counts for /metrics (progress is not an outcome)
+COUNTED_EVENTS = tuple(str(name) for name in EventName if name != EventName.PULL_PROGRESS)
 
 
 def wait_answer(answer: Answer | None) -> Answer | None:
@@ -187,6 +190,25 @@ class Device:
         return self._json
 
 
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    """One device as ``/metrics`` reads it (the state is never changed in place)."""
+
+    device_id: str
+    state: dict[str, Any] | None
+    availability: str | None
+    last_seen: float | None
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Everything ``/metrics`` shows, taken at once under the lock."""
+
+    devices: list[DeviceSnapshot]
+    events: dict[str, int]  # event name -> received since the bridge started
+    throttled: int  # devices over their message budget now
+
+
 class Fleet:
     """Devices by id, built from retained state/availability plus live events."""
 
@@ -218,6 +240,7 @@ class Fleet:
         self._throttled: dict[str, int] = {}  # device -> messages dropped since throttled
         self._complaints: dict[tuple[str, str], str] = {}  # (device, topic) -> last logged
         self._seq = 0
+        self._event_counts = dict.fromkeys(COUNTED_EVENTS, 0)
         self._flood_at: float | None = None  # when a message was last skipped
         self._resynced_at = 0.0
 
@@ -402,6 +425,8 @@ class Fleet:
                 device.seen(self._clock())
                 if event["event"] != "pull_progress":
                     device.last_event = event
+                if event["event"] in self._event_counts:
+                    self._event_counts[event["event"]] += 1
                 self._changed(device)
         for waiter in waiters:
             waiter.settle(judge_event(event, waiter.request_id, waiter.tag))
@@ -459,6 +484,13 @@ class Fleet:
             data = None if device is None else device.json()
         view: dict[str, Any] | None = None if data is None else json.loads(data)
         return view
+
+    def snapshot(self) -> FleetSnapshot:
+        """The devices (sorted by id) and event counts, for a scrape of /metrics."""
+        with self._lock:
+            devices = [DeviceSnapshot(d.device_id, d.state, d.availability, d.last_seen)
+                       for _, d in sorted(self._devices.items())]
+            return FleetSnapshot(devices, dict(self._event_counts), len(self._throttled))
 
     def __len__(self) -> int:
         with self._lock:

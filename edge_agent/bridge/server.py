@@ -14,7 +14,8 @@ What a client cannot do:
 - take the last of ``max_connections``: when all are in use, the oldest connection that
   is idle, still sending its head, or not authenticated is closed for the new one;
   only when every connection is busy with an authenticated request is the answer 503;
-- send a body to an /api route without the token: 401 before the body is read.
+- send a body to an /api route or /metrics without the token: 401 before the body is
+  read.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ class Connection:
         """Answer one request; False when the connection must close afterwards."""
         api = self.server.api
         body_unread = head.content_length > 0
-        if Api.needs_token(head.target) and not api.authorized(head.headers):
+        if Api.needs_token(head.target) and not api.authorized(head.headers, head.target):
             # answered without reading the body: a client without the token cannot
             # make the bridge wait for one
             response = api.handle(Request(head.method, head.target, head.headers, b""))
@@ -403,7 +404,7 @@ class Bridge:
             self.fleet.handle,
         )
         self.api = Api(settings.token, self.topics, self.fleet, self.link,
-                       max_wait_s=settings.max_wait_s)
+                       max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token)
         if limits is None:
             limits = ServerLimits(max_client_connections=settings.max_client_connections)
         self.server = BridgeServer((settings.host, settings.port), self.api, limits)

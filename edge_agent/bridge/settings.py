@@ -25,6 +25,9 @@ SHORT_TOKEN_CHARS = 16
 BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("BRIDGE_TOKEN", "(required)", "bearer token every /api request must carry"),
     ("BRIDGE_TOKEN_FILE", "(none)", "file holding the token (instead of BRIDGE_TOKEN)"),
+    ("BRIDGE_METRICS_TOKEN", "(none)", "a second bearer token good only for GET /metrics "
+     "(for Prometheus); /metrics also takes BRIDGE_TOKEN"),
+    ("BRIDGE_METRICS_TOKEN_FILE", "(none)", "file holding the metrics token"),
     ("BRIDGE_HOST", DEFAULT_HOST, "address to listen on (0.0.0.0 in a container)"),
     ("BRIDGE_PORT", str(DEFAULT_PORT), "TCP port to listen on (0 = any free port)"),
     ("BRIDGE_MAX_WAIT", f"{DEFAULT_MAX_WAIT_S:g}", "largest ?wait= in seconds a client may ask"),
@@ -48,6 +51,7 @@ class BridgeSettings:
     log_level: str
     log_format: str
     max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
+    metrics_token: str | None = None
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
@@ -58,6 +62,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     """Read and validate the bridge's settings; raise ConfigError naming the variable."""
     env = dict(os.environ if environ is None else environ)
     token = _token(env)
+    metrics_token = _token(env, "BRIDGE_METRICS_TOKEN", required=False) or None
     host = env.get("BRIDGE_HOST", "").strip() or DEFAULT_HOST
     port = parse_int(env, "BRIDGE_PORT", DEFAULT_PORT, minimum=0, maximum=65535)
     max_wait = parse_number(env, "BRIDGE_MAX_WAIT", DEFAULT_MAX_WAIT_S, minimum=0.1,
@@ -72,24 +77,31 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     if log_format not in ("text", "json"):
         raise ConfigError("LOG_FORMAT: must be text or json")
     return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format,
-                          client_connections)
+                          client_connections, metrics_token)
 
 
-def _token(env: dict[str, str]) -> str:
-    direct = env.get("BRIDGE_TOKEN", "")
-    path = env.get("BRIDGE_TOKEN_FILE", "").strip()
+def _token(env: dict[str, str], variable: str = "BRIDGE_TOKEN", *,
+           required: bool = True) -> str:
+    """The token in ``variable`` or the file named by ``variable``_FILE ("" if neither
+    is set and it is not required)."""
+    direct = env.get(variable, "")
+    path = env.get(f"{variable}_FILE", "").strip()
     if direct and path:
-        raise ConfigError("BRIDGE_TOKEN: set BRIDGE_TOKEN or BRIDGE_TOKEN_FILE, not both")
-    name = "BRIDGE_TOKEN"
+        raise ConfigError(f"{variable}: set {variable} or {variable}_FILE, not both")
+    name = variable
     if path:
-        name = "BRIDGE_TOKEN_FILE"
+        name = f"{variable}_FILE"
         try:
             direct = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"BRIDGE_TOKEN_FILE: cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise ConfigError(f"BRIDGE_TOKEN_FILE: {path} is not UTF-8 text") from None
+            raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
     token = direct.strip()
+    if not token and not required:
+        if path or direct:
+            raise ConfigError(f"{name}: empty (unset it to have no {variable})")
+        return ""
     if not token:
         raise ConfigError("BRIDGE_TOKEN: required (or BRIDGE_TOKEN_FILE); "
                           "the bridge does not start without a token")

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from edge_agent.protocol.events import MAX_TEXT_CHARS, TRUNCATED
 from edge_agent.protocol.state import (
     CONTAINER_STATUSES,
     HEALTH_STATUSES,
@@ -30,8 +31,7 @@ from edge_agent.protocol.topics import ID_RE
 MAX_CLOCK_AHEAD_S = 300.0
 
 SHORT_TEXT = 256  # names, versions, ids
-LONG_TEXT = 2000  # error messages and reasons
-TRUNCATED = "…"
+LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 
 UPDATE_STATUSES = frozenset(str(status) for status in UpdateStatus)
 DESIRED_SOURCES = frozenset(str(source) for source in Source)

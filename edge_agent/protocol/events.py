@@ -11,6 +11,18 @@ from typing import Any
 
 from edge_agent.protocol.timestamps import utc_now
 
+# Longest text a device sends in one field (an error, a reason): Docker's error texts
+# can grow without bound, and every message must stay far below the broker's limit.
+MAX_TEXT_CHARS = 2000
+TRUNCATED = "…"
+
+
+def bounded_text(text: str) -> str:
+    """``text``, cut to MAX_TEXT_CHARS."""
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    return text[: MAX_TEXT_CHARS - 1] + TRUNCATED
+
 
 class EventName(enum.StrEnum):
     """Every event the agent publishes."""
@@ -46,5 +58,6 @@ def event_body(name: EventName, device_id: str, request_id: str | None,
     body: dict[str, Any] = {"event": str(name), "ts": utc_now(), "device_id": device_id}
     if request_id is not None:
         body["request_id"] = request_id
-    body.update(fields)
+    body.update({key: bounded_text(value) if isinstance(value, str) else value
+                 for key, value in fields.items()})
     return body

@@ -20,7 +20,6 @@ MAX_PAYLOAD_BYTES = 4096
 # every program (agent, bridge, edge-ctl), printable and safe in any of those places.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
-MAX_REQUEST_ID_CHARS = 128
 # a rejected tag is quoted in its error up to this many characters
 SHOWN_TAG_CHARS = 40
 # The grammar as people read it, for messages.

@@ -152,11 +152,6 @@ print(json.dumps(out))
     assert not wrong, "\n".join(wrong[:40])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge_agent.agent.reconcile.PullProgress reports 100 % as soon as Docker says a reused base "
-    "layer 'Already exists', before it has announced the layers still to come, and never "
-    "reports less afterwards: Home Assistant shows 100 % for the whole pull of an image "
-    "that shares its base with the running one (issue 11 report)"))
 def test_pull_percentage_of_an_image_on_a_reused_base_stays_below_100_until_done() -> None:
     """Docker's message order for an image whose first layer exists locally."""
     progress = PullProgress()

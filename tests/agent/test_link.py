@@ -361,7 +361,10 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(  # 
 ) -> None:
     """Acceptance 1, 3, 5 (clean stop) and 6."""
     publish(unique_repo, "1.0", "1.0")
-    publish(unique_repo, "2.0", "2.0")
+    # content of its own: an image another test published with the same content shares
+    # its layers, and a pull with nothing to download reports no progress
+    v2 = f"2.0 {container_name}"
+    publish(unique_repo, "2.0", v2)
     device = Device(unique_repo, container_name, tmp_path / "data")
     name = device.name
     topics = Topics(prefix)
@@ -378,7 +381,7 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(  # 
     assert state["desired"] == {"tag": "2.0", "source": "device", "group": None,
                                 "request_id": "req-2"}
     assert (device.data_dir / "tag").read_text().strip() == "2.0"
-    assert device.serving() == "2.0"
+    assert device.serving() == v2
     def answering(request_id: str) -> list[dict[str, Any]] | None:
         found = [e for e in events_since(watcher, prefix, name, mark)
                  if e.get("request_id") == request_id]
@@ -445,7 +448,7 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(  # 
     assert docker_client.containers.get(name).attrs["State"]["StartedAt"] == started_at
     after = [e["event"] for e in events_since(watcher, prefix, name, mark)]
     assert "update_started" not in after, after
-    assert device.serving() == "2.0"
+    assert device.serving() == v2
 
 
 @pytest.mark.broker

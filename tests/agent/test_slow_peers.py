@@ -113,10 +113,11 @@ def update_status(dev: Device) -> str | None:
         return None
 
 
-def last_check(dev: Device) -> str | None:
+def status_field(dev: Device, name: str) -> object:
+    """``update.<name>`` of the status file (or the top-level ``ts``), None if unreadable."""
     try:
-        checked: str | None = dev.status()["update"]["last_check_at"]
-        return checked
+        document = dev.status()
+        return document["ts"] if name == "ts" else document["update"][name]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -364,9 +365,13 @@ def test_sigterm_with_a_fifo_as_the_tag_file(
         os.mkfifo(tag)  # nobody ever writes: a plain open() blocks for good
         wait_until(lambda: "refused: it is a FIFO" in agent.log(), timeout=30,
                    message=f"the FIFO refused; log:\n{agent.log()[-2000:]}")
-        before = last_check(device)
-        wait_until(lambda: last_check(device) != before, timeout=30,
-                   message="the loop checks again")
+        # the loop is not blocked: it reports the unusable file (holding the container
+        # where it is rather than falling back) and goes on publishing its state
+        wait_until(lambda: "the tag file is unusable" in str(status_field(device, "last_error")),
+                   timeout=30, message="the unusable tag file reported")
+        before = status_field(device, "ts")
+        wait_until(lambda: status_field(device, "ts") != before, timeout=30,
+                   message="the loop goes on")
         assert agent.log().count("tag file ignored:") == 1  # logged once
         assert device.serving() == "1.0"
         assert_stops_within_promise("FIFO as the tag file", agent, device, docker_client)

@@ -23,7 +23,7 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 class Recorder:
-    """Stands in for MqttLink: records publishes; ``fail`` makes them raise."""
+    """Stands in for BridgeLink: records publishes; ``fail`` makes them raise."""
 
     def __init__(self) -> None:
         self.connected = True

@@ -35,6 +35,9 @@ def test_api_operations_need_the_token_and_document_401() -> None:
             if path.startswith("/api/"):
                 assert "security" not in operation, (method, path)
                 assert "401" in operation["responses"], (method, path)
+            elif path == "/metrics":  # the API token, or the read-only metrics token
+                assert operation["security"] == [{"bearer": []}, {"metricsBearer": []}]
+                assert "401" in operation["responses"]
             else:
                 assert operation["security"] == [], (method, path)
 

@@ -45,13 +45,14 @@ from edge_agent.agent.engine import LABEL_DIGEST, LABEL_TAG
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.topics import Topics
+from tests.support import listening_port
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device
 from tests.support.dockerd import PrivateDockerd
 from tests.support.images import build_and_push, remove_registry_images, repo_image_ids
 from tests.support.registry import PrivateRegistry, manifest_digest
-from tests.support.updates import TakenPort, listening_port
+from tests.support.updates import TakenPort
 
 __all__ = ["ACTIONS", "BAD_TAG", "KILL_STEPS", "OPERATOR", "Soak", "SoakAgent", "hostile_payloads"]
 

@@ -19,7 +19,7 @@ import requests
 
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.loop import Agent
-from tests.support import REPO_ROOT, free_port
+from tests.support import REPO_ROOT, listening_port
 from tests.support.images import Kind, build_and_push, remove_repo_images
 
 
@@ -30,7 +30,9 @@ class Device:
     repo: str
     name: str
     data_dir: Path
-    port: int = field(default_factory=free_port)
+    # below the ephemeral range: an outgoing connection cannot take it meanwhile (a taken
+    # port is now remembered as a failed update)
+    port: int = field(default_factory=listening_port)
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

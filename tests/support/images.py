@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from functools import cache
@@ -99,9 +100,15 @@ class ImageBuildError(RuntimeError):
     """docker build or docker push reported an error."""
 
 
-@cache
 def get_client() -> docker.DockerClient:
-    """A docker-py client for the local daemon (shared, API version negotiated)."""
+    """A docker-py client for the local daemon (shared, API version negotiated). Cached
+    per DOCKER_HOST: a test that points DOCKER_HOST at a proxy or a private daemon must
+    not leave later tests talking to it."""
+    return _client_for(os.environ.get("DOCKER_HOST"))
+
+
+@cache
+def _client_for(docker_host: str | None) -> docker.DockerClient:
     return docker.from_env(version="auto")
 
 
@@ -302,7 +309,9 @@ def _remove_references(client: docker.DockerClient, wanted: Callable[[str], bool
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
-                if exc.status_code != 409:
+                # 409: a container uses it; 500 "unrecognized image ID": another test
+                # removed the image between the listing and this call (a shared daemon)
+                if exc.status_code not in (409, 500):
                     raise
     for image_id in touched:
         try:

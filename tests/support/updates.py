@@ -5,8 +5,6 @@
 - ``DockerMark`` / ``created_since``: the containers the daemon created after a moment,
   from its own event log (proof that a check did not try again).
 - ``TakenPort``: a TCP port held by a listening socket, so Docker cannot publish it.
-- ``listening_port``: a free port outside the kernel's ephemeral range, for an app that
-  must be publishable later too (an outgoing connection may hold an ephemeral one).
 - ``ask``: hand an in-process agent a live device tag with a request id, as the bridge or
   edge-ctl publishes it.
 """
@@ -14,11 +12,9 @@
 from __future__ import annotations
 
 import json
-import random
 import socket
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -59,25 +55,6 @@ def created_since(client: docker.DockerClient, prefix: str, mark: DockerMark) ->
     finally:
         stream.close()
     return names
-
-
-def listening_port(rng: random.Random | None = None) -> int:
-    """A port that is free now and below the ephemeral range (``free_port`` picks from
-    that range, where any outgoing connection may take it in the meantime)."""
-    rng = rng or random.Random()
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = rng.randrange(10000, max(low, 10001))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 class TakenPort:
