@@ -13,7 +13,7 @@
    bridge -> broker -> agent -> broker -> bridge round trip.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/bridge.json.
-Run: python bench/bench_bridge.py [--seconds 5] [--rounds 20]
+Run: python -m bench.bench_bridge [--seconds 5] [--rounds 20]
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ import sys
 import tempfile
 import time
 import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.bridge.support import (
     TOKEN,
@@ -46,9 +45,9 @@ from tests.bridge.support import (
     spawn_agent,
     unique_prefix,
 )
-from tests.conftest import remove_test_containers
 from tests.support import DEFAULT_REGISTRY, REPO_ROOT, wait_until
 from tests.support.broker import Broker
+from tests.support.containers import remove_test_containers
 from tests.support.images import build_and_push, remove_repo_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +90,7 @@ def _load_worker(url: str, seconds: float, keepalive: bool, out: Any) -> None:
             conn.request("GET", "/api/v1/devices", headers=headers)
             response = conn.getresponse()
             body = response.read()
-            ok = response.status == 200 and body.count(b'"id":') == DEVICES
+            ok = response.status == HTTPStatus.OK and body.count(b'"id":') == DEVICES
         except (OSError, http.client.HTTPException):
             ok = False
             conn.close()
@@ -155,14 +154,14 @@ def put_wait_rounds(api: ApiClient, device_id: str, rounds: int) -> dict[str, An
             response = api.put(f"/api/v1/devices/{device_id}/tag?wait=60", json={"tag": tag})
             bucket.append(time.perf_counter() - start)
             statuses.append(response.status_code)
-            if response.status_code != 200:
+            if response.status_code != HTTPStatus.OK:
                 raise RuntimeError(f"PUT {tag}: {response.status_code} {response.text}")
     return {"changed_s": summary(changed), "unchanged_s": summary(unchanged),
             "samples_changed_s": changed, "samples_unchanged_s": unchanged,
             "statuses": sorted(set(statuses))}
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per load level")

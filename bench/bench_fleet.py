@@ -14,7 +14,7 @@ of the agents, of Mosquitto and of dockerd+containerd (shared with anything else
 running on the machine) over the same window.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/fleet.json.
-Run: python bench/bench_fleet.py [--agents 50]
+Run: python -m bench.bench_fleet [--agents 50]
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CpuWindow, pids_named, rss_mb, summary, table, wait_for, write_results
 from edge_agent.protocol.topics import Topics
@@ -57,7 +55,7 @@ def is_settled(state: dict[str, Any] | None, tag: str) -> bool:
                 and state["running"]["status"] == "running")
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=50)

@@ -13,7 +13,7 @@ For comparison, measured in the same run: bare Python processes that import dock
 (and use it once), and one that imports everything the agent needs.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/idle.json.
-Run: python bench/bench_idle.py [--seconds 300]
+Run: python -m bench.bench_idle [--seconds 300]
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ from typing import Any
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import CpuWindow, pss_mb, rss_mb, table, wait_for, write_results
-from tests.conftest import remove_test_containers
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker
+from tests.support.containers import remove_test_containers
 from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 from tests.support.registry import RegistryLog, repo_path
@@ -58,7 +56,7 @@ def last_check(device: Device) -> str | None:
         return None
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=300.0)

@@ -14,7 +14,7 @@ Both sides pull for real (the repository's local images are removed before every
 round) from the shared registry; the rounds alternate agent, floor, agent, ...
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/mqtt_update.json.
-Run: python bench/bench_mqtt_update.py [--rounds 7]
+Run: python -m bench.bench_mqtt_update [--rounds 7]
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ from typing import Any
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import Probe, by_mode, summary, table, write_results
 from edge_agent.protocol.topics import Topics
-from tests.conftest import remove_test_containers
 from tests.support import free_port, wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.containers import remove_test_containers
 from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 
@@ -85,7 +83,7 @@ def floor_round(client: docker.DockerClient, repo: str, name: str, port: int,
     return {"latency_s": seen - start, "downtime_s": probe.longest_gap}
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)

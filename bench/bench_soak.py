@@ -39,7 +39,7 @@ faults. The shared daemon is never restarted.
 
 Needs the stack (scripts/stack). Prints a summary and writes bench/results/soak.json
 (soak-dockerd.json with --restart-dockerd); exit status 1 if an invariant is broken.
-Run: python bench/bench_soak.py [--changes 200] [--seed N] [--restart-dockerd]
+Run: python -m bench.bench_soak [--changes 200] [--seed N] [--restart-dockerd]
      [--faults broker,registry,kill,kill_at,bad_image,taken_port,hostile]
 """
 
@@ -56,8 +56,6 @@ from typing import Any
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import table, write_results
 from tests.support.broker import Broker
 from tests.support.chaos import ACTIONS, Soak
@@ -65,7 +63,7 @@ from tests.support.dockerd import PrivateDockerd, bridge_exists
 from tests.support.registry import PrivateRegistry
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--changes", type=int, default=200)

@@ -11,7 +11,7 @@ reported on its own.
 For comparison, the bare interpreter start (``python -c pass``) and ``import docker``.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/startup.json.
-Run: python bench/bench_startup.py [--rounds 7]
+Run: python -m bench.bench_startup [--rounds 7]
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ from typing import Any
 
 import docker
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.common import summary, table, write_results
 from edge_agent.protocol.topics import Topics
-from tests.conftest import remove_test_containers
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.containers import remove_test_containers
 from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 

@@ -7,7 +7,7 @@ floor: the same work done directly with docker-py (pull, create, stop old, start
 first answer), no agent.
 
 Needs the stack (scripts/stack). Prints a table and writes bench/results/update.json.
-Run: python bench/bench_update.py [--rounds 5]
+Run: python -m bench.bench_update [--rounds 5]
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import docker
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Probe, by_mode
 from edge_agent.agent.config import load_settings
@@ -104,7 +102,7 @@ def main() -> int:
             for container in client.containers.list(all=True, filters={"name": name}):
                 container.remove(force=True)
             remove_repo_images(repo)
-    summary = {}
+    summary: dict[str, Any] = {}  # written as JSON
     print(f"{'':8} {'latency median s':>18} {'downtime median s':>18} {'downtime max s':>15}")
     for side, rows in results.items():
         latency = statistics.median(r[0] for r in rows)

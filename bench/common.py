@@ -1,8 +1,8 @@
 """Helpers shared by the bench scripts: an HTTP probe, per-process CPU and memory from
 /proc, a machine description, and result files.
 
-The scripts run as ``python bench/<name>.py`` from the repository root; each puts the
-root on ``sys.path`` before importing this module (``from bench.common import ...``).
+The scripts run as modules from the repository root, ``python -m bench.<name>``, so
+that ``bench``, ``edge_agent`` and ``tests`` import without any ``sys.path`` edits.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class FileRefused(StorageError):
     """A file in DATA_DIR is not something the agent reads (link, FIFO, device, too big)."""
 
 
-def _kind(mode: int) -> str | None:
+def _kind(mode: int) -> str | None:  # noqa: PLR0911 - one return per file type
     """What a non-regular file is, in words; None for a regular file."""
     if stat.S_ISREG(mode):
         return None

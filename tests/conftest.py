@@ -17,7 +17,6 @@ Tests that use any of these get the ``stack`` marker automatically.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -28,6 +27,7 @@ import requests
 from hypothesis import HealthCheck, settings
 
 from tests.support import DEFAULT_REGISTRY
+from tests.support.containers import remove_test_containers
 from tests.support.images import remove_registry_images, remove_repo_images
 from tests.support.registry import PrivateRegistry, RegistryLog, registry_answers
 
@@ -37,7 +37,6 @@ settings.register_profile("edge-agent", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("edge-agent")
 
-TEST_LABEL = "io.edge-agent.test"
 CONTAINER_PREFIX = "edge-test-"
 
 STACK_FIXTURES = frozenset(
@@ -102,36 +101,6 @@ def registry_log(registry: str) -> RegistryLog:
 @pytest.fixture
 def test_id() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def remove_test_containers(
-    client: docker.DockerClient,
-    test_id: str,
-    name: str,
-    image_repo: str | None = None,
-) -> None:
-    """Force-remove every container of a test: by name prefix, by label, or by the
-    repository its image reference names (the agent creates ``repo@digest``). Never by
-    image id: identical test images share ids across repositories and tests."""
-    doomed: dict[str, str] = {}
-    try:
-        for container in client.containers.list(all=True, filters={"name": name}):
-            if (container.name or "").startswith(name) and container.id:
-                doomed[container.id] = container.name or container.id
-        labelled = client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={test_id}"})
-        for container in labelled:
-            if container.id:
-                doomed[container.id] = container.name or container.id
-        if image_repo:
-            for container in client.containers.list(all=True):
-                image = str(container.attrs.get("Config", {}).get("Image", ""))
-                if image.startswith((f"{image_repo}:", f"{image_repo}@")) and container.id:
-                    doomed[container.id] = container.name or container.id
-    except docker.errors.APIError:
-        pass
-    for container_id in doomed:
-        with contextlib.suppress(docker.errors.NotFound):
-            client.api.remove_container(container_id, force=True, v=True)
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def state_file_damaged(data_dir: Path) -> bool:
     return False
 
 
-def test_power_loss_in_the_data_dir_at_random_points(
+def test_power_loss_in_the_data_dir_at_random_points(  # noqa: PLR0915
     broker: Broker, docker_client: docker.DockerClient, unique_repo: str,
     container_name: str, tmp_path: Path,
 ) -> None:
@@ -228,7 +228,7 @@ def push_padded(repo: str, tag: str, pad_mb: int, client: docker.DockerClient) -
         assert "error" not in chunk, chunk
 
 
-def test_disk_full_while_pulling_keeps_the_app_serving_and_is_reported(
+def test_disk_full_while_pulling_keeps_the_app_serving_and_is_reported(  # noqa: PLR0915
     docker_client: docker.DockerClient, unique_repo: str, container_name: str,
     tmp_path: Path,
 ) -> None:

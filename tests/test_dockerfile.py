@@ -178,8 +178,9 @@ def test_added_layers_stay_small(
     docker_client: docker.DockerClient, image: str, base: str
 ) -> None:
     """The layers the Dockerfile adds on top of BASE_IMAGE (``docker history``)."""
-    history: list[dict[str, Any]] = docker_client.api.history(image)
-    base_history: list[dict[str, Any]] = docker_client.api.history(base)
+    # docker's stubs leave APIClient.history untyped
+    history: list[dict[str, Any]] = docker_client.api.history(image)  # type: ignore[no-untyped-call]
+    base_history: list[dict[str, Any]] = docker_client.api.history(base)  # type: ignore[no-untyped-call]
     added = history[: len(history) - len(base_history)]
     # the rest of the history is the base itself
     assert history[len(added)]["Id"] == base_history[0]["Id"]

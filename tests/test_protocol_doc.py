@@ -4,6 +4,7 @@ that the page does not follow fails here."""
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import subprocess
@@ -18,16 +19,19 @@ from tests.support import REPO_ROOT
 
 DOC = (REPO_ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 OPENAPI = REPO_ROOT / "edge_agent" / "bridge" / "openapi.json"
-ENUMS = [EventName, CheckOutcome, Outcome, UpdateStatus, Source, Availability]
+ENUMS: list[type[enum.StrEnum]] = [EventName, CheckOutcome, Outcome, UpdateStatus, Source,
+                                   Availability]
 
 
 def in_backticks(text: str) -> bool:
     return f"`{text}`" in DOC
 
 
-@pytest.mark.parametrize("enum", ENUMS, ids=lambda e: e.__name__)
-def test_every_value_of_the_wire_enumerations_is_documented(enum: type) -> None:
-    values = [str(member) for member in enum]  # type: ignore[var-annotated]
+@pytest.mark.parametrize("wire_enum", ENUMS, ids=lambda e: e.__name__)
+def test_every_value_of_the_wire_enumerations_is_documented(
+    wire_enum: type[enum.StrEnum],
+) -> None:
+    values = [str(member) for member in wire_enum]
     assert values
     assert [v for v in values if not in_backticks(v)] == []
 

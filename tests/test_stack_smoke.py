@@ -14,8 +14,8 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 
-from tests.conftest import TEST_LABEL
 from tests.support import free_port, wait_until
+from tests.support.containers import TEST_LABEL
 from tests.support.images import (
     ImageBuildError,
     build_and_push,

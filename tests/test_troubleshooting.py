@@ -32,7 +32,8 @@ def literal_prefix(node: ast.expr) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         text = node.value
     elif isinstance(node, ast.JoinedStr):
-        text = "".join(v.value if isinstance(v, ast.Constant) else "\0" for v in node.values)
+        text = "".join(v.value if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                       else "\0" for v in node.values)
     else:
         return None
     return re.split(r"%[-0-9.]*[sdfr]|\0", text)[0].strip()

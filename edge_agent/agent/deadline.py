@@ -78,7 +78,7 @@ class _Outcome(Generic[T]):
     error: BaseException | None = None
 
 
-def _verdict(
+def _verdict(  # noqa: PLR0913, PLR0917 - private; the state call() and stream() share
     what: str, deadline: float, timeout_s: float, should_abort: Callable[[], bool] | None,
     idle_s: float | None = None, last_seen: float = 0.0,
 ) -> GaveUp | None:
@@ -129,7 +129,7 @@ def call(
 _END = object()
 
 
-def stream(
+def stream(  # noqa: PLR0913 - keyword-only limits of one guarded stream
     open_stream: Callable[[], Iterable[T]], *, idle_s: float, timeout_s: float, what: str,
     cancel: Callable[[], None] | None = None, should_abort: Callable[[], bool] | None = None,
 ) -> Generator[T, None, None]:

@@ -18,6 +18,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 
 import docker
@@ -121,13 +122,13 @@ def _translated(action: str) -> Iterator[None]:
         yield
     except APIError as exc:
         explanation = exc.explanation or str(exc)
-        if exc.status_code is not None and exc.status_code >= 500 and (
+        if exc.status_code is not None and exc.status_code >= 500 and (  # noqa: PLR2004 - 5xx
             "manifest unknown" in explanation or "not found" in explanation
         ):
             raise ManifestUnknown(f"{action}: {explanation}") from None
-        if exc.status_code == 404 and "manifest" in explanation:
+        if exc.status_code == HTTPStatus.NOT_FOUND and "manifest" in explanation:
             raise ManifestUnknown(f"{action}: {explanation}") from None
-        if exc.status_code is not None and exc.status_code >= 500:
+        if exc.status_code is not None and exc.status_code >= 500:  # noqa: PLR2004 - 5xx
             raise DockerUnavailable(f"{action}: {explanation}") from None
         raise DockerOperationError(f"{action}: {explanation}") from None
     except (requests.ConnectionError, requests.Timeout) as exc:

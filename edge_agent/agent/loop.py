@@ -58,6 +58,9 @@ MAX_BATCH = 1000
 # Desired-tag requests remembered until they are answered; a flood of request ids
 # beyond this forgets the oldest (their waiters time out, as without an answer).
 MAX_OPEN_REQUESTS = 1024
+# Kinds of handling failure (message type, exception type) logged with a traceback, once
+# each; past this many, a new kind logs at debug like a repeated one (bounded memory).
+MAX_FAILURE_KINDS = 64
 
 @dataclass(frozen=True)
 class ContainerEvent:
@@ -188,7 +191,8 @@ class Agent:
             what = type(message).__name__
             topic = getattr(message, "topic", "")
             kind = (what, type(exc).__name__)
-            if kind not in self._handling_failures and len(self._handling_failures) < 64:
+            if (kind not in self._handling_failures
+                    and len(self._handling_failures) < MAX_FAILURE_KINDS):
                 self._handling_failures.add(kind)
                 log.exception("internal error while handling a %s%s; the message is dropped",
                               what, f" on {topic}" if topic else "")
@@ -301,7 +305,7 @@ class Agent:
                 self.data.write_tag(desired.tag)
 
     # -- checks -----------------------------------------------------------------
-    def check(self) -> CheckResult | None:
+    def check(self) -> CheckResult | None:  # noqa: PLR0915 - one pass, read top to bottom
         """One reconcile pass; never raises for faults it can wait out."""
         install, self._install_requested = self._install_requested, False
         replies, self._replies = self._replies, []

@@ -32,7 +32,7 @@ class RemoteTag:
     request_id: str | None = None
 
 
-def resolve_desired(
+def resolve_desired(  # noqa: PLR0911, PLR0913 - one per precedence level
     *,
     device: RemoteTag | None,
     groups: Sequence[tuple[str, RemoteTag | None]],
@@ -232,7 +232,7 @@ class Probe:
 STABLE_RUN_S = 10.0
 
 
-def judge(
+def judge(  # noqa: PLR0911 - one return per verdict and reason
     probe: Probe, *, has_healthcheck: bool, initial_restarts: int, timeout_s: float
 ) -> tuple[Verdict, str]:
     """Decide whether a freshly started container has proven itself (docs/PROTOCOL.md,
@@ -299,7 +299,7 @@ class PullProgress:
         if not self.layers:
             return None
         percent = round(100 * sum(self.layers.values()) / len(self.layers), 1)
-        if percent >= self.last_reported + 1 or (percent == 100 and self.last_reported < 100):
+        if percent >= self.last_reported + 1 or (percent == 100 and self.last_reported < 100):  # noqa: PLR2004
             self.last_reported = percent
             return percent
         return None

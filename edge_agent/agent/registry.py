@@ -26,6 +26,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -186,14 +187,14 @@ class RegistryClient:
     def _digest(self, reference: str) -> str:
         url = f"{self.location.base_url}/v2/{self.location.name}/manifests/{reference}"
         response = self._head(url)
-        if response.status_code == 401:
+        if response.status_code == HTTPStatus.UNAUTHORIZED:
             self._authenticate(response)
             response = self._head(url)
-        if response.status_code == 404:
+        if response.status_code == HTTPStatus.NOT_FOUND:
             raise ManifestUnknown(f"manifest unknown: {self.location.name}:{reference}")
-        if response.status_code == 401:
+        if response.status_code == HTTPStatus.UNAUTHORIZED:
             raise RegistryError(f"registry refused our credentials for {self.location.name}")
-        if response.status_code != 200:
+        if response.status_code != HTTPStatus.OK:
             raise RegistryError(
                 f"registry answered HTTP {response.status_code} "
                 f"for {self.location.name}:{reference}"
@@ -243,7 +244,7 @@ class RegistryClient:
                                                   decode_content=True)
         except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise RegistryError(f"token service unreachable: {_short(exc)}") from None
-        if status != 200:
+        if status != HTTPStatus.OK:
             raise RegistryError(f"token service answered HTTP {status}")
         try:
             body = safejson.loads_object(answer, max_bytes=MAX_TOKEN_ANSWER_BYTES)
@@ -260,7 +261,7 @@ class RegistryClient:
         self._auth_expires = time.monotonic() + min(max(expires_in - 10, 1), 24 * 3600)
 
 
-def _credentials_for(
+def _credentials_for(  # noqa: PLR0911 - each way to find no credentials
     registry: str, auth_configs: Mapping[str, Any] | None
 ) -> tuple[str, str] | None:
     """Username and password for ``registry`` from the Docker config, if any."""

@@ -36,6 +36,8 @@ STATUS_FILE = "status.json"
 MAX_FILE_BYTES = 1 << 20
 # One tag and a newline; some slack for stray whitespace.
 MAX_TAG_FILE_BYTES = 4096
+# an error about a damaged file is cut to this many characters
+SHORT_ERROR_CHARS = 160
 
 # Set by the agent itself; a value in docker_config.json is dropped with a warning.
 AGENT_OWNED_KWARGS = frozenset({"detach", "name", "image"})
@@ -255,7 +257,7 @@ class DataDir:
 def _short(exc: Exception) -> str:
     """An exception in one short line (a damaged file's text is not echoed at length)."""
     text = " ".join(str(exc).split())
-    return text if len(text) <= 160 else text[:157] + "..."
+    return text if len(text) <= SHORT_ERROR_CHARS else text[:SHORT_ERROR_CHARS - 3] + "..."
 
 
 def parse_run_config(obj: Any) -> RunConfig:

@@ -82,7 +82,7 @@ class CheckResult:
 class Updater:
     """Keeps the container named ``settings.container_name`` at the desired target."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913, PLR0917 - the agent's parts, injected
         self,
         settings: Settings,
         engine: Engine,

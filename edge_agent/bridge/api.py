@@ -164,7 +164,7 @@ def openapi_document(max_wait_s: float) -> dict[str, Any]:
 class Api:
     """Routes, auth and validation; publishes through ``publisher``, reads ``fleet``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - its parts, then keyword-only limits
         self,
         token: str,
         topics: Topics,

@@ -215,7 +215,7 @@ def cmd_watch(args: argparse.Namespace, settings: MqttSettings, printer: Printer
     return EXIT_OK
 
 
-def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],
+def watch_line(topics: Topics, message: Incoming, statuses: dict[str, str],  # noqa: PLR0911
                printer: Printer) -> bool:
     """Show one message; True when it was an event (what --count counts). The device's
     id comes from the topic (the broker's ACL vouches for it), never from the payload."""

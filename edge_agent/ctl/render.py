@@ -71,9 +71,9 @@ def _escape(char: str) -> str:
     if unicodedata.category(char) not in HIDDEN_CATEGORIES:
         return char
     code = ord(char)
-    if code <= 0xFF:
+    if code <= 0xFF:  # noqa: PLR2004 - the widest \xNN
         return f"\\x{code:02x}"
-    if code <= 0xFFFF:
+    if code <= 0xFFFF:  # noqa: PLR2004 - the widest \uNNNN
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
 

@@ -56,8 +56,10 @@ class Waited:
     event: dict[str, Any] | None = None
 
 
-def wait_for_tag(session: MessageSource, device_id: str, tag: str, request_id: str,
-                 timeout_s: float, printer: Printer) -> Waited:
+def wait_for_tag(  # noqa: PLR0912, PLR0913, PLR0917 - one request's whole wait
+    session: MessageSource, device_id: str, tag: str, request_id: str, timeout_s: float,
+    printer: Printer,
+) -> Waited:
     """Until the device answers ``request_id`` (for ``tag``) or ``timeout_s`` passes;
     shows its progress meanwhile."""
     topics = session.topics
@@ -110,8 +112,10 @@ def wait_for_tag(session: MessageSource, device_id: str, tag: str, request_id: s
     return Waited(None, last_state, events)
 
 
-def report_outcome(device_id: str, tag: str, request_id: str, waited: Waited,
-                   timeout_s: float, printer: Printer) -> int:
+def report_outcome(  # noqa: PLR0913, PLR0917 - the request, what came, how long
+    device_id: str, tag: str, request_id: str, waited: Waited, timeout_s: float,
+    printer: Printer,
+) -> int:
     """Print what ``wait_for_tag`` found; the exit code."""
     answer, state = waited.answer, waited.state
     about: dict[str, Any] = {"device_id": device_id, "tag": tag, "request_id": request_id,

@@ -81,7 +81,9 @@ def lookup(document: Any, *path: str) -> Any:
     return value
 
 
-def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Answer | None:
+def judge_state(  # noqa: PLR0911 - one return per answer a state gives
+    state: dict[str, Any], request_id: str, tag: str,
+) -> Answer | None:
     """What a state document says about ``request_id`` (for ``tag``); None: nothing yet."""
     if lookup(state, "desired", "request_id") != request_id:
         return None

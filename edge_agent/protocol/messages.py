@@ -78,7 +78,7 @@ def parse_request_id(payload: bytes) -> str | None:
     return request_id if is_request_id(request_id) else None
 
 
-def route(
+def route(  # noqa: PLR0913 - a message and its context; extras keyword-only
     topics: Topics,
     device_id: str,
     groups: Sequence[str],

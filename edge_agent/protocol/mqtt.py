@@ -76,7 +76,7 @@ class PublishRefused(BrokerUnavailable):
 
 
 # -- connecting -------------------------------------------------------------------
-def connect_client(
+def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-only
     mqtt: MqttSettings,
     client_id: str,
     will: tuple[str, str] | None = None,
@@ -193,7 +193,9 @@ def tls_context(mqtt: MqttSettings) -> ssl.SSLContext:
     return context
 
 
-def describe_connect_error(exc: BaseException | None, mqtt: MqttSettings) -> str:
+def describe_connect_error(  # noqa: PLR0911 - one line per kind of failure
+    exc: BaseException | None, mqtt: MqttSettings,
+) -> str:
     """One line an operator can act on, for a failed TCP/TLS connection attempt."""
     where = f"{mqtt.host}:{mqtt.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -418,7 +420,7 @@ class BrokerClient:
     ``on_message`` and ``on_connect`` run on paho's network thread: enqueue and return.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - connect_client's options; all keyword-only
         self,
         settings: MqttSettings,
         client_id: str | None = None,

@@ -20,6 +20,8 @@ MAX_PAYLOAD_BYTES = 4096
 # every program (agent, bridge, edge-ctl), printable and safe in any of those places.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
+# a rejected tag is quoted in its error up to this many characters
+SHOWN_TAG_CHARS = 40
 # The grammar as people read it, for messages.
 REQUEST_ID_RULE = REQUEST_ID_PATTERN.strip("^$")
 
@@ -30,7 +32,7 @@ def validate_tag(tag: str) -> str:
         raise TagError(f"tag must be a string, got {type(tag).__name__}")
     if TAG_RE.fullmatch(tag) or DIGEST_RE.fullmatch(tag):
         return tag
-    shown = tag if len(tag) <= 40 else tag[:40] + "..."
+    shown = tag if len(tag) <= SHOWN_TAG_CHARS else tag[:SHOWN_TAG_CHARS] + "..."
     raise TagError(
         f"invalid tag {shown!r}: expected [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}} or sha256:<64 hex>"
     )

@@ -45,7 +45,11 @@ def test_a_call_that_never_returns_is_given_up_at_its_deadline_and_cancelled() -
 def test_a_stop_gives_a_changing_call_its_grace_then_gives_it_up() -> None:
     deadline.request_stop()
     # a short step in flight completes within the grace
-    assert deadline.call(lambda: time.sleep(0.05) or "done", timeout_s=60, what="rename") == "done"
+    def short_step() -> str:
+        time.sleep(0.05)
+        return "done"
+
+    assert deadline.call(short_step, timeout_s=60, what="rename") == "done"
     release = threading.Event()
     with pytest.raises(deadline.GaveUp, match="the agent is stopping") as caught:
         deadline.call(release.wait, timeout_s=60, what="stop")

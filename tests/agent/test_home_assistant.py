@@ -167,7 +167,7 @@ def test_pull_percentage_of_an_image_on_a_reused_base_stays_below_100_until_done
 
 
 # -- a real Home Assistant, a real agent ------------------------------------------------
-def test_update_entity_offers_installs_and_downgrades_in_notify_mode(
+def test_update_entity_offers_installs_and_downgrades_in_notify_mode(  # noqa: PLR0913, PLR0917
     home_assistant: HomeAssistant, broker: Broker, operator: MqttWatcher, unique_repo: str,
     container_name: str, tmp_path: Path, test_id: str,
 ) -> None:
@@ -239,7 +239,7 @@ def test_update_entity_offers_installs_and_downgrades_in_notify_mode(
 
 
 @pytest.mark.parametrize("home_assistant", WITH_PROGRESS, ids=str, indirect=True)
-def test_update_entity_shows_progress_during_a_real_pull(
+def test_update_entity_shows_progress_during_a_real_pull(  # noqa: PLR0913, PLR0917
     home_assistant: HomeAssistant, broker: Broker, operator: MqttWatcher,
     private_registry: Any, container_name: str, tmp_path: Path, test_id: str,
     docker_client: docker.DockerClient,

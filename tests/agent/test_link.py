@@ -29,7 +29,7 @@ from edge_agent.agent.config import load_settings
 from edge_agent.agent.link import AgentLink
 from edge_agent.agent.loop import Agent, ContainerEvent
 from edge_agent.agent.status import RunningView
-from edge_agent.protocol.answers import Answer, judge_event, judge_state
+from edge_agent.protocol.answers import Answer, Outcome, judge_event, judge_state
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.messages import (
     MAX_COMMAND_BYTES,
@@ -249,7 +249,8 @@ def test_reconnect_forgets_remote_tags_until_the_broker_replays_them(tmp_path: P
     agent = Agent(load_settings(env))
     agent.handle(RemoteTagMessage(Source.DEVICE, b"2.0", "edge/devices/dev1/tag"))
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.5", "edge/fleet/tag"))
-    assert agent.resolve() is not None and agent.resolve().tag == "2.0"  # type: ignore[union-attr]
+    resolved = agent.resolve()
+    assert resolved is not None and resolved.tag == "2.0"
     agent.handle(RemoteReset())
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.5", "edge/fleet/tag"))  # the replay
     agent.handle(RemoteReady())
@@ -314,7 +315,7 @@ def agents(tmp_path: Path, container_name: str, unique_repo: str) -> Iterator[Ag
     print(fleet.logs())
 
 
-def wait_state(watcher: MqttWatcher, prefix: str, device: str,
+def wait_state(watcher: MqttWatcher, prefix: str, device: str,  # noqa: PLR0913
                predicate: Callable[[dict[str, Any]], bool], *, since: float = 0.0,
                timeout: float = 30.0, message: str = "a state") -> dict[str, Any]:
     found = watcher.wait_for(Topics(prefix).state(device), lambda m: predicate(m.json()),
@@ -328,11 +329,16 @@ def settled_on(tag: str) -> Callable[[dict[str, Any]], bool]:
         and s["running"]["status"] == "running"
 
 
+def settled_from(tag: str, source: str) -> Callable[[dict[str, Any]], bool]:
+    """Settled on ``tag``, desired from ``source`` (device, group or fleet)."""
+    return lambda s: settled_on(tag)(s) and s["desired"]["source"] == source
+
+
 def events_since(watcher: MqttWatcher, prefix: str, device: str, mark: float) -> list[Any]:
     return [m.json() for m in watcher.on(Topics(prefix).events(device)) if m.at >= mark]
 
 
-def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b"",
+def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b"",  # noqa: PLR0913, PLR0917
         correlation: bytes = b"corr", timeout: float = 30.0) -> Received:
     """Send an MQTT 5 request with Response Topic and Correlation Data; the answer."""
     properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -348,7 +354,7 @@ def ask(watcher: MqttWatcher, topic: str, reply_topic: str, payload: bytes = b""
 
 # -- acceptance -------------------------------------------------------------------------
 @pytest.mark.broker
-def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
+def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(  # noqa: PLR0913, PLR0915, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -405,10 +411,13 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
             b'{"tag": "2.0", "request_id": 7}', b"2.0 3.0"]
     for payload in junk:  # not retained: the retained 2.0 stays the device's tag
         watcher.publish(topics.device_tag(name), payload)
-    rejected = wait_until(
-        lambda: (found := [e for e in events_since(watcher, prefix, name, mark)
-                           if e["event"] == "tag_rejected"]) and len(found) >= len(junk)
-        and found, message="a tag_rejected event per junk payload")
+
+    def all_rejected() -> list[Any] | None:
+        found = [e for e in events_since(watcher, prefix, name, mark)
+                 if e["event"] == "tag_rejected"]
+        return found if len(found) >= len(junk) else None
+
+    rejected = wait_until(all_rejected, message="a tag_rejected event per junk payload")
     assert len(rejected) == len(junk)
     assert all(e["topic"] == topics.device_tag(name) and e["reason"] for e in rejected)
     assert any("too large" in e["reason"] for e in rejected)
@@ -443,7 +452,7 @@ def test_device_tag_updates_then_duplicates_junk_and_restart_change_nothing(
 
 
 @pytest.mark.broker
-def test_fleet_and_group_broadcasts_reach_three_agents(
+def test_fleet_and_group_broadcasts_reach_three_agents(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -465,8 +474,7 @@ def test_fleet_and_group_broadcasts_reach_three_agents(
         for key, (tag, source) in expected.items():
             wait_state(
                 watcher, prefix, devices[key].name,
-                lambda s, tag=tag, source=source: settled_on(tag)(s)
-                and s["desired"]["source"] == source,
+                settled_from(tag, source),
                 since=since, message=f"{tag} from {source}")
             assert devices[key].serving() == tag
 
@@ -550,7 +558,7 @@ def test_broker_down_at_start_and_gone_for_30_s(
 
 
 @pytest.mark.broker
-def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(
+def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -583,7 +591,7 @@ def test_crash_reported_from_docker_events_and_sigkill_fires_the_will(
 
 
 @pytest.mark.broker
-def test_notify_mode_installs_on_command_and_answers_mqtt5_requests(
+def test_notify_mode_installs_on_command_and_answers_mqtt5_requests(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
     docker_client: docker.DockerClient,
@@ -663,7 +671,7 @@ def rejected_since(watcher: MqttWatcher, prefix: str, device: str, mark: float,
 
 
 @pytest.mark.broker
-def test_deep_json_retained_on_tag_topics_never_stops_the_agent(
+def test_deep_json_retained_on_tag_topics_never_stops_the_agent(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -712,7 +720,7 @@ def test_deep_json_retained_on_tag_topics_never_stops_the_agent(
 
 
 @pytest.mark.broker
-def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_commands(
+def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_commands(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -745,7 +753,7 @@ def test_request_ids_outside_the_grammar_are_refused_on_tags_and_dropped_on_comm
     assert agent.alive
 
 
-def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: str,
+def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: str,  # noqa: PLR0913, PLR0917
                     tag: str, since: float) -> list[Answer]:
     """Every answer the device gave to ``request_id``, by edge_agent.protocol.answers' judges."""
     t = Topics(prefix)
@@ -756,7 +764,7 @@ def request_answers(watcher: MqttWatcher, prefix: str, device: str, request_id: 
 
 
 @pytest.mark.broker
-def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
+def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:
@@ -813,14 +821,14 @@ def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(
     assert unanswered == []
     outcomes = Counter(a.outcome for rid, tag in flips
                        for a in request_answers(watcher, prefix, name, rid, tag, mark)[:1])
-    assert outcomes["superseded"] >= len(flips) - 4, outcomes
+    assert outcomes[Outcome.SUPERSEDED] >= len(flips) - 4, outcomes
     assert [a.outcome for a in request_answers(watcher, prefix, name, last_id, last_tag,
                                                mark)][:1] in (["applied"], ["updated"])
     assert agent.alive
 
 
 @pytest.mark.broker
-def test_a_new_desired_tag_stops_a_slow_pull(
+def test_a_new_desired_tag_stops_a_slow_pull(  # noqa: PLR0913, PLR0917
     broker: Broker, watcher: MqttWatcher, prefix: str, unique_repo: str,
     container_name: str, tmp_path: Path, agents: Agents,
 ) -> None:

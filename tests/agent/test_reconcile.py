@@ -220,7 +220,7 @@ def test_a_failed_digest_is_known_again_by_its_local_image() -> None:
 
 
 # -- recovery --------------------------------------------------------------------------------
-def found(step: str | None = "starting", *, failure: str | None = None,
+def found(step: str | None = "starting", *, failure: str | None = None,  # noqa: PLR0913
           new: str | None = "created", in_place: bool = True, old: bool = True,
           journal: bool = True) -> Found:
     return Found(journal=journal, step=step if journal else None, failure=failure,

@@ -18,6 +18,7 @@ from edge_agent.agent.reconcile import MAX_INTERRUPTED
 from edge_agent.bridge.fleet import wait_answer
 from edge_agent.protocol.answers import judge_event, judge_state
 from tests.support.device import Device, publish
+from tests.support.images import Kind
 from tests.support.updates import DockerMark, ask, container_names, created_since
 
 STEPS = ["pulling", "created", "renamed_old", "renamed_new", "stopped", "started", "verified"]
@@ -47,7 +48,7 @@ def test_killed_mid_update_converges_on_restart(
     assert result is not None and result.outcome in ("updated", "unchanged")
     assert device.serving() == new_version
     containers = docker_client.containers.list(all=True, filters={"name": container_name})
-    assert sorted(c.name for c in containers) == [container_name]
+    assert [c.name for c in containers] == [container_name]
     assert containers[0].status == "running"
     assert agent.state.pending is None
 
@@ -187,14 +188,14 @@ def test_an_update_broken_off_again_and_again_gives_up(
 
 @pytest.mark.parametrize("kind", ["ok", "exits"])
 def test_recovering_an_older_update_does_not_answer_a_new_request(
-    kind: str, device: Device, docker_client: docker.DockerClient,
+    kind: Kind, device: Device, docker_client: docker.DockerClient,
 ) -> None:
     """The agent is killed while verifying 2.0 (a file tag, no request id); meanwhile an
     operator asks for 3.0 (request r-2). The check that follows first finishes or undoes
     the 2.0 update: nothing it publishes on the way may answer r-2 (no idle state showing
     r-2 on another tag, no rolled_back carrying r-2); r-2 is answered by 3.0 only."""
     publish(device.repo, "1.0", "1.0")
-    publish(device.repo, "2.0", "2.0", kind)  # type: ignore[arg-type]
+    publish(device.repo, "2.0", "2.0", kind)
     publish(device.repo, "3.0", "3.0")
     device.write_tag("1.0")
     device.agent().check()

@@ -28,7 +28,7 @@ def front(registry: str) -> Iterator[TokenAuthRegistry]:
         yield started
 
 
-def test_the_agent_asks_for_pull_only_whatever_the_challenge_names(
+def test_the_agent_asks_for_pull_only_whatever_the_challenge_names(  # noqa: PLR0913, PLR0917
     front: TokenAuthRegistry, unique_repo: str, container_name: str, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, docker_client: docker.DockerClient,
 ) -> None:

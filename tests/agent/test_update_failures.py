@@ -141,7 +141,7 @@ def test_a_container_that_cannot_start_is_rolled_back_and_not_retried(
 
 
 @pytest.mark.parametrize("fault", ["bad_entrypoint", "taken_port"])
-def test_a_first_install_that_cannot_start_is_started_again_until_it_can(
+def test_a_first_install_that_cannot_start_is_started_again_until_it_can(  # noqa: PLR0913, PLR0917
     fault: str, unique_repo: str, container_name: str, tmp_path: Path,
     docker_client: docker.DockerClient, registry_log: RegistryLog,
 ) -> None:
@@ -355,7 +355,7 @@ def dockerd() -> Iterator[PrivateDockerd]:
 
 
 @pytest.mark.parametrize("step", DAEMON_STEPS)
-def test_daemon_stopped_mid_update_is_undone_when_it_is_back(
+def test_daemon_stopped_mid_update_is_undone_when_it_is_back(  # noqa: PLR0913, PLR0917
     step: str, dockerd: PrivateDockerd, unique_repo: str, container_name: str,
     tmp_path: Path, docker_client: docker.DockerClient, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

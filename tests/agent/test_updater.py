@@ -13,7 +13,13 @@ import pytest
 from edge_agent.agent.loop import Agent
 from tests.support import wait_until
 from tests.support.device import Device, publish
-from tests.support.images import build_image, push_image, remove_repo_images
+from tests.support.images import (
+    Kind,
+    build_image,
+    container_image_id,
+    push_image,
+    remove_repo_images,
+)
 from tests.support.registry import RegistryLog
 
 
@@ -62,7 +68,7 @@ def test_tag_change_swaps_and_keeps_previous_image(device: Device, docker_client
     device.write_tag("1.0")
     agent = device.agent()
     agent.check()
-    old_image = docker_client.containers.get(device.name).image.id
+    old_image = container_image_id(docker_client, device.name)
 
     device.write_tag("2.0")
     result = agent.check()
@@ -124,10 +130,10 @@ def test_no_pull_when_unchanged_and_new_digest_is_picked_up(
 
 @pytest.mark.parametrize("bad_kind", ["exits", "unhealthy"])
 def test_bad_update_rolls_back_and_is_not_retried(
-    device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog, bad_kind: str
+    device: Device, docker_client: docker.DockerClient, registry_log: RegistryLog, bad_kind: Kind
 ) -> None:
     publish(device.repo, "1.0", "1.0")
-    publish(device.repo, "2.0", "2.0-bad", bad_kind)  # type: ignore[arg-type]
+    publish(device.repo, "2.0", "2.0-bad", bad_kind)
     device.write_tag("1.0")
     agent = device.agent()
     agent.check()
@@ -306,7 +312,7 @@ def test_keeps_current_and_previous_images_and_prunes_older(
     for version in ("1.0", "2.0", "3.0"):
         device.write_tag(version)
         agent.check()
-        image_ids[version] = docker_client.containers.get(device.name).image.id
+        image_ids[version] = container_image_id(docker_client, device.name)
 
     local = {image.id for image in docker_client.images.list(name=device.repo)}
     assert local == {image_ids["2.0"], image_ids["3.0"]}
@@ -321,4 +327,5 @@ def test_digest_pin(device: Device, docker_client: docker.DockerClient) -> None:
     assert result is not None and result.outcome == "updated"
     assert device.serving() == "pinned"
     assert docker_client.containers.get(device.name).attrs["Config"]["Image"] == f"{device.repo}@{digest}"
-    assert agent.check().outcome == "unchanged"  # type: ignore[union-attr]
+    again = agent.check()
+    assert again is not None and again.outcome == "unchanged"

@@ -15,8 +15,8 @@ from edge_agent.agent.engine import Engine
 from edge_agent.agent.errors import DockerUnavailable
 from edge_agent.agent.loop import ContainerEvent, Message
 from edge_agent.agent.watcher import RESYNC, ContainerWatcher, container_event
-from tests.conftest import TEST_LABEL
 from tests.support import wait_until
+from tests.support.containers import TEST_LABEL
 from tests.support.images import build_and_push
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # ships no type hints
 import requests
 from paho.mqtt.client import Client, MQTTMessage
 
@@ -62,7 +62,7 @@ def add_simulator_user(broker: Broker, name: str = "simulator") -> str:
 
 
 @contextmanager
-def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",
+def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",  # noqa: PLR0913
                    max_wait_s: float = 120.0, token: str = TOKEN,
                    limits: ServerLimits | None = None) -> Iterator[Bridge]:
     """An in-process bridge on a free port, connected to ``broker`` as ``user``; the
@@ -195,7 +195,7 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def spawn_agent(broker: Broker, prefix: str, device_id: str, repo: str, tag: str,
+def spawn_agent(broker: Broker, prefix: str, device_id: str, repo: str, tag: str,  # noqa: PLR0913, PLR0917
                 work_dir: Path, groups: Iterable[str] = (), **extra: str) -> AgentProcess:
     """Register ``device_id`` with the broker (add-device) and start its agent."""
     groups = list(groups)
@@ -315,4 +315,5 @@ def schema_validator(name: str) -> Callable[[Any], None]:
     schemas = _openapi_to_json_schema(openapi_document(300.0)["components"]["schemas"])
     validator = jsonschema.Draft202012Validator(
         {"components": {"schemas": schemas}, "$ref": f"#/components/schemas/{name}"})
-    return validator.validate
+    validate: Callable[[Any], None] = validator.validate
+    return validate

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from edge_agent.bridge.api import ID_RE, Api, Request, Response
+from edge_agent.bridge.api import Api, Request, Response
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.protocol.mqtt import BrokerUnavailable
-from edge_agent.protocol.topics import Topics
+from edge_agent.protocol.topics import ID_RE, Topics
 from tests.support.documents import state
 
 TOKEN = "s3cret-token-for-tests"

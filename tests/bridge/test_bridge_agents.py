@@ -32,9 +32,9 @@ from tests.bridge.support import (
     spawn_agent,
     unique_prefix,
 )
-from tests.conftest import remove_test_containers
 from tests.support import DEFAULT_REGISTRY, wait_until
 from tests.support.broker import Broker
+from tests.support.containers import remove_test_containers
 from tests.support.images import build_and_push, remove_repo_images
 
 pytestmark = [pytest.mark.broker, pytest.mark.stack]

@@ -90,11 +90,11 @@ messages = st.lists(st.tuples(
 
 def check_fleet(fleet: Fleet) -> list[dict[str, Any]]:
     """The list is strict JSON in the documented schema, and agrees with each device."""
-    listing = strict_json(fleet.list_json())
+    listing: list[dict[str, Any]] = strict_json(fleet.list_json())
     for device in listing:
         DEVICE(device)
         assert fleet.device(device["id"]) == device
-    return listing  # type: ignore[no-any-return]
+    return listing
 
 
 @FUZZ
@@ -107,8 +107,8 @@ def test_no_device_message_breaks_the_fleet(batch: list[tuple[str, str, bytes, b
     for device, kind, payload, retained in batch:
         fleet.handle(f"edge/devices/{device}/{kind}", payload, retained)
     listing = check_fleet(fleet)
-    for device in listing:
-        assert device["id"] in ("dev", "other", "x" * 64)
+    for entry in listing:
+        assert entry["id"] in ("dev", "other", "x" * 64)
     waiter.wait(0)  # whatever settled it, it is an Answer or None
     # a good state from every device replaces whatever it published before, entirely
     for device in ("dev", "other", "x" * 64):

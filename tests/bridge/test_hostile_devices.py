@@ -6,11 +6,12 @@ the page, and a later good state fully replaces a bad one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -158,9 +159,8 @@ def test_hostile_states_break_nothing_and_a_good_state_replaces_them(
             publisher.publish(topics.state(device_id), json.dumps(document).encode(),
                               retain=True)
         for device_id, document in fixed.items():
-            wait_until(lambda d=device_id, doc=document: (  # type: ignore[misc]
-                api.get(f"/api/v1/devices/{d}").json().get("state") == doc),
-                timeout=20, message=f"the good state of {device_id}")
+            wait_until(shows_state(api, device_id, document),
+                       timeout=20, message=f"the good state of {device_id}")
         check_fleet(api, {**good, **fixed}, [])
         for device_id in hostile:
             seen = api.get(f"/api/v1/devices/{device_id}").json()["last_seen"]
@@ -238,7 +238,7 @@ def test_a_flooding_device_does_not_degrade_the_others(
                     with contextlib.suppress(TimeoutError):
                         # the broker may drop a message while its queue for the bridge is
                         # full (a busy machine); the resync after the flood restores it
-                        wait_until(lambda t=tag: calm_version(api) == t,  # type: ignore[misc]
+                        wait_until(functools.partial(calm_is_on, api, tag),
                                    timeout=3, interval=0.1, message=f"calm on {tag}")
                         shown_at_once += 1
                     # and the bridge answers throughout (a functional deadline)
@@ -261,6 +261,16 @@ def test_a_flooding_device_does_not_degrade_the_others(
     throttled = [r.getMessage() for r in caplog.records
                  if "noisy" in r.getMessage() and r.levelname == "WARNING"]
     assert len(throttled) == 1, throttled
+
+
+def shows_state(api: ApiClient, device_id: str,
+                document: dict[str, Any]) -> Callable[[], bool]:
+    """A ``wait_until`` predicate: the bridge shows exactly ``document`` for the device."""
+    return lambda: api.get(f"/api/v1/devices/{device_id}").json().get("state") == document
+
+
+def calm_is_on(api: ApiClient, tag: str) -> bool:
+    return calm_version(api) == tag
 
 
 def calm_version(api: ApiClient) -> str | None:

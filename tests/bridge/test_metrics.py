@@ -6,6 +6,7 @@ PromQL through Prometheus' HTTP API, and every expression of the Grafana dashboa
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -39,9 +40,9 @@ from tests.bridge.support import (
     state_document,
     unique_prefix,
 )
-from tests.conftest import remove_test_containers
 from tests.support import DEFAULT_REGISTRY, REPO_ROOT, free_port, wait_until
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.containers import remove_test_containers
 from tests.support.images import build_and_push, remove_repo_images
 
 METRICS_TOKEN = "metrics-token-" + "m" * 20
@@ -279,6 +280,11 @@ def installed(api: ApiClient, agent: AgentProcess) -> str | None:
     return tag
 
 
+def runs(api: ApiClient, agent: AgentProcess, tag: str) -> bool:
+    """The bridge shows the agent idle on ``tag`` and its app answers with it."""
+    return installed(api, agent) == tag and agent.serving() == tag
+
+
 @pytest.fixture(scope="module")
 def stack(broker: Broker) -> Iterator[Stack]:
     docker_client = docker.from_env(version="auto")
@@ -315,7 +321,7 @@ def stack(broker: Broker) -> Iterator[Stack]:
                 agents.append(spawn_agent(broker, prefix, f"{name_prefix}-m{i}", repo, "1.0",
                                           work))
             for agent in agents:
-                wait_until(lambda a=agent: installed(api, a) == "1.0" and a.serving() == "1.0",
+                wait_until(functools.partial(runs, api, agent, "1.0"),
                            timeout=UPDATE_TIMEOUT_S, interval=0.2,
                            message=f"{agent.device_id} on 1.0")
             yield Stack(bridge, api, prometheus, agents[0], agents[1])

@@ -15,7 +15,7 @@ from edge_agent.agent.discovery import discovery_topic
 from edge_agent.protocol.mqtt import MqttConnectError, connect_client, disconnect_client
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
-from tests.support.broker import ADD_DEVICE, Broker, MqttWatcher
+from tests.support.broker import ADD_DEVICE, Broker, MqttWatcher, text_is
 
 QUIET_S = 1.0  # how long "nothing arrives" is watched after a positive control arrived
 
@@ -104,7 +104,7 @@ def test_operator_sets_desired_tags_and_reads_all_telemetry(broker: Broker, t: T
         ops.publish(t.fleet_tag, "2.2", retain=True)
         for topic, tag in ((t.device_tag("dev-b"), "2.0"), (t.group_tag("green"), "2.1"),
                            (t.fleet_tag, "2.2")):
-            b.wait_for(topic, lambda m, tag=tag: m.text == tag, timeout=10)
+            b.wait_for(topic, text_is(tag), timeout=10)
         b.publish(t.state("dev-b"), "{}")
         ops.wait_for(t.state("dev-b"), timeout=10)
     finally:

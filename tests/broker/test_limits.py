@@ -15,7 +15,7 @@ import pytest
 
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
-from tests.support.broker import Broker, MqttWatcher
+from tests.support.broker import Broker, MqttWatcher, payload_is
 from tests.support.hostile import good_state
 from tests.support.mqtt_raw import rss_kib, stream_publish
 
@@ -101,7 +101,7 @@ def test_a_packet_over_the_limit_disconnects_and_every_legitimate_message_passes
         under = b"u" * (MAX_PACKET - 100)
         for payload in (largest, under):
             device.publish(t.state(DEVICE), payload, retain=True)
-            ops.wait_for(t.state(DEVICE), lambda m, p=payload: m.payload == p, timeout=10)
+            ops.wait_for(t.state(DEVICE), payload_is(payload), timeout=10)
         assert retained(broker, t.state(DEVICE)) == under
 
         over = b"o" * (MAX_PACKET + 1)

@@ -9,9 +9,7 @@ import pytest
 
 from edge_agent.bridge.api import openapi_document
 from edge_agent.protocol.device_data import (
-    CONTAINER_STATUSES,
     DESIRED_SOURCES,
-    HEALTH_STATUSES,
     MAX_CLOCK_AHEAD_S,
     UPDATE_STATUSES,
     clean_event,
@@ -20,7 +18,12 @@ from edge_agent.protocol.device_data import (
     dropped_fields,
     seen_at,
 )
-from edge_agent.protocol.state import Source, UpdateStatus
+from edge_agent.protocol.state import (
+    CONTAINER_STATUSES,
+    HEALTH_STATUSES,
+    Source,
+    UpdateStatus,
+)
 from edge_agent.protocol.timestamps import format_utc, parse_utc
 from tests.bridge.support import hostile_states, schema_validator, state_document
 

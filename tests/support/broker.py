@@ -171,7 +171,7 @@ class Broker:
         return True
 
     # -- settings for clients -------------------------------------------------------
-    def settings(self, user: str | None, *, prefix: str = "edge", tls: bool = False,
+    def settings(self, user: str | None, *, prefix: str = "edge", tls: bool = False,  # noqa: PLR0913
                  ca_file: Path | None = None, protocol: str = "5",
                  password: str | None = None) -> MqttSettings:
         return MqttSettings(
@@ -333,6 +333,16 @@ class MqttWatcher:
         if self.client is not None:
             disconnect_client(self.client)
             self.client = None
+
+
+def text_is(text: str) -> Callable[[Received], bool]:
+    """A ``wait_for`` predicate: the message's payload reads ``text``."""
+    return lambda m: m.text == text
+
+
+def payload_is(payload: bytes) -> Callable[[Received], bool]:
+    """A ``wait_for`` predicate: the message's payload is exactly ``payload``."""
+    return lambda m: m.payload == payload
 
 
 def _safe(predicate: Callable[[Received], bool], message: Received) -> bool:

@@ -25,6 +25,7 @@ Used at CI size by ``tests/test_chaos.py`` and at soak size by ``bench/bench_soa
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import signal
@@ -302,7 +303,7 @@ class Soak:
         mark = time.monotonic()
         self.operator.publish(topic, BAD_TAG, retain=True)
         for agent in reached:
-            if self._wait(lambda a=agent: self._refused_bad(a, mark), f"{agent.name}: an "
+            if self._wait(functools.partial(self._refused_bad, agent, mark), f"{agent.name}: an "
                           f"answer to the release {BAD_TAG} that cannot start"):
                 self.counts["failed_start_answered"] += 1
                 self._check_serving(agent, f"after refusing {BAD_TAG}")

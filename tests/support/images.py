@@ -188,7 +188,7 @@ def _consume(stream: Iterable[Mapping[str, Any]], what: str) -> list[Mapping[str
     return chunks
 
 
-def build_image(
+def build_image(  # noqa: PLR0913 - an image's name, content and target
     repo: str,
     tag: str,
     version: str,
@@ -244,7 +244,7 @@ def push_image(
     raise ImageBuildError(f"docker push {name}:{tag}: no digest in the push output")
 
 
-def build_and_push(
+def build_and_push(  # noqa: PLR0913 - an image's name, content and target
     repo: str,
     tag: str,
     version: str,
@@ -274,6 +274,13 @@ def repo_image_ids(
         for image_id, refs in _references(client or get_client()).items()
         if any(ref.startswith((f"{name}:", f"{name}@")) for ref in refs)
     }
+
+
+def container_image_id(client: docker.DockerClient, name: str) -> str:
+    """Id of the image the container ``name`` runs."""
+    image = client.containers.get(name).image
+    assert image is not None and image.id is not None, f"the image of {name} is gone"
+    return image.id
 
 
 def _references(client: docker.DockerClient) -> dict[str, list[str]]:

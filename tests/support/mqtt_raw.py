@@ -37,7 +37,7 @@ class Streamed:
     closed_by_broker: bool
 
 
-def stream_publish(port: int, user: str, password: str, topic: str, size: int, *,
+def stream_publish(port: int, user: str, password: str, topic: str, size: int, *,  # noqa: PLR0913
                    retain: bool = True, host: str = "127.0.0.1") -> Streamed:
     """Log in as ``user`` and publish ``size`` bytes (QoS 1) to ``topic`` in 1 MiB
     chunks, stopping when the broker hangs up."""

@@ -42,8 +42,11 @@ def created_since(client: docker.DockerClient, prefix: str, mark: DockerMark) ->
     time.sleep(0.05)  # events are stamped as they happen; let the last one land
     until = time.time()
     names = []
-    stream = client.events(since=f"{mark.at:.6f}", until=f"{until:.6f}", decode=True,
-                           filters={"type": "container", "event": "create"})
+    # the stub allows int | datetime only (docker-py makes a datetime whole seconds);
+    # docker-py passes a string through and the daemon takes fractional seconds
+    stream = client.events(  # type: ignore[call-overload]
+        since=f"{mark.at:.6f}", until=f"{until:.6f}", decode=True,
+        filters={"type": "container", "event": "create"})
     try:
         for event in stream:
             name = str(event.get("Actor", {}).get("Attributes", {}).get("name", ""))
