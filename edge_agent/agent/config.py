@@ -27,6 +27,13 @@ from edge_agent.protocol.tags import split_image, validate_tag
 from edge_agent.protocol.topics import ID_PATTERN, ID_RE
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+# Docker's reference grammar for a repository: an optional registry host[:port], then
+# lower-case path components separated by "/" ("._-" only inside a component). Stricter
+# than "any of these characters", so what passes here docker-py also accepts (no scheme).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(
+    rf"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
+)
 
 
 @dataclass(frozen=True)
@@ -144,11 +151,14 @@ def _parse(raw: dict[str, str]) -> Settings:
     image = raw.get("CONTAINER_IMAGE", "").strip()
     if not image:
         raise ConfigError("CONTAINER_IMAGE: required (an image repository, e.g. registry/app)")
+    if "://" in image:
+        raise ConfigError(f"CONTAINER_IMAGE: {image!r} has a scheme; drop it "
+                          "(registry/app, not https://registry/app)")
     try:
         repository, image_tag = split_image(image)
     except TagError as exc:
         raise ConfigError(f"CONTAINER_IMAGE: {exc}") from None
-    if not re.fullmatch(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$", repository):
+    if not REPOSITORY_RE.fullmatch(repository):
         raise ConfigError(f"CONTAINER_IMAGE: {repository!r} is not a valid repository name")
 
     container_name = raw.get("CONTAINER_NAME") or "edge-app"

@@ -114,6 +114,18 @@ class ImageInfo:
         }
 
 
+def socket_denied_hint() -> str:
+    """What to do when the socket is there but our user may not open it."""
+    return ("permission denied on the Docker socket: the agent's user is not in the "
+            "socket's group (docker run --group-add $(stat -c %g /var/run/docker.sock), "
+            "compose DOCKER_GID)")
+
+
+def _permission_denied(exc: BaseException) -> bool:
+    """The socket is there but our uid/gids may not open it (docker-py wraps the OSError)."""
+    return "Permission denied" in str(exc) or "PermissionError" in str(exc)
+
+
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
     """Turn docker-py and transport errors into agent errors, once, here."""
@@ -131,9 +143,13 @@ def _translated(action: str) -> Iterator[None]:
             raise DockerUnavailable(f"{action}: {explanation}") from None
         raise DockerOperationError(f"{action}: {explanation}") from None
     except (requests.ConnectionError, requests.Timeout) as exc:
+        if _permission_denied(exc):
+            raise DockerUnavailable(f"{action}: {socket_denied_hint()}") from None
         reason = type(exc).__name__
         raise DockerUnavailable(f"{action}: Docker daemon unreachable ({reason})") from None
     except DockerException as exc:
+        if _permission_denied(exc):
+            raise DockerUnavailable(f"{action}: {socket_denied_hint()}") from None
         raise DockerUnavailable(f"{action}: {exc}") from None
     except deadline.GaveUp as exc:
         if exc.stopping:
