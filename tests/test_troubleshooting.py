@@ -98,7 +98,7 @@ def agent_hints() -> list[tuple[str, str]]:
 def test_the_extraction_finds_the_messages() -> None:
     messages = {text for _, text in agent_messages()}
     # a few that must be there, or the extraction itself is broken
-    assert "registry unreachable:" in messages
+    assert "registry unreachable at" in messages
     assert "tag file ignored:" in messages
     assert "CONTAINER_IMAGE: required (an image repository, e.g. registry/app)" in messages
     assert len(messages) > 40

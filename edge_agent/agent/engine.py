@@ -13,6 +13,7 @@ after ``PULL_TIMEOUT_S`` in any case; closing its connection makes the daemon ca
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -124,6 +125,23 @@ def socket_denied_hint() -> str:
 def _permission_denied(exc: BaseException) -> bool:
     """The socket is there but our uid/gids may not open it (docker-py wraps the OSError)."""
     return "Permission denied" in str(exc) or "PermissionError" in str(exc)
+
+
+def insecure_in(config: dict[str, Any], registry: str) -> bool:
+    """Whether the daemon's RegistryConfig (``docker info``) marks ``registry`` insecure."""
+    index = (config.get("IndexConfigs") or {}).get(registry)
+    if isinstance(index, dict) and index.get("Secure") is False:
+        return True
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: only listed names count, as for the daemon
+    for cidr in config.get("InsecureRegistryCIDRs") or []:
+        with contextlib.suppress(ValueError, TypeError):
+            if address in ipaddress.ip_network(str(cidr), strict=False):
+                return True
+    return False
 
 
 @contextlib.contextmanager
@@ -269,6 +287,13 @@ class Engine:
         self._call(f"remove container {container_id[:12]}", remove, changes=True)
 
     # -- images -----------------------------------------------------------------
+    def registry_is_insecure(self, registry: str) -> bool:
+        """True when the daemon pulls from ``registry`` (``host[:port]``) over plain HTTP:
+        listed in its ``insecure-registries`` by name or by a CIDR holding its address."""
+        info: dict[str, Any] = self._call("read the daemon's registry settings",
+                                          self._client.info)
+        return insecure_in(info.get("RegistryConfig") or {}, registry)
+
     def image(self, reference: str) -> ImageInfo | None:
         """A local image by id or reference; None when it is not here."""
 

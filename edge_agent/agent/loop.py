@@ -461,6 +461,13 @@ class Agent:
     def _ensure_updater(self) -> Updater:
         if self._updater is None:
             engine = self._connect_engine()
+            # Plain HTTP or HTTPS as the daemon's pull will: asked once per connection.
+            try:
+                insecure = engine.registry_is_insecure(self.registry.location.registry)
+            except EdgeAgentError:
+                engine.close()
+                raise
+            self.registry.follow_daemon(insecure)
             self._updater = Updater(self.settings, engine, self.registry, self.data, self.state,
                                     self.status, should_abort=self._should_abort)
         return self._updater
