@@ -107,6 +107,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return _parse(raw)
 
 
+def load_file_settings(environ: Mapping[str, str] | None = None) -> tuple[Path, float]:
+    """DATA_DIR and TELEMETRY_INTERVAL (s) only: what ``status`` and ``healthcheck`` need."""
+    env = dict(os.environ if environ is None else environ)
+    raw = _merge_yaml(env, Path(env.get("DATA_DIR") or "/app/data"))
+    return (Path(raw.get("DATA_DIR") or "/app/data"),
+            parse_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1))
+
+
 def _merge_yaml(env: dict[str, str], data_dir: Path) -> dict[str, str]:
     """Return settings as strings: YAML values overlaid by the environment."""
     names = {s.name for s in SETTINGS}

@@ -503,7 +503,9 @@ class Agent:
             log.debug("cannot observe the container: %s", exc)
 
     def _write_status_file(self, document: dict[str, Any]) -> None:
-        self.data.write_status(document)
+        # status.json also says what the healthcheck needs beyond the state document
+        self.data.write_status({**document,
+                                "registry_answered_at": self.status.registry_answered_at})
 
 
 def _check_answer(

@@ -318,8 +318,9 @@ def unreachable_hint(kind: str) -> str:
         return ("; the registry does not speak HTTPS here: if it is a plain-HTTP registry, "
                 "list it in the Docker daemon's insecure-registries (the agent follows the "
                 "daemon)")
-    return ("; the agent runs in a container, where 127.0.0.1 is the container itself: run "
-            "it with --network host, or name the registry by the host's address")
+    return ("; the agent runs in a container, where 127.0.0.1 is the container itself, not "
+            "the host: for a registry on the host, run the agent with --network host, or name "
+            "the registry by the host's address")
 
 
 def in_container() -> bool:
@@ -334,7 +335,7 @@ def _is_tls_error(exc: Exception) -> bool:
 def _short(exc: Exception) -> str:
     """First line of a requests error, without the urllib3 object soup."""
     text = str(exc)
-    match = re.search(r"\[Errno [^\]]*\] [^')]*", text)
+    match = re.search(r"\[Errno [^\]]*\] [^'\")]*", text)
     if match:
         return match.group(0)
     # The OpenSSL reason is the clue (WRONG_VERSION_NUMBER: plain HTTP on the other side);

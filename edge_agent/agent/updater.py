@@ -190,13 +190,17 @@ class Updater:
         """Ask the registry what to run; fall back or use a local image when it cannot say."""
         tag = desired.tag
         if is_digest(tag) and self._local_image(tag) is not None:
-            return Target(tag, tag)  # a pinned digest that is already here cannot have moved
+            # a pinned digest that is already here cannot have moved: no question to ask
+            self.status.registry_answered_at = utc_now()
+            return Target(tag, tag)
         try:
             target = Target(tag, self.registry.digest(tag))
             self._local_decision = None
+            self.status.registry_answered_at = utc_now()
             return target
         except ManifestUnknown:
             self._local_decision = None
+            self.status.registry_answered_at = utc_now()
             local = self._local_image(tag)
             if local is not None:
                 log.info("%s is not in the registry but exists locally; using it", tag)

@@ -113,3 +113,6 @@ def test_an_unreachable_registry_is_named_by_url() -> None:
     with pytest.raises(RegistryError, match=rf"at http://127\.0\.0\.1:{port}/v2/: .*refused"):
         client.digest("1.0")
     client.close()
+    with pytest.raises(RegistryError) as failed:
+        RegistryClient(f"127.0.0.1:{port}/app").digest("1.0")
+    assert not str(failed.value).split(";")[0].endswith('"'), str(failed.value)
