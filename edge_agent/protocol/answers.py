@@ -90,7 +90,11 @@ def judge_state(state: dict[str, Any], request_id: str, tag: str) -> Answer | No
     # A fallback left from an earlier desired tag shows until the next check: not ours.
     if lookup(state, "fallback", "active") and lookup(state, "fallback", "requested_tag") == tag:
         why = lookup(state, "fallback", "reason") or f"tag {tag} is not available"
-        return Answer(Outcome.FALLBACK, False, f"running the fallback tag: {why}",
+        running = lookup(state, "running", "tag")
+        # Say what the device runs now: "not applied" alone reads as "nothing changed".
+        now = f" {running}" if settled and isinstance(running, str) else ""
+        return Answer(Outcome.FALLBACK, False,
+                      f"the device now runs the fallback tag{now} instead: {why}",
                       EventName.FALLBACK, settled)
     if status == UpdateStatus.AVAILABLE:
         return Answer(Outcome.AVAILABLE, False,
