@@ -97,6 +97,8 @@ class Settings:
     log_level: str
     log_format: str
     topic_prefix: str
+    # DEVICE_ID was not set: the host name stands in (random in a container)
+    device_id_is_hostname: bool = False
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -213,6 +215,7 @@ def _parse(raw: dict[str, str]) -> Settings:
         log_level=log_level,
         log_format=log_format,
         topic_prefix=prefix,
+        device_id_is_hostname=not raw.get("DEVICE_ID"),
     )
 
 

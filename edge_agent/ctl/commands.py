@@ -119,16 +119,26 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     request_id = args.request_id or new_request_id()
     payload = desired_tag_payload(tag, request_id, utc_now())
     subscriptions = []
+    if args.device:
+        subscriptions = [topics.state(args.device), topics.availability(args.device)]
     if args.wait:
-        subscriptions = [topics.state(args.device), topics.events(args.device),
-                         topics.availability(args.device)]
+        subscriptions.append(topics.events(args.device))
     session = Session(settings, subscriptions)
+    known: bool | None = None
     try:
-        if args.wait:
-            session.retained()  # the old state and availability: not an answer
+        if args.device:
+            # the old state and availability: not an answer, but proof the device exists
+            known = bool(session.retained())
+            if not known:
+                printer.note(f"warning: {args.device} has never reported (no state or "
+                             f"availability under {topics.prefix}/devices/{args.device}/): "
+                             "the tag is kept for it, but check the device id")
         session.publish(topic, payload, retain=True)
         if not args.wait:
-            printer.result({"tag": tag, "topic": topic, "request_id": request_id},
+            result = {"tag": tag, "topic": topic, "request_id": request_id}
+            if known is not None:
+                result["device_known"] = known
+            printer.result(result,
                            f"desired tag of {what} set to {tag} (request {request_id})")
             return EXIT_OK
         printer.note(f"desired tag of {what} set to {tag}; waiting for the device "

@@ -19,8 +19,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.agent.config import REPOSITORY_RE, load_settings
+from edge_agent.agent.registry import in_container
 from edge_agent.protocol.errors import ConfigError
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, wait_until
+from tests.support.agent_process import AgentProcess
 from tests.support.device import Device, publish
 
 # Root ignores file modes; without these capabilities it meets them like any other user.
@@ -159,3 +161,24 @@ def test_install_adoption_and_recreate_say_what_happens(
     assert messages(caplog, f"recreating {dev.name} at 1.0: docker_config.json changed",
                     logging.INFO) == 1
     assert "NEW=1" in docker_client.containers.get(dev.name).attrs["Config"]["Env"]
+
+
+def test_the_host_name_as_device_id_in_a_container_is_warned_about(
+    unique_repo: str, container_name: str, tmp_path: Path,
+) -> None:
+    """Docker's default host name is the container id: a new device at every recreate."""
+    if not in_container():
+        pytest.skip("only a container has a random host name (the test stack runs in one)")
+    dev = Device(repo=unique_repo, name=container_name, data_dir=tmp_path / "data")
+    said = {}
+    for named in (False, True):
+        env = {k: v for k, v in dev.agent_env(FALLBACK_TAG="").items()
+               if named or k != "DEVICE_ID"}
+        agent = AgentProcess(env, tmp_path / f"agent-{named}.log").start()
+        try:
+            wait_until(lambda a=agent: "no desired tag" in a.log(), timeout=30,  # type: ignore[misc]
+                       message="the agent's first check")
+        finally:
+            agent.stop()
+        said[named] = "DEVICE_ID is not set: using the container's host name" in agent.log()
+    assert said == {False: True, True: False}
