@@ -116,7 +116,8 @@ def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
         status = str(document["update"]["status"])
         app = str(document["running"]["status"])
         answered = document.get("registry_answered_at")
-    except (StorageError, ValueError, KeyError, TypeError) as exc:
+        error = document["update"].get("last_error")
+    except (StorageError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"unhealthy: cannot read {path}: {exc}", file=sys.stderr)
         return 1
     age = time.time() - published.timestamp()
@@ -124,8 +125,8 @@ def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
     if age > limit:
         print(f"unhealthy: last state is {age:.0f} s old (limit {limit:.0f} s)", file=sys.stderr)
         return 1
-    error = document["update"].get("last_error")
-    shown_error = error if isinstance(error, str) and error.isprintable() else "see the log"
+    shown_error = ("none" if error is None
+                   else error if isinstance(error, str) and error.isprintable() else "see the log")
     if not answered:
         print(f"unhealthy: the registry has not answered since the agent started "
               f"(last error: {shown_error[:200]})", file=sys.stderr)
