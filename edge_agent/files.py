@@ -36,6 +36,16 @@ class FileRefused(StorageError):
     """A file in DATA_DIR is not something the agent reads (link, FIFO, device, too big)."""
 
 
+
+def permission_hint(exc: OSError, path: Path) -> str:
+    """What to do about EACCES/EPERM on a file of DATA_DIR: whose the files must be."""
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return ""
+    uid = os.getuid()
+    return (f" (the agent runs as uid {uid}: make {path.parent} its own, "
+            f"chown -R {uid} {path.parent})")
+
+
 def _kind(mode: int) -> str | None:  # noqa: PLR0911 - one return per file type
     """What a non-regular file is, in words; None for a regular file."""
     if stat.S_ISREG(mode):
@@ -80,7 +90,8 @@ def read_regular_file(path: Path, *, max_bytes: int) -> bytes | None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link put there after the lstat
             raise _refuse(path, "it is a symbolic link") from None
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}"
+                           f"{permission_hint(exc, path)}") from None
     try:
         _check(path, os.fstat(fd), max_bytes)
         chunks: list[bytes] = []
@@ -94,7 +105,8 @@ def read_regular_file(path: Path, *, max_bytes: int) -> bytes | None:
     except FileRefused:
         raise
     except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot read {path}: {exc.strerror or exc}"
+                           f"{permission_hint(exc, path)}") from None
     finally:
         os.close(fd)
     if size > max_bytes:

@@ -13,7 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
-from edge_agent.agent.config import Setting, describe_settings, load_settings
+from edge_agent.agent.config import Setting, describe_settings, load_file_settings, load_settings
 from edge_agent.agent.errors import StorageError
 from edge_agent.files import read_regular_file
 from edge_agent.logs import setup_logging
@@ -55,14 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # long-running agent (docs/BENCHMARKS.md).
     command = "run" if arguments in ([], ["run"]) else build_parser().parse_args(arguments).command
     try:
+        if command in ("status", "healthcheck"):
+            # They read a file: only where it is (and how old it may be) matters, not
+            # CONTAINER_IMAGE or MQTT (`docker exec edge-agent edge-agent status` works too).
+            data_dir, telemetry_interval_s = load_file_settings()
+            if command == "status":
+                return _status(data_dir)
+            return _healthcheck(data_dir, telemetry_interval_s)
         settings = load_settings()
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if command == "status":
-        return _status(settings.data_dir)
-    if command == "healthcheck":
-        return _healthcheck(settings.data_dir, settings.telemetry_interval_s)
     setup_logging(settings.log_level, settings.log_format)
     from edge_agent.agent.runtime import run_agent  # noqa: PLC0415 - keeps --help fast
 
@@ -98,20 +101,40 @@ def _status(data_dir: Path) -> int:
     return 0
 
 
+# Update steps during which the app may be down for a moment (the swap of containers).
+UPDATING = ("checking", "pulling", "installing", "verifying", "rolling_back")
+
+
 def _healthcheck(data_dir: Path, telemetry_interval_s: float) -> int:
-    """Healthy when the loop published its state recently (it does every TELEMETRY_INTERVAL)."""
+    """Healthy when the agent does its job: its loop published its state recently (it does
+    every TELEMETRY_INTERVAL), the registry has answered it since it started, and the app
+    runs (or an update is under way). docs/OPERATIONS.md says the same."""
     path = data_dir / "status.json"
     try:
         document = _read_status(path)
         published = datetime.fromisoformat(str(document["ts"]).replace("Z", "+00:00"))
         status = str(document["update"]["status"])
-    except (StorageError, ValueError, KeyError, TypeError) as exc:
+        app = str(document["running"]["status"])
+        answered = document.get("registry_answered_at")
+        error = document["update"].get("last_error")
+    except (StorageError, ValueError, KeyError, TypeError, AttributeError) as exc:
         print(f"unhealthy: cannot read {path}: {exc}", file=sys.stderr)
         return 1
     age = time.time() - published.timestamp()
     limit = 2 * telemetry_interval_s + 30
     if age > limit:
         print(f"unhealthy: last state is {age:.0f} s old (limit {limit:.0f} s)", file=sys.stderr)
+        return 1
+    shown_error = ("none" if error is None
+                   else error if isinstance(error, str) and error.isprintable() else "see the log")
+    if not answered:
+        print(f"unhealthy: the registry has not answered since the agent started "
+              f"(last error: {shown_error[:200]})", file=sys.stderr)
+        return 1
+    if app != "running" and status not in UPDATING:
+        shown_app = app if app.isidentifier() else repr(app)
+        print(f"unhealthy: the app container is {shown_app[:40]}, not running "
+              f"(last error: {shown_error[:200]})", file=sys.stderr)
         return 1
     shown = status if status.isidentifier() else repr(status)  # no escapes from a planted file
     print(f"healthy: state {age:.0f} s old, update {shown}")

@@ -27,6 +27,13 @@ from edge_agent.protocol.tags import split_image, validate_tag
 from edge_agent.protocol.topics import ID_PATTERN, ID_RE
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+# Docker's reference grammar for a repository: an optional registry host[:port], then
+# lower-case path components separated by "/" ("._-" only inside a component). Stricter
+# than "any of these characters", so what passes here docker-py also accepts (no scheme).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(
+    rf"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,8 @@ class Settings:
     log_level: str
     log_format: str
     topic_prefix: str
+    # DEVICE_ID was not set: the host name stands in (random in a container)
+    device_id_is_hostname: bool = False
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +107,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     data_dir = Path(env.get("DATA_DIR") or "/app/data")
     raw = _merge_yaml(env, data_dir)
     return _parse(raw)
+
+
+def load_file_settings(environ: Mapping[str, str] | None = None) -> tuple[Path, float]:
+    """DATA_DIR and TELEMETRY_INTERVAL (s) only: what ``status`` and ``healthcheck`` need."""
+    env = dict(os.environ if environ is None else environ)
+    raw = _merge_yaml(env, Path(env.get("DATA_DIR") or "/app/data"))
+    return (Path(raw.get("DATA_DIR") or "/app/data"),
+            parse_number(raw, "TELEMETRY_INTERVAL", 60.0, minimum=0.1))
 
 
 def _merge_yaml(env: dict[str, str], data_dir: Path) -> dict[str, str]:
@@ -144,11 +161,14 @@ def _parse(raw: dict[str, str]) -> Settings:
     image = raw.get("CONTAINER_IMAGE", "").strip()
     if not image:
         raise ConfigError("CONTAINER_IMAGE: required (an image repository, e.g. registry/app)")
+    if "://" in image:
+        raise ConfigError(f"CONTAINER_IMAGE: {image!r} has a scheme; drop it "
+                          "(registry/app, not https://registry/app)")
     try:
         repository, image_tag = split_image(image)
     except TagError as exc:
         raise ConfigError(f"CONTAINER_IMAGE: {exc}") from None
-    if not re.fullmatch(r"^[a-z0-9]([a-z0-9._:/-]*[a-z0-9])?$", repository):
+    if not REPOSITORY_RE.fullmatch(repository):
         raise ConfigError(f"CONTAINER_IMAGE: {repository!r} is not a valid repository name")
 
     container_name = raw.get("CONTAINER_NAME") or "edge-app"
@@ -195,6 +215,7 @@ def _parse(raw: dict[str, str]) -> Settings:
         log_level=log_level,
         log_format=log_format,
         topic_prefix=prefix,
+        device_id_is_hostname=not raw.get("DEVICE_ID"),
     )
 
 

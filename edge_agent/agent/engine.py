@@ -13,6 +13,7 @@ after ``PULL_TIMEOUT_S`` in any case; closing its connection makes the daemon ca
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -115,6 +116,35 @@ class ImageInfo:
         }
 
 
+def socket_denied_hint() -> str:
+    """What to do when the socket is there but our user may not open it."""
+    return ("permission denied on the Docker socket: the agent's user is not in the "
+            "socket's group (docker run --group-add $(stat -c %g /var/run/docker.sock), "
+            "compose DOCKER_GID)")
+
+
+def _permission_denied(exc: BaseException) -> bool:
+    """The socket is there but our uid/gids may not open it (docker-py wraps the OSError)."""
+    return "Permission denied" in str(exc) or "PermissionError" in str(exc)
+
+
+def insecure_in(config: dict[str, Any], registry: str) -> bool:
+    """Whether the daemon's RegistryConfig (``docker info``) marks ``registry`` insecure."""
+    index = (config.get("IndexConfigs") or {}).get(registry)
+    if isinstance(index, dict) and index.get("Secure") is False:
+        return True
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # a name: only listed names count, as for the daemon
+    for cidr in config.get("InsecureRegistryCIDRs") or []:
+        with contextlib.suppress(ValueError, TypeError):
+            if address in ipaddress.ip_network(str(cidr), strict=False):
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def _translated(action: str) -> Iterator[None]:
     """Turn docker-py and transport errors into agent errors, once, here."""
@@ -132,9 +162,13 @@ def _translated(action: str) -> Iterator[None]:
             raise DockerUnavailable(f"{action}: {explanation}") from None
         raise DockerOperationError(f"{action}: {explanation}") from None
     except (requests.ConnectionError, requests.Timeout) as exc:
+        if _permission_denied(exc):
+            raise DockerUnavailable(f"{action}: {socket_denied_hint()}") from None
         reason = type(exc).__name__
         raise DockerUnavailable(f"{action}: Docker daemon unreachable ({reason})") from None
     except DockerException as exc:
+        if _permission_denied(exc):
+            raise DockerUnavailable(f"{action}: {socket_denied_hint()}") from None
         raise DockerUnavailable(f"{action}: {exc}") from None
     except deadline.GaveUp as exc:
         if exc.stopping:
@@ -254,6 +288,13 @@ class Engine:
         self._call(f"remove container {container_id[:12]}", remove, changes=True)
 
     # -- images -----------------------------------------------------------------
+    def registry_is_insecure(self, registry: str) -> bool:
+        """True when the daemon pulls from ``registry`` (``host[:port]``) over plain HTTP:
+        listed in its ``insecure-registries`` by name or by a CIDR holding its address."""
+        info: dict[str, Any] = self._call("read the daemon's registry settings",
+                                          self._client.info)
+        return insecure_in(info.get("RegistryConfig") or {}, registry)
+
     def image(self, reference: str) -> ImageInfo | None:
         """A local image by id or reference; None when it is not here."""
 

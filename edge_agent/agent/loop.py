@@ -465,6 +465,13 @@ class Agent:
     def _ensure_updater(self) -> Updater:
         if self._updater is None:
             engine = self._connect_engine()
+            # Plain HTTP or HTTPS as the daemon's pull will: asked once per connection.
+            try:
+                insecure = engine.registry_is_insecure(self.registry.location.registry)
+            except EdgeAgentError:
+                engine.close()
+                raise
+            self.registry.follow_daemon(insecure)
             self._updater = Updater(self.settings, engine, self.registry, self.data, self.state,
                                     self.status, should_abort=self._should_abort)
         return self._updater
@@ -500,7 +507,9 @@ class Agent:
             log.debug("cannot observe the container: %s", exc)
 
     def _write_status_file(self, document: dict[str, Any]) -> None:
-        self.data.write_status(document)
+        # status.json also says what the healthcheck needs beyond the state document
+        self.data.write_status({**document,
+                                "registry_answered_at": self.status.registry_answered_at})
 
 
 def _check_answer(

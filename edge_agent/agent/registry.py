@@ -25,7 +25,7 @@ import socket
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,23 @@ class RegistryClient:
             return self._session.head(url, headers=headers,
                                       timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
         except requests.RequestException as exc:
-            raise RegistryError(f"registry unreachable: {_short(exc)}") from None
+            raise RegistryError(f"registry unreachable at {self.location.base_url}/v2/: "
+                                f"{_short(exc)}{self._unreachable_hint(exc)}") from None
+
+    def follow_daemon(self, insecure: bool) -> None:
+        """Speak plain HTTP to the registry when the Docker daemon does (its
+        ``insecure-registries``): the check must reach what the pull will reach."""
+        scheme = "http" if insecure or _is_loopback(self.location.registry) else "https"
+        host = self.location.base_url.split("://", 1)[1]
+        self.location = replace(self.location, base_url=f"{scheme}://{host}")
+
+    def _unreachable_hint(self, exc: Exception) -> str:
+        """What an operator can do, for the two failures a first deployment meets."""
+        if self.location.base_url.startswith("https://") and _is_tls_error(exc):
+            return unreachable_hint("tls")
+        if _is_loopback(self.location.registry) and in_container():
+            return unreachable_hint("loopback")
+        return ""
 
     def _authenticate(self, response: requests.Response) -> None:
         """Answer a 401 challenge: fetch a bearer token, or switch to Basic auth."""
@@ -297,10 +313,35 @@ def _credentials_for(  # noqa: PLR0911 - each way to find no credentials
     return None
 
 
+def unreachable_hint(kind: str) -> str:
+    """The advice appended to ``registry unreachable``."""
+    if kind == "tls":
+        return ("; the registry does not speak HTTPS here: if it is a plain-HTTP registry, "
+                "list it in the Docker daemon's insecure-registries (the agent follows the "
+                "daemon)")
+    return ("; the agent runs in a container, where 127.0.0.1 is the container itself, not "
+            "the host: for a registry on the host, run the agent with --network host, or name "
+            "the registry by the host's address")
+
+
+def in_container() -> bool:
+    """True inside a Docker (or Podman) container."""
+    return Path("/.dockerenv").exists() or Path("/run/.containerenv").exists()
+
+
+def _is_tls_error(exc: Exception) -> bool:
+    return isinstance(exc, requests.exceptions.SSLError) or "SSL" in str(exc)
+
+
 def _short(exc: Exception) -> str:
     """First line of a requests error, without the urllib3 object soup."""
     text = str(exc)
-    match = re.search(r"\[Errno [^\]]*\] [^')]*", text)
+    match = re.search(r"\[Errno [^\]]*\] [^'\")]*", text)
     if match:
         return match.group(0)
+    # The OpenSSL reason is the clue (WRONG_VERSION_NUMBER: plain HTTP on the other side);
+    # it sits at the end of a long line that a cut would lose.
+    match = re.search(r"\[SSL: [A-Z_]+\][^')(]*", text)
+    if match:
+        return f"TLS failed: {match.group(0).strip()}"
     return text.splitlines()[0][:160] if text else type(exc).__name__

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from edge_agent.agent import deadline
 from edge_agent.agent.config import Settings
 from edge_agent.agent.loop import Agent
+from edge_agent.agent.registry import in_container
 from edge_agent.agent.watcher import ContainerWatcher
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import EXIT_CONFIG
@@ -33,6 +34,12 @@ GOODBYE_BY_S = deadline.STOP_PROMISE_S - 1.0
 def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]], None]) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
     agent = Agent(settings)
+    if settings.device_id_is_hostname and in_container():
+        # Docker names a container's host after its random id: a new id at every recreate
+        # (an upgrade of the agent) makes a new device in the fleet, and the old one stays.
+        log.warning("DEVICE_ID is not set: using the container's host name %r, which changes "
+                    "when the container is recreated; set DEVICE_ID (or docker run --hostname)",
+                    settings.device_id)
     link: AgentLink | None = None
     if settings.mqtt is not None:
         # imported only with MQTT_HOST: paho-mqtt costs ~1 MB of RSS (docs/BENCHMARKS.md)

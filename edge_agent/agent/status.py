@@ -68,6 +68,9 @@ class Status:
     last_check_at: str | None = None
     last_success_at: str | None = None
     last_error: str | None = None
+    # When the registry last answered a digest question (found or not): the healthcheck's
+    # proof that the agent can do its job. Kept out of the MQTT state, in status.json only.
+    registry_answered_at: str | None = None
     state_sinks: list[StateSink] = field(default_factory=list)
     event_sinks: list[EventSink] = field(default_factory=list)
     last_published: float = 0.0

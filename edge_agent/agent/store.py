@@ -22,7 +22,7 @@ from typing import Any
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
 from edge_agent.agent.errors import RunConfigError, StorageError
-from edge_agent.files import read_regular_file
+from edge_agent.files import permission_hint, read_regular_file
 from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import validate_tag
@@ -79,7 +79,8 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}"
+                           f"{permission_hint(exc, path)}") from None
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ class DataDir:
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                raise StorageError(f"cannot remove {path}: {exc.strerror}") from None
+                raise StorageError(f"cannot remove {path}: {exc.strerror}"
+                                   f"{permission_hint(exc, path)}") from None
             return
         atomic_write(path, (validate_tag(tag) + "\n").encode())
 

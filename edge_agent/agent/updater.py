@@ -111,6 +111,8 @@ class Updater:
         # Images of this repository other than current and previous may be lying around:
         # at start, and after any update that did not commit (rollback, crash, bad config).
         self._prune_due = True
+        self._warned_config: str | None = None  # docker_config.json whose warnings were said
+        self._local_decision: str | None = None  # the registry error last decided around
 
     # -- check ------------------------------------------------------------------
     def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
@@ -123,8 +125,11 @@ class Updater:
         self.status.set_update(UpdateStatus.CHECKING)
         run_config = self.data.read_run_config()
         self.engine.validate_run_kwargs(run_config.kwargs)
-        for warning in run_config.warnings:
-            log.warning("%s", warning)
+        # The same file gives the same warnings at every check: said once per content.
+        if run_config.warnings and run_config.digest != self._warned_config:
+            for warning in run_config.warnings:
+                log.warning("%s", warning)
+        self._warned_config = run_config.digest if run_config.warnings else None
         # Failed and broken-off attempts hold only for the desired tag and the
         # docker_config.json they were made under: a change of either is worth a new try.
         self.state.failed = relevant_attempts(self.state.failed, desired.tag, run_config.digest)
@@ -185,10 +190,17 @@ class Updater:
         """Ask the registry what to run; fall back or use a local image when it cannot say."""
         tag = desired.tag
         if is_digest(tag) and self._local_image(tag) is not None:
-            return Target(tag, tag)  # a pinned digest that is already here cannot have moved
+            # a pinned digest that is already here cannot have moved: no question to ask
+            self.status.registry_answered_at = utc_now()
+            return Target(tag, tag)
         try:
-            return Target(tag, self.registry.digest(tag))
+            target = Target(tag, self.registry.digest(tag))
+            self._local_decision = None
+            self.status.registry_answered_at = utc_now()
+            return target
         except ManifestUnknown:
+            self._local_decision = None
+            self.status.registry_answered_at = utc_now()
             local = self._local_image(tag)
             if local is not None:
                 log.info("%s is not in the registry but exists locally; using it", tag)
@@ -202,7 +214,11 @@ class Updater:
             local = self._local_image(tag)
             if local is None:
                 raise
-            log.warning("%s; deciding with the local image of %s", exc, tag)
+            said = f"{exc} {tag}"
+            # An unreachable registry stays so for many checks: said when it starts or changes.
+            log.log(logging.DEBUG if said == self._local_decision else logging.WARNING,
+                    "%s; deciding with the local image of %s", exc, tag)
+            self._local_decision = said
             return Target(tag, None, registry_error=str(exc), image_id=local.id)
 
     def _local_image(self, tag: str) -> ImageInfo | None:
@@ -242,6 +258,10 @@ class Updater:
             return
         applied = self.state.applied
         if applied is None or applied.image_id != container.image_id or applied.tag != target.tag:
+            if applied is None:
+                # A container the agent did not start (or whose record was lost) is kept.
+                log.info("adopted the running container %s (%s, image %s) as %s", self.name,
+                         container.id[:12], container.image_id[:19], target.tag)
             self.state.applied = ImageRef(target.tag, target.digest, container.image_id)
             self.data.save_state(self.state)
 
@@ -251,7 +271,14 @@ class Updater:
         run_config: RunConfig,
     ) -> CheckOutcome:
         from_tag = self.status.running.tag
-        log.info("updating %s: %s -> %s (%s)", self.name, from_tag, target.tag, target.digest)
+        if current is None:
+            log.info("installing %s: %s (%s), no container yet", self.name, target.tag,
+                     target.digest)
+        elif from_tag == target.tag and current.config_digest != run_config.digest:
+            log.info("recreating %s at %s: docker_config.json changed", self.name, target.tag)
+        else:
+            log.info("updating %s: %s -> %s (%s)", self.name, from_tag, target.tag,
+                     target.digest)
         self.status.event(EventName.UPDATE_STARTED, from_tag=from_tag, to_tag=target.tag,
                           digest=target.digest)
         self.status.last_error = None

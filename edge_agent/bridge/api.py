@@ -312,6 +312,12 @@ class Api:
         topic = self.topics.device_tag(device_id)
         body: dict[str, Any] = {"request_id": request_id, "scope": "device", "target": device_id,
                                 "tag": tag}
+        if self.fleet.device(device_id) is None:
+            # A mistyped id would keep a retained tag for nobody; the tag is still set, for
+            # a device that is not installed yet.
+            body["warning"] = (f"device {device_id!r} has never reported (no state or "
+                               "availability known): the tag is kept for it, but check "
+                               "the device id")
         if wait_s is None:
             self._publish_tag(topic, tag, request_id)
             return json_response(202, body)

@@ -38,6 +38,7 @@ from edge_agent.protocol.tags import (
     command_payload,
     desired_tag_payload,
     new_request_id,
+    parse_tag_payload,
     validate_tag,
 )
 from edge_agent.protocol.timestamps import utc_now
@@ -60,7 +61,8 @@ def _target(args: argparse.Namespace, topics: Topics) -> tuple[str, str]:
 # -- devices ------------------------------------------------------------------------------
 def cmd_devices(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
     topics = Topics(settings.topic_prefix)
-    session = Session(settings, [topics.all_states, topics.all_availability])
+    session = Session(settings, [topics.all_states, topics.all_availability,
+                                 topics.fleet_tag])
     try:
         devices = collect_devices(topics, session.retained())
     finally:
@@ -79,7 +81,14 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
     """The fleet as the retained state and availability messages show it. The device's
     id comes from the topic (the broker's ACL vouches for it), never from the payload."""
     devices: dict[str, DeviceView] = {}
+    fleet_tag: str | None = None
     for message in messages:
+        if message.topic == topics.fleet_tag:
+            try:
+                fleet_tag = parse_tag_payload(message.payload).tag if message.payload else None
+            except TagError:
+                fleet_tag = None  # the agents reject it too: it shadows nothing
+            continue
         device_id = topics.device_of(message.topic)
         if device_id is None or not message.payload:
             continue
@@ -91,6 +100,8 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
                 view.state, view.state_error = document(message), None
             except UntrustedJson as exc:
                 view.state, view.state_error = None, f"state ignored: {exc}"
+    for view in devices.values():
+        view.shadows = fleet_tag
     return devices
 
 
@@ -108,16 +119,26 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     request_id = args.request_id or new_request_id()
     payload = desired_tag_payload(tag, request_id, utc_now())
     subscriptions = []
+    if args.device:
+        subscriptions = [topics.state(args.device), topics.availability(args.device)]
     if args.wait:
-        subscriptions = [topics.state(args.device), topics.events(args.device),
-                         topics.availability(args.device)]
+        subscriptions.append(topics.events(args.device))
     session = Session(settings, subscriptions)
+    known: bool | None = None
     try:
-        if args.wait:
-            session.retained()  # the old state and availability: not an answer
+        if args.device:
+            # the old state and availability: not an answer, but proof the device exists
+            known = bool(session.retained())
+            if not known:
+                printer.note(f"warning: {args.device} has never reported (no state or "
+                             f"availability under {topics.prefix}/devices/{args.device}/): "
+                             "the tag is kept for it, but check the device id")
         session.publish(topic, payload, retain=True)
         if not args.wait:
-            printer.result({"tag": tag, "topic": topic, "request_id": request_id},
+            result = {"tag": tag, "topic": topic, "request_id": request_id}
+            if known is not None:
+                result["device_known"] = known
+            printer.result(result,
                            f"desired tag of {what} set to {tag} (request {request_id})")
             return EXIT_OK
         printer.note(f"desired tag of {what} set to {tag}; waiting for the device "

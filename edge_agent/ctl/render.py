@@ -132,10 +132,22 @@ class DeviceView:
     state: dict[str, Any] | None = None
     # why the device's retained state was not used (too large, too deep, not JSON, ...)
     state_error: str | None = None
+    # the fleet's desired tag that this device's own tag (set for it alone) overrides
+    shadows: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "online": self.online, "state": self.state,
-                "state_error": self.state_error}
+                "state_error": self.state_error, "shadows_fleet_tag": self.shadows}
+
+    def override_note(self) -> str | None:
+        """Says that a device tag wins over group and fleet tags, which is easy to forget
+        (a device tag set once, even a mistyped one, stays until it is cleared)."""
+        if text_at(self.state, "desired", "source") != "device":
+            return None
+        clear = f"edge-ctl clear-tag --device {self.device_id}"
+        if self.shadows is not None and self.shadows != text_at(self.state, "desired", "tag"):
+            return f"its device tag shadows the fleet tag {self.shadows} (follow it: {clear})"
+        return f"its device tag wins over group and fleet tags ({clear} to follow them)"
 
 
 def status_text(state: dict[str, Any] | None) -> str:
@@ -178,8 +190,8 @@ def devices_table(devices: Sequence[DeviceView]) -> str:
             status_text(state),
             printable(text_at(state, "running", "health") or "-", CELL_CHARS),
             date_time(lookup(state, "update", "last_check_at")),
-            printable(view.state_error or text_at(state, "update", "last_error") or "",
-                      TEXT_CHARS),
+            printable(view.state_error or text_at(state, "update", "last_error")
+                      or view.override_note() or "", TEXT_CHARS),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(

@@ -81,13 +81,17 @@ def wait_for_tag(  # noqa: PLR0912, PLR0913, PLR0917 - one request's whole wait
             if len(events) < MAX_WAIT_EVENTS:
                 events.append(body)
             name = body.get("event")
+            # The events name the tag the device actually pulls: the fallback, for a tag
+            # the registry does not have.
             if name == EventName.PULL_PROGRESS:
-                printer.progress(device_id, tag, percent(body.get("progress")) or 0.0)
+                printer.progress(device_id, text_at(body, "tag") or tag,
+                                 percent(body.get("progress")) or 0.0)
                 continue
             if name == EventName.UPDATE_STARTED:
                 printer.new_pull(device_id)
                 from_tag = printable(text_at(body, "from_tag") or "-", CELL_CHARS)
-                printer.note(f"{device_id}: updating {from_tag} -> {tag}")
+                to_tag = printable(text_at(body, "to_tag") or tag, CELL_CHARS)
+                printer.note(f"{device_id}: updating {from_tag} -> {to_tag}")
             answer = judge_event(body, request_id, tag)
             if answer is not None and answer.outcome is Outcome.FALLBACK:
                 answer = None  # the state that follows says it, and the report shows that state

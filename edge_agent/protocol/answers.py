@@ -92,7 +92,11 @@ def judge_state(  # noqa: PLR0911 - one return per answer a state gives
     # A fallback left from an earlier desired tag shows until the next check: not ours.
     if lookup(state, "fallback", "active") and lookup(state, "fallback", "requested_tag") == tag:
         why = lookup(state, "fallback", "reason") or f"tag {tag} is not available"
-        return Answer(Outcome.FALLBACK, False, f"running the fallback tag: {why}",
+        running = lookup(state, "running", "tag")
+        # Say what the device runs now: "not applied" alone reads as "nothing changed".
+        now = f" {running}" if settled and isinstance(running, str) else ""
+        return Answer(Outcome.FALLBACK, False,
+                      f"the device now runs the fallback tag{now} instead: {why}",
                       EventName.FALLBACK, settled)
     if status == UpdateStatus.AVAILABLE:
         return Answer(Outcome.AVAILABLE, False,

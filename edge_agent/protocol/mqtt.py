@@ -203,6 +203,9 @@ def describe_connect_error(  # noqa: PLR0911 - one line per kind of failure
         return (f"TLS: the certificate of the broker at {where} was not accepted "
                 f"(certificate verify failed: {exc.verify_message}); check MQTT_CA_FILE "
                 f"({ca}) and that MQTT_HOST matches the certificate")
+    if mqtt.tls and isinstance(exc, ssl.SSLEOFError):
+        return (f"TLS handshake with {where} broken off by the broker ({type(exc).__name__}): "
+                "is that a plaintext port? TLS brokers usually listen on 8883")
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {where} failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
@@ -211,6 +214,10 @@ def describe_connect_error(  # noqa: PLR0911 - one line per kind of failure
         return f"cannot resolve MQTT_HOST {mqtt.host!r}: {exc.strerror}"
     if isinstance(exc, TimeoutError | socket.timeout):
         return f"connection to {where} timed out"
+    if mqtt.tls and isinstance(exc, ConnectionResetError | EOFError):
+        # A plaintext broker drops a ClientHello it cannot read: the reset is the only sign.
+        return (f"TLS handshake with {where} broken off by the broker ({type(exc).__name__}): "
+                "is that a plaintext port? TLS brokers usually listen on 8883")
     if isinstance(exc, OSError):
         return f"cannot connect to {where}: {exc.strerror or exc}"
     return f"cannot connect to {where}"

@@ -64,7 +64,8 @@ def mqtt_settings_from(raw: Mapping[str, str], prefix: str) -> MqttSettings | No
         try:
             password = Path(password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"MQTT_PASSWORD_FILE: cannot read: {exc.strerror}") from None
+            raise ConfigError(f"MQTT_PASSWORD_FILE: cannot read {password_file}: "
+                              f"{exc.strerror or exc}") from None
     protocol = (raw.get("MQTT_PROTOCOL") or "5").strip()
     check(protocol in ("5", "3.1.1"), "MQTT_PROTOCOL", "must be 5 or 3.1.1")
     return MqttSettings(

@@ -133,3 +133,11 @@ def test_agent_connects_over_tls_and_logs_why_when_it_cannot(
             if agent.alive:
                 agent.stop(signal.SIGKILL)
         ops.close()
+
+
+def test_tls_client_on_the_plaintext_port_is_told_so(broker: Broker) -> None:
+    """A plaintext Mosquitto resets a ClientHello: the error says what that usually means."""
+    settings = replace(broker.settings("dev-tls", tls=True), port=broker.port)
+    with pytest.raises(MqttConnectError) as refused:
+        connect_client(settings, "dev-tls", wait_s=5)
+    assert "plaintext port" in str(refused.value), str(refused.value)

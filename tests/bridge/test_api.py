@@ -112,7 +112,9 @@ def test_healthz_openapi_and_page_need_no_token(api: Api, recorder: Recorder) ->
 def test_put_device_tag_publishes_retained_json(api: Api, recorder: Recorder) -> None:
     status, data, _ = call(api, "PUT", "/api/v1/devices/dev1/tag", {"tag": "2.0"})
     assert status == 202
+    warning = data.pop("warning")
     assert data == {"request_id": "req0", "scope": "device", "target": "dev1", "tag": "2.0"}
+    assert "device 'dev1' has never reported" in warning  # nothing has reported as dev1
     [(topic, payload, retain)] = recorder.published
     assert topic == "edge/devices/dev1/tag" and retain
     assert json.loads(payload) == {"tag": "2.0", "request_id": "req0",
@@ -312,3 +314,11 @@ def test_wait_504_names_the_error_the_device_retries(
     status, data, _ = call(api, "PUT", "/api/v1/devices/dev1/tag?wait=0.5", {"tag": "2.0"})
     assert status == 504
     assert data["error"].endswith("(it is retrying after: registry unreachable)")
+
+
+def test_a_device_that_reported_gets_no_warning(api: Api, fleet: Fleet) -> None:
+    fleet.handle("edge/devices/dev1/state", json.dumps(state()).encode(), True)
+    status, data, _ = call(api, "PUT", "/api/v1/devices/dev1/tag", {"tag": "2.0"})
+    assert status == 202 and "warning" not in data
+    status, data, _ = call(api, "PUT", "/api/v1/devices/dev2/tag", {"tag": "2.0"})
+    assert status == 202 and "dev2" in data["warning"]

@@ -661,3 +661,20 @@ def test_check_wait_shows_a_hostile_answer_safely(
     assert "Traceback" not in err
     assert_safe(out, err)
     assert out.startswith(f"{ESC}: ") and len(out.splitlines()) == 1, out
+
+
+def test_set_tag_for_a_device_that_never_reported_warns(broker: Broker, fleet: Fleet,
+                                                         test_id: str) -> None:
+    """A mistyped device id would keep a retained tag for nobody: said before it is kept."""
+    ghost = f"ghost-{test_id}"
+    try:
+        result = ctl(broker, "set-tag", "2.0", "--device", ghost)
+        assert result.returncode == EXIT_OK, result.stderr
+        assert f"warning: {ghost} has never reported" in result.stderr
+        as_json = ctl(broker, "set-tag", "2.0", "--device", ghost, "--json")
+        assert json.loads(as_json.stdout)["device_known"] is False
+        known = ctl(broker, "set-tag", "1.0", "--device", fleet.name, "--json")
+        assert json.loads(known.stdout)["device_known"] is True
+        assert "never reported" not in known.stderr
+    finally:
+        ctl(broker, "clear-tag", "--device", ghost)

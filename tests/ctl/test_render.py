@@ -40,6 +40,7 @@ from edge_agent.protocol.events import CheckOutcome
 from edge_agent.protocol.mqtt import Incoming
 from edge_agent.protocol.timestamps import local_time
 from edge_agent.protocol.topics import Topics
+from tests.support.documents import settled_on
 from tests.support.hostile import (
     FAR_TIMES,
     FORBIDDEN,
@@ -334,3 +335,26 @@ def test_any_superseded_event_is_described_safely(event: dict[str, Any]) -> None
     text = superseded_text(event)
     assert_terminal_safe(text)
     assert len(text) <= 2 * CELL_CHARS + 60
+
+
+def test_a_device_tag_that_shadows_the_fleet_tag_is_shown() -> None:
+    """A device tag (a mistyped one too) wins over group and fleet tags until cleared:
+    ``edge-ctl devices`` says so instead of leaving the operator to wonder."""
+    def retained(topic: str, body: Any) -> Incoming:
+        return Incoming(topic, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                        True)
+
+    own = {"tag": "9.9", "source": "device", "group": None, "request_id": None}
+    follows = {"tag": "3.0", "source": "fleet", "group": None, "request_id": None}
+    messages = [retained(T.fleet_tag, b"3.0"),
+                retained(T.state("dev1"), settled_on("latest", desired=own)),
+                retained(T.state("dev2"), settled_on("3.0", desired=follows))]
+    devices = collect_devices(T, messages)
+    rows = {line.split()[0]: line for line in devices_table(list(devices.values())).splitlines()}
+    assert "its device tag shadows the fleet tag 3.0" in rows["dev1"], rows
+    assert "edge-ctl clear-tag --device dev1" in rows["dev1"]
+    assert "shadows" not in rows["dev2"] and "device tag" not in rows["dev2"]
+    assert devices["dev1"].to_json()["shadows_fleet_tag"] == "3.0"
+    # no fleet tag: still said that the device's own tag wins
+    alone = collect_devices(T, messages[1:2])
+    assert "wins over group and fleet tags" in devices_table(list(alone.values()))

@@ -69,7 +69,20 @@ def test_fallback_ends_the_wait_on_the_settled_state_not_on_the_event() -> None:
     assert code == EXIT_FAILED and result["outcome"] == "fallback"
     assert result["state"]["update"]["status"] == "idle"
     assert result["state"]["fallback"]["active"] is True
-    assert "running the fallback tag: tag 2.0 not found" in err
+    assert "2.0 not applied: the device now runs the fallback tag latest instead: tag 2.0 " \
+        "not found" in err
+
+
+def test_progress_names_the_tag_actually_pulled() -> None:
+    """A mistyped tag: the device pulls the fallback, and the operator is told so."""
+    _, _, err = set_tag_wait(
+        ("events", {"event": "update_started", "request_id": "r1", "from_tag": "1.0",
+                    "to_tag": "latest"}),
+        ("events", {"event": "pull_progress", "request_id": "r1", "tag": "latest",
+                    "progress": 50.0}),
+        ("state", fallen_back("idle")))
+    assert "updating 1.0 -> latest" in err and "pulling latest" in err, err
+    assert "-> 2.0" not in err and "pulling 2.0" not in err, err
 
 
 def test_a_stale_fallback_does_not_end_the_wait() -> None:

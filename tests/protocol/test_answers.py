@@ -50,7 +50,7 @@ def test_fallback_state_is_a_fallback_settled_once_idle() -> None:
     answer = judge_state(fallen_back(), "r1", "2.0")
     assert answer is not None and not answer.ok and answer.settled
     assert (answer.outcome, answer.event) == ("fallback", "fallback")
-    assert answer.reason == "running the fallback tag: tag 2.0 not found"
+    assert answer.reason == "the device now runs the fallback tag latest instead: tag 2.0 not found"
     pulling = judge_state(fallen_back("pulling"), "r1", "2.0")
     assert pulling is not None and pulling.outcome == "fallback" and not pulling.settled
 

@@ -66,7 +66,7 @@ class PrivateDockerd:
         self.pidfile = self.dir / "docker.pid"
         self.log_path = self.dir / "dockerd.log"
         self.config_file = self.dir / "daemon.json"
-        self.config_file.write_text(json.dumps({}) + "\n")  # not /etc/docker/daemon.json
+        self.configure({})  # not /etc/docker/daemon.json
         self.data_root.mkdir()
         self.size_mb = size_mb
         self.bridge = f"edgebr{token}"[:15]
@@ -75,6 +75,17 @@ class PrivateDockerd:
         self._mounted = False
         self._bridge_made = False
         self.client: docker.DockerClient | None = None
+
+    def configure(self, config: dict[str, object]) -> None:
+        """This daemon's daemon.json (e.g. ``{"insecure-registries": [...]}``), read at
+        the next ``start()``."""
+        self.config_file.write_text(json.dumps(config) + "\n")
+
+    @property
+    def bridge_address(self) -> str:
+        """The host's address on this daemon's bridge: local, but not loopback (it exists
+        once the daemon has started)."""
+        return f"10.231.{self.subnet_octet}.1"
 
     @property
     def base_url(self) -> str:
@@ -92,7 +103,7 @@ class PrivateDockerd:
         if not self._bridge_made:
             _ip("link", "add", "name", self.bridge, "type", "bridge")
             self._bridge_made = True
-            _ip("addr", "add", f"10.231.{self.subnet_octet}.1/24", "dev", self.bridge)
+            _ip("addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
 
     def start(self, timeout: float = 60.0) -> None:

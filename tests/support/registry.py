@@ -339,14 +339,14 @@ def _htpasswd_line(username: str, password: str) -> str:
 
 
 class PrivateRegistry:
-    """Another registry on 127.0.0.1 with its own storage and log, for one test.
+    """Another registry (on 127.0.0.1, or ``host``) with its own storage and log, for one test.
 
     ``stop()`` and ``start()`` keep the port and the storage, so a test can take the
     registry away and bring it back with the same content. ``close()`` stops it and
     removes its directory. With ``username``/``password`` it requires basic auth.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only options of a test fixture
         self,
         *,
         username: str | None = None,
@@ -354,13 +354,14 @@ class PrivateRegistry:
         port: int | None = None,
         config: Path = REGISTRY_CONFIG,
         start: bool = True,
+        host: str = "127.0.0.1",
     ) -> None:
         if (username is None) != (password is None):
             raise ValueError("give both username and password, or neither")
         self.username = username
         self.password = password
-        self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.port = port or free_port(host)
+        self.address = f"{host}:{self.port}"
         self.dir = Path(tempfile.mkdtemp(prefix="edge-registry-"))
         self.storage = self.dir / "storage"
         self.storage.mkdir()
