@@ -60,7 +60,9 @@ def test_every_line_of_an_update_names_its_request(
     agent.check()
 
     records = lines(json_log)
-    started = next(i for i, r in enumerate(records) if r["message"].startswith("updating"))
+    # a first install logs "installing <name>: <tag>", a change "updating <name>: a -> b"
+    started = next(i for i, r in enumerate(records)
+                   if r["message"].startswith(("updating", "installing")))
     done = next(i for i, r in enumerate(records) if "update_succeeded" in r["message"])
     assert started < done
     assert {r.get("request_id") for r in records[started:done + 1]} == {"req-42"}
