@@ -814,7 +814,7 @@ def test_a_burst_of_tag_flips_is_coalesced_and_a_command_answered_meanwhile(  # 
     assert 1 <= len(started) <= 3, [(e["to_tag"], e.get("request_id")) for e in started]
     swapped = [e for e in events if e["event"] in ("update_succeeded", "rolled_back")]
     assert [(e["event"], e["tag"]) for e in swapped][-1:] == [("update_succeeded", last_tag)]
-    assert len(swapped) <= 2, swapped
+    assert len(swapped) <= 3, swapped  # a handful (how many depends on the machine's pace)
     # every request has an answer: the last one applied, the others mostly superseded
     unanswered = [rid for rid, tag in flips
                   if not request_answers(watcher, prefix, name, rid, tag, mark)]

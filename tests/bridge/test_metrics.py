@@ -360,6 +360,10 @@ def test_prometheus_sees_a_real_update_and_rollback_and_every_panel_has_data(
     prom, updated, bad = stack.prometheus, stack.updated, stack.rolled_back
     # (each agent's first start counts as an update too)
     succeeded_before = stack.bridge.fleet.snapshot().events["update_succeeded"]
+    # Prometheus must hold a sample of the counters from before the update: with only the
+    # samples after it, increase() and rate() (the dashboard's panels) have nothing to say
+    wait_until(lambda: prom.value("edge_agent_rollbacks_total") == 0, timeout=30,
+               interval=0.5, message="a first scrape before the update")
     response = stack.api.put(f"/api/v1/devices/{updated.device_id}/tag?wait=60",
                              json={"tag": "2.0"})
     assert response.status_code == 200, response.text
