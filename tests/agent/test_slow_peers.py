@@ -297,8 +297,9 @@ def test_sigterm_while_the_docker_daemon_is_stalled(
     with spawn(device, tmp_path, DOCKER_HOST=docker_proxy.docker_host) as agent:
         serving_idle(device, "1.0", agent)
         docker_proxy.stall()  # accepts, never answers: the daemon hangs
-        wait_until(lambda: docker_proxy.waiting_calls(ignore=b"/events") > 0, timeout=30,
-                   message="the loop waiting for the stalled daemon")
+        wait_until(lambda: docker_proxy.waiting_calls(ignore=b"/events") > 0, timeout=60,
+                   message=f"the loop waiting for the stalled daemon; log:\n"
+                           f"{agent.log()[-3000:]}")
         time.sleep(0.5)
         assert_stops_within_promise("Docker daemon stalled", agent, device, docker_client)
         assert device.serving() == "1.0"
