@@ -19,6 +19,9 @@ from tests.support import REPO_ROOT
 
 DOC = (REPO_ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 OPENAPI = REPO_ROOT / "edge_agent" / "bridge" / "openapi.json"
+# How a file would cite the starting contract that once lived beside the repository
+# (spelled in parts, so that this file does not cite it itself)
+STARTING_CONTRACT = "|".join(("SPEC" + " section", "SPEC" + r"\.md", r"\.\./" + "shared"))
 ENUMS: list[type[enum.StrEnum]] = [EventName, CheckOutcome, Outcome, UpdateStatus, Source,
                                    Availability]
 
@@ -59,7 +62,7 @@ def test_nothing_points_outside_the_repository() -> None:
                              capture_output=True, text=True).stdout.split()
     assert len(tracked) > 50
     citing = [name for name in tracked
-              if (REPO_ROOT / name).is_file() and name != "tests/test_protocol_doc.py"
-              and re.search(r"SPEC section|SPEC\.md|shared/SPEC",
+              if (REPO_ROOT / name).is_file()
+              and re.search(STARTING_CONTRACT,
                             (REPO_ROOT / name).read_text(encoding="utf-8", errors="replace"))]
     assert citing == []

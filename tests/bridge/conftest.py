@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.bridge.support import add_simulator_user
-from tests.support.broker import Broker
+from edge_agent.bridge.server import Bridge
+from tests.bridge.support import ApiClient, add_simulator_user, running_bridge, unique_prefix
+from tests.support.broker import Broker, MqttWatcher
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +19,29 @@ def broker() -> Iterator[Broker]:
         broker.add_operator("bridge")
         add_simulator_user(broker)
         yield broker
+
+
+# A bridge of its own on the module's broker, under a prefix of its own, with an HTTP
+# client and an operator watching every topic under that prefix.
+@pytest.fixture
+def prefix() -> str:
+    return unique_prefix()
+
+
+@pytest.fixture
+def bridge(broker: Broker, prefix: str) -> Iterator[Bridge]:
+    with running_bridge(broker, prefix, max_wait_s=30) as bridge:
+        yield bridge
+
+
+@pytest.fixture
+def api(bridge: Bridge) -> Iterator[ApiClient]:
+    with ApiClient(bridge.url) as client:
+        yield client
+
+
+@pytest.fixture
+def watcher(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
+    watcher = MqttWatcher(broker.settings("bridge", prefix=prefix), [f"{prefix}/#"]).start()
+    yield watcher
+    watcher.close()

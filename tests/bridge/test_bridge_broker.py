@@ -33,30 +33,6 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture
-def prefix() -> str:
-    return unique_prefix()
-
-
-@pytest.fixture
-def bridge(broker: Broker, prefix: str) -> Iterator[Bridge]:
-    with running_bridge(broker, prefix, max_wait_s=30) as bridge:
-        yield bridge
-
-
-@pytest.fixture
-def api(bridge: Bridge) -> Iterator[ApiClient]:
-    with ApiClient(bridge.url) as client:
-        yield client
-
-
-@pytest.fixture
-def watcher(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
-    watcher = MqttWatcher(broker.settings("bridge", prefix=prefix), [f"{prefix}/#"]).start()
-    yield watcher
-    watcher.close()
-
-
-@pytest.fixture
 def devices(broker: Broker, prefix: str) -> Iterator[SimulatedDevices]:
     sim = SimulatedDevices(broker, prefix).start()
     yield sim

@@ -11,7 +11,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,30 +28,6 @@ BODY = b'{"tag":"1.0"}'  # 13 bytes
 # the attackers' source address: another loopback address than the legitimate client's
 ATTACKER = "127.0.0.2"
 HEAD_DEADLINE_S = 10.0  # the bridge's default (docs/BRIDGE.md)
-
-
-@pytest.fixture
-def prefix() -> str:
-    return unique_prefix()
-
-
-@pytest.fixture
-def bridge(broker: Broker, prefix: str) -> Iterator[Bridge]:
-    with running_bridge(broker, prefix, max_wait_s=30) as bridge:
-        yield bridge
-
-
-@pytest.fixture
-def api(bridge: Bridge) -> Iterator[ApiClient]:
-    with ApiClient(bridge.url) as client:
-        yield client
-
-
-@pytest.fixture
-def watcher(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
-    watcher = MqttWatcher(broker.settings("bridge", prefix=prefix), [f"{prefix}/#"]).start()
-    yield watcher
-    watcher.close()
 
 
 # -- raw HTTP ---------------------------------------------------------------------------
