@@ -59,6 +59,9 @@ SETTINGS: tuple[Setting, ...] = (
             "tag used when the desired tag does not exist; empty disables the fallback"),
     Setting("UPDATE_MODE", "auto", "auto applies updates; notify only reports them until told"),
     Setting("HEALTH_TIMEOUT", "60", "seconds a new container gets to prove itself healthy"),
+    Setting("DOCKER_DATA_ROOT", "the daemon's DockerRootDir if visible",
+            "where the agent sees Docker's data root, to check free space before a pull "
+            "(in a container: mount it read-only); off skips the check"),
     Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
     Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
@@ -99,6 +102,8 @@ class Settings:
     topic_prefix: str
     # DEVICE_ID was not set: the host name stands in (random in a container)
     device_id_is_hostname: bool = False
+    # where Docker's data root is seen ("": the daemon's DockerRootDir; "off": no check)
+    docker_data_root: str = ""
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -216,7 +221,16 @@ def _parse(raw: dict[str, str]) -> Settings:
         log_format=log_format,
         topic_prefix=prefix,
         device_id_is_hostname=not raw.get("DEVICE_ID"),
+        docker_data_root=_docker_data_root(raw.get("DOCKER_DATA_ROOT", "").strip()),
     )
+
+
+def _docker_data_root(value: str) -> str:
+    if value.lower() == "off":
+        return "off"
+    check(value == "" or value.startswith("/"), "DOCKER_DATA_ROOT",
+          f"{value!r} must be an absolute path or off")
+    return value
 
 
 def describe_settings(format_row: Callable[[Setting], str]) -> str:

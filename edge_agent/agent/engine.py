@@ -46,6 +46,7 @@ from edge_agent.agent.errors import (
     RunConfigError,
 )
 from edge_agent.agent.reconcile import PullProgress
+from edge_agent.agent.space import Platform, platform_of
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,16 @@ class ImageInfo:
         return {
             ref.split("@", 1)[1] for ref in self.repo_digests if ref.split("@", 1)[0] == repository
         }
+
+
+@dataclass(frozen=True)
+class DaemonStorage:
+    """Where the daemon keeps its images (``DockerRootDir``), its platform, and whether
+    it runs on this machine (a unix socket) so that its data root can be seen here."""
+
+    root_dir: str
+    platform: Platform
+    local: bool
 
 
 def socket_denied_hint() -> str:
@@ -294,6 +305,36 @@ class Engine:
         info: dict[str, Any] = self._call("read the daemon's registry settings",
                                           self._client.info)
         return insecure_in(info.get("RegistryConfig") or {}, registry)
+
+    def storage(self) -> DaemonStorage:
+        """Where the daemon keeps images and for which platform it pulls."""
+        info: dict[str, Any] = self._call("read the daemon's data root", self._client.info)
+        return DaemonStorage(
+            root_dir=str(info.get("DockerRootDir") or ""),
+            platform=platform_of(str(info.get("OSType") or ""),
+                                 str(info.get("Architecture") or "")),
+            # a unix socket (docker-py's base URL for one): the daemon shares our disk
+            local=self._client.api.base_url == "http+docker://localhost",
+        )
+
+    def local_layers(self) -> frozenset[str]:
+        """The diff ids of every layer of every local image: what a pull need not fetch."""
+        listed = self._call("list images", lambda: self._client.api.images(quiet=True))
+        layers: set[str] = set()
+        for image_id in listed:
+
+            def inspect(image_id: str = image_id) -> dict[str, Any] | None:
+                try:
+                    attrs: dict[str, Any] = self._client.api.inspect_image(  # type: ignore[no-untyped-call]
+                        image_id)
+                except (ImageNotFound, NotFound):
+                    return None  # removed meanwhile
+                return attrs
+
+            attrs = self._call(f"inspect image {image_id}", inspect)
+            rootfs = (attrs or {}).get("RootFS") or {}
+            layers.update(str(layer) for layer in rootfs.get("Layers") or ())
+        return frozenset(layers)
 
     def image(self, reference: str) -> ImageInfo | None:
         """A local image by id or reference; None when it is not here."""

@@ -28,3 +28,14 @@ class ManifestUnknown(RegistryError):
 
 class StorageError(EdgeAgentError):
     """A file in DATA_DIR could not be read or written."""
+
+
+class InsufficientSpace(EdgeAgentError):
+    """An update's pull would not fit on Docker's data root: refused before pulling."""
+
+    def __init__(self, message: str, *, tag: str, needed: int, free: int, path: str) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.needed = needed
+        self.free = free
+        self.path = path

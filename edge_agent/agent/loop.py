@@ -22,7 +22,12 @@ from typing import Any
 
 from edge_agent.agent.config import Settings
 from edge_agent.agent.engine import Engine
-from edge_agent.agent.errors import ManifestUnknown, RunConfigError, StorageError
+from edge_agent.agent.errors import (
+    InsufficientSpace,
+    ManifestUnknown,
+    RunConfigError,
+    StorageError,
+)
 from edge_agent.agent.reconcile import Desired, RemoteTag, backoff_s, resolve_desired
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.status import Status
@@ -30,7 +35,7 @@ from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
 from edge_agent.logs import REQUEST_ID
 from edge_agent.protocol.errors import EdgeAgentError, TagError
-from edge_agent.protocol.events import CheckOutcome, EventName
+from edge_agent.protocol.events import CheckOutcome, EventName, FailureCode
 from edge_agent.protocol.messages import (
     CheckRequest,
     RemoteReady,
@@ -348,9 +353,11 @@ class Agent:
             else:
                 # An update that started and broke off, or a tag that exists nowhere (not
                 # even the fallback), is an answer for whoever asked; a registry blip is not.
-                final = isinstance(exc, ManifestUnknown) or self.status.update_status in BUSY
+                final = (isinstance(exc, (ManifestUnknown, InsufficientSpace))
+                         or self.status.update_status in BUSY)
                 error = str(exc)
-                self._report_failure(error, event=EventName.UPDATE_FAILED if final else None)
+                self._report_failure(error, event=EventName.UPDATE_FAILED if final else None,
+                                     **_failure_details(exc))
                 answered = final
         except Exception as exc:  # the loop boundary: a bug must not kill the agent
             log.exception("unexpected error during a check; the container is left as it is")
@@ -476,21 +483,26 @@ class Agent:
                                     self.status, should_abort=self._should_abort)
         return self._updater
 
-    def _report_failure(self, error: str, event: EventName | None) -> None:
+    def _report_failure(self, error: str, event: EventName | None, *,
+                        code: FailureCode | None = None, **details: Any) -> None:
         self._failures += 1
         delay = min(self.settings.poll_interval_s,
                     backoff_s(self._failures, RETRY_BASE_S, RETRY_CAP_S))
         # min: a desired tag that arrived during the check asked for one at once
         self._next_check = min(self._next_check, time.monotonic() + delay)
         desired = self.status.desired
-        key = (error, desired.request_id if desired else None)
+        tag = desired.tag if desired else None
+        # A failure with a code is the same condition while its numbers move (free space)
+        key = (f"{code} {tag}" if code else error, desired.request_id if desired else None)
         if key != self._last_error:
             log.error("%s (retrying in %.0f s)", error, delay)
             if event is not None:
-                self.status.event(event, error=error, tag=desired.tag if desired else None)
+                coded = {"code": code, **details} if code else {}
+                self.status.event(event, error=error, tag=tag, **coded)
         else:
             log.debug("%s (again; retrying in %.0f s)", error, delay)
         self._last_error = key
+        self.status.failure_code = (code, error) if code else None
         self.status.set_update(UpdateStatus.ERROR, error=error)
         self._observe_quietly()
 
@@ -521,6 +533,14 @@ def _check_answer(
     if error is not None:
         answer["error"] = error
     return answer
+
+
+def _failure_details(exc: Exception) -> dict[str, Any]:
+    """The machine-readable code and numbers of a failure that has them."""
+    if isinstance(exc, InsufficientSpace):
+        return {"code": FailureCode.INSUFFICIENT_SPACE, "needed_bytes": exc.needed,
+                "free_bytes": exc.free, "path": exc.path}
+    return {}
 
 
 def _key_of(desired: Desired) -> RemoteKey:

@@ -40,6 +40,15 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from edge_agent.agent import deadline
 from edge_agent.agent.errors import ManifestUnknown, RegistryError, StorageError
+from edge_agent.agent.space import (
+    ImageLayers,
+    Platform,
+    UnreadableManifest,
+    is_index,
+    pick_manifest,
+    read_diff_ids,
+    read_manifest,
+)
 from edge_agent.files import read_regular_file
 from edge_agent.protocol import safejson
 
@@ -63,6 +72,10 @@ DEADLINE_S = 30.0
 # A token answer is a few kilobytes of JSON; more is refused unread.
 MAX_TOKEN_ANSWER_BYTES = 64 * 1024
 MAX_DOCKER_CONFIG_BYTES = 1 << 20
+# A manifest (distribution refuses more than 4 MiB) and an image config, read whole
+# before a pull to estimate its size; more is refused unread.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_CONFIG_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -203,6 +216,65 @@ class RegistryClient:
         if not digest or not digest.startswith("sha256:"):
             raise RegistryError("registry did not return a Docker-Content-Digest header")
         return digest
+
+    def image_layers(self, digest: str, platform: Platform) -> ImageLayers:
+        """What the image at ``digest`` is made of (for ``platform`` when it is a
+        multi-arch index): its manifest's compressed layer sizes and its config's diff ids.
+        Asked only before a pull; RegistryError when the registry cannot say."""
+        what = f"size estimate of {self.location.name}@{digest}"
+        try:
+            return deadline.call(lambda: self._image_layers(digest, platform),
+                                 timeout_s=self.deadline_s, what=what,
+                                 cancel=self._adapter.shut_down,
+                                 should_abort=deadline.stopping)
+        except deadline.GaveUp as exc:
+            if exc.stopping:
+                raise RegistryError(f"{what} given up: the agent is stopping") from None
+            raise RegistryError(f"registry did not answer within {self.deadline_s:g} s "
+                                f"({what})") from None
+        except UnreadableManifest as exc:
+            raise RegistryError(f"{what}: {exc}") from None
+
+    def _image_layers(self, digest: str, platform: Platform) -> ImageLayers:
+        base = f"{self.location.base_url}/v2/{self.location.name}"
+        manifest = self._get_json(f"{base}/manifests/{digest}", MAX_MANIFEST_BYTES)
+        if is_index(manifest):
+            chosen = pick_manifest(manifest, platform)
+            manifest = self._get_json(f"{base}/manifests/{chosen}", MAX_MANIFEST_BYTES)
+        config_digest, sizes = read_manifest(manifest)
+        config = self._get_json(f"{base}/blobs/{config_digest}", MAX_CONFIG_BYTES)
+        return ImageLayers(sizes, read_diff_ids(config))
+
+    def _get_json(self, url: str, max_bytes: int) -> dict[str, Any]:
+        """GET a manifest or blob (answering an auth challenge), bounded, as a JSON object."""
+        status, body = self._get(url, max_bytes)
+        if status == HTTPStatus.UNAUTHORIZED:
+            status, body = self._get(url, max_bytes, answer_challenge=False)
+        if status != HTTPStatus.OK:
+            raise RegistryError(f"registry answered HTTP {status} for {url}")
+        try:
+            return safejson.loads_object(body, max_bytes=max_bytes)
+        except safejson.UntrustedJson as exc:
+            raise RegistryError(f"registry sent an unreadable document for {url}: {exc}"
+                                ) from None
+
+    def _get(self, url: str, max_bytes: int, *, answer_challenge: bool = True,
+             ) -> tuple[int, bytes]:
+        headers = {"Accept": MANIFEST_ACCEPT}
+        if self._auth_header and time.monotonic() < self._auth_expires:
+            headers["Authorization"] = self._auth_header
+        try:
+            # blobs may redirect to storage elsewhere; requests drops Authorization there
+            with self._session.get(url, headers=headers, stream=True,
+                                   timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as response:
+                if response.status_code == HTTPStatus.UNAUTHORIZED and answer_challenge:
+                    self._authenticate(response)
+                    return response.status_code, b""
+                body = response.raw.read(max_bytes + 1, decode_content=True)
+                return response.status_code, body
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise RegistryError(f"registry unreachable at {self.location.base_url}/v2/: "
+                                f"{_short(exc)}") from None
 
     def _head(self, url: str) -> requests.Response:
         headers = {"Accept": MANIFEST_ACCEPT}

@@ -16,7 +16,7 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
-from edge_agent.protocol.events import EventName, bounded_text, event_body
+from edge_agent.protocol.events import EventName, FailureCode, bounded_text, event_body
 from edge_agent.protocol.state import BUSY, UpdateStatus
 from edge_agent.protocol.timestamps import utc_now
 
@@ -68,6 +68,8 @@ class Status:
     last_check_at: str | None = None
     last_success_at: str | None = None
     last_error: str | None = None
+    # The code of a failure that has one, and its error: shown while that error is the last
+    failure_code: tuple[FailureCode, str] | None = None
     # When the registry last answered a digest question (found or not): the healthcheck's
     # proof that the agent can do its job. Kept out of the MQTT state, in status.json only.
     registry_answered_at: str | None = None
@@ -133,6 +135,7 @@ class Status:
                 "last_check_at": self.last_check_at,
                 "last_success_at": self.last_success_at,
                 "last_error": _bounded(self.last_error),
+                "error_code": self._error_code(),
             },
             "installed_version": installed,
             "latest_version": latest,
@@ -145,6 +148,12 @@ class Status:
                                              in_progress=in_progress,
                                              percentage=self.progress),
         }
+
+    def _error_code(self) -> str | None:
+        coded = self.failure_code
+        if coded is None or self.last_error is None or coded[1] != self.last_error:
+            return None
+        return str(coded[0])
 
 
 def _bounded(text: str | None) -> str | None:

@@ -33,7 +33,12 @@ from edge_agent.agent.engine import (
     Engine,
     ImageInfo,
 )
-from edge_agent.agent.errors import DockerOperationError, ManifestUnknown, RegistryError
+from edge_agent.agent.errors import (
+    DockerOperationError,
+    InsufficientSpace,
+    ManifestUnknown,
+    RegistryError,
+)
 from edge_agent.agent.reconcile import (
     MAX_INTERRUPTED,
     Action,
@@ -54,7 +59,19 @@ from edge_agent.agent.reconcile import (
     plan_recovery,
     relevant_attempts,
 )
-from edge_agent.agent.registry import RegistryClient
+from edge_agent.agent.registry import RegistryClient, in_container
+from edge_agent.agent.space import (
+    OFF,
+    DataRoot,
+    ImageLayers,
+    Platform,
+    data_root,
+    download_bytes,
+    free_bytes,
+    make_room,
+    megabytes,
+    room_needed,
+)
 from edge_agent.agent.status import FallbackView, RunningView, Status
 from edge_agent.agent.store import AgentState, DataDir, ImageRef, PendingUpdate, RunConfig
 from edge_agent.protocol.errors import EdgeAgentError
@@ -113,6 +130,13 @@ class Updater:
         self._prune_due = True
         self._warned_config: str | None = None  # docker_config.json whose warnings were said
         self._local_decision: str | None = None  # the registry error last decided around
+        # Room for a pull: where Docker's data root is seen (asked once), the platform,
+        # the last image's layers (a refused update asks again at every check), and why
+        # free space could not be checked, said once.
+        self._data_root: DataRoot | None = None
+        self._platform = Platform("linux", "amd64")
+        self._layers: tuple[str, ImageLayers] | None = None
+        self._room_unknown: str | None = None
 
     # -- check ------------------------------------------------------------------
     def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
@@ -271,6 +295,9 @@ class Updater:
         run_config: RunConfig,
     ) -> CheckOutcome:
         from_tag = self.status.running.tag
+        if target.digest is not None and self._pulled_already(target) is None:
+            # before the update starts: a refusal leaves everything as it is
+            self._check_room(target, current)
         if current is None:
             log.info("installing %s: %s (%s), no container yet", self.name, target.tag,
                      target.digest)
@@ -387,8 +414,8 @@ class Updater:
             if local is None:
                 raise DockerOperationError(f"no local image for {repo}:{target.tag}")
             return local
-        local = self.engine.image(f"{repo}@{target.digest}")
-        if local is not None and (is_digest(target.tag) or self._tag_points_at(target, local)):
+        local = self._pulled_already(target)
+        if local is not None:
             return local
         self.status.set_update(UpdateStatus.PULLING, progress=0.0)
 
@@ -399,6 +426,88 @@ class Updater:
             self.status.publish()
 
         return self.engine.pull(repo, target.tag, on_progress, self.should_abort)
+
+    def _pulled_already(self, target: Target) -> ImageInfo | None:
+        """The local image of ``target`` when a pull has nothing to do."""
+        local = self.engine.image(f"{self.settings.repository}@{target.digest}")
+        if local is not None and (is_digest(target.tag) or self._tag_points_at(target, local)):
+            return local
+        return None
+
+    # -- room for the pull --------------------------------------------------------
+    def _check_room(self, target: Target, current: ContainerInfo | None) -> None:
+        """Does the pull fit on Docker's data root? Our own older images (neither running
+        nor kept for rollback) are pruned first when it does not; InsufficientSpace, with
+        nothing touched, when it still does not. Skipped (said once) when the agent
+        cannot know; a pull that fails for lack of space anyway is reported as before."""
+        assert target.digest is not None
+        path = self._where_to_measure()
+        layers = self._layers_of(target) if path is not None else None
+        if path is None or layers is None:
+            return
+
+        def measure() -> tuple[int, int]:
+            needed = room_needed(download_bytes(layers, self.engine.local_layers()))
+            return needed, free_bytes(path) if needed else 0
+
+        def prune() -> bool:
+            keep = frozenset({current.image_id}) if current is not None else frozenset()
+            return self._prune(keep) > 0
+
+        try:
+            room = make_room(measure, prune)
+        except OSError as exc:
+            self._cannot_check_room(f"cannot read the free space of {path}: "
+                                    f"{exc.strerror or exc}")
+            return
+        self._room_unknown = None
+        numbers = (f"needs about {megabytes(room.needed)} MB, "
+                   f"{megabytes(room.free, up=False)} MB free on {path}")
+        if room.fits:
+            if room.pruned:
+                log.info("pruned older images of %s to make room for %s: %s",
+                         self.settings.repository, target.tag, numbers)
+            return
+        pruned = " after pruning older images of the repository" if room.pruned else ""
+        raise InsufficientSpace(
+            f"not enough disk space to pull {target.tag}: {numbers}{pruned}; the current "
+            "container keeps running, retried at the next check",
+            tag=target.tag, needed=room.needed, free=room.free, path=path)
+
+    def _where_to_measure(self) -> str | None:
+        """Where the agent sees Docker's data root (DOCKER_DATA_ROOT), asked once."""
+        if self._data_root is None:
+            storage = self.engine.storage()
+            self._platform = storage.platform
+            root = storage.root_dir
+            self._data_root = data_root(
+                self.settings.docker_data_root, root, local_daemon=storage.local,
+                in_container=in_container(), is_dir=bool(root) and os.path.isdir(root),
+                is_mount=bool(root) and os.path.ismount(root))
+        if self._data_root.path is None:
+            self._cannot_check_room(self._data_root.why)
+        return self._data_root.path
+
+    def _layers_of(self, target: Target) -> ImageLayers | None:
+        """The layers of the target image, from the registry (once per digest)."""
+        assert target.digest is not None
+        if self._layers is not None and self._layers[0] == target.digest:
+            return self._layers[1]
+        try:
+            layers = self.registry.image_layers(target.digest, self._platform)
+        except RegistryError as exc:
+            self._cannot_check_room(f"cannot estimate the download of {target.tag}: {exc}")
+            return None
+        self._layers = (target.digest, layers)
+        return layers
+
+    def _cannot_check_room(self, why: str) -> None:
+        if why == self._room_unknown:
+            return
+        self._room_unknown = why
+        off = self.settings.docker_data_root.lower() == OFF
+        log.log(logging.INFO if off else logging.WARNING,
+                "free space not checked before pulling: %s", why)
 
     def _reference(self, target: Target) -> str:
         """How the container names its image: by digest when known (exact, and what
@@ -529,13 +638,18 @@ class Updater:
                           digest=pending.target.digest, reason=reason, restored=restored,
                           request_id=pending.request_id)
 
-    def _prune(self) -> None:
-        """Keep the current and previous images of the repository; remove the others."""
+    def _prune(self, keep_also: frozenset[str] = frozenset()) -> int:
+        """Keep the current and previous images of the repository (and ``keep_also``);
+        remove the others. Returns how many it removed (or tried: one in use stays)."""
         self._prune_due = False
         keep = {ref.image_id for ref in (self.state.applied, self.state.previous) if ref}
+        keep |= keep_also
+        pruned = 0
         for image in self.engine.repository_images(self.settings.repository):
             if image.id not in keep:
                 self.engine.remove_image_refs(image, self.settings.repository)
+                pruned += 1
+        return pruned
 
     # -- recovery ---------------------------------------------------------------
     def recover(self) -> None:

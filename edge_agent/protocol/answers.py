@@ -15,6 +15,8 @@ Outcomes (``ok``: ``applied`` and ``updated``):
 - ``available``: notify mode, the update waits for ``cmd/install`` (never settled)
 - ``rolled_back``, ``failed``, ``rejected``, ``config_error``: the events ``rolled_back``,
   ``update_failed``, ``tag_rejected``, ``config_error``
+- ``insufficient_space``: ``update_failed`` with that ``code``: the pull would not fit on
+  the device's disk; refused before pulling, the old container serves, retried
 - ``superseded``: the event ``tag_superseded``: another desired tag (or a clear) came on
   the same topic before the agent applied this one; the agent acts on the newest only,
   and the event names it (``new_tag``, ``superseded_by``: its request id)
@@ -26,7 +28,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.protocol.events import EventName
+from edge_agent.protocol.events import EventName, FailureCode
 from edge_agent.protocol.state import UpdateStatus
 
 
@@ -44,6 +46,7 @@ class Outcome(enum.StrEnum):
     REJECTED = "rejected"
     CONFIG_ERROR = "config_error"
     SUPERSEDED = "superseded"
+    INSUFFICIENT_SPACE = "insufficient_space"
 
 
 # events that answer a request with a failure, and their outcome
@@ -132,6 +135,9 @@ def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | No
         return None
     detail = event.get("reason") or event.get("error") or ""
     reason = f"{name}: {detail}" if detail else name
-    if outcome is Outcome.FAILED:
+    if outcome is Outcome.FAILED and event.get("code") == FailureCode.INSUFFICIENT_SPACE:
+        outcome = Outcome.INSUFFICIENT_SPACE
+        reason = f"{FailureCode.INSUFFICIENT_SPACE}: {detail}"
+    elif outcome is Outcome.FAILED:
         reason += " (the agent retries at its next check)"
     return Answer(outcome, False, reason, name)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from edge_agent.protocol.events import MAX_TEXT_CHARS, TRUNCATED
+from edge_agent.protocol.events import MAX_TEXT_CHARS, TRUNCATED, FailureCode
 from edge_agent.protocol.state import (
     CONTAINER_STATUSES,
     HEALTH_STATUSES,
@@ -34,6 +34,7 @@ SHORT_TEXT = 256  # names, versions, ids
 LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 
 UPDATE_STATUSES = frozenset(str(status) for status in UpdateStatus)
+FAILURE_CODES = frozenset(str(code) for code in FailureCode)
 DESIRED_SOURCES = frozenset(str(source) for source in Source)
 EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -166,6 +167,7 @@ STATE_FIELDS: dict[str, Check] = {
         "last_check_at": _nullable(_timestamp),
         "last_success_at": _nullable(_timestamp),
         "last_error": _nullable(_text(LONG_TEXT)),
+        "error_code": _nullable(_one_of(FAILURE_CODES)),
     }),
     "installed_version": _nullable(TAG),
     "latest_version": _nullable(TAG),
@@ -188,6 +190,7 @@ EVENT_FIELDS: dict[str, Check] = {
     "tag": _nullable(TAG),
     "reason": _nullable(_text(LONG_TEXT)),
     "error": _nullable(_text(LONG_TEXT)),
+    "code": _nullable(_one_of(FAILURE_CODES)),
 }
 _EVENT = _object(EVENT_FIELDS)
 

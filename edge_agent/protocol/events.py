@@ -40,6 +40,14 @@ class EventName(enum.StrEnum):
     TAG_SUPERSEDED = "tag_superseded"
 
 
+class FailureCode(enum.StrEnum):
+    """``update_failed``'s ``code`` (and the state's ``update.error_code``): a failure a
+    machine can act on; absent for the others."""
+
+    # the pull would not fit on Docker's data root: refused before pulling, retried
+    INSUFFICIENT_SPACE = "insufficient_space"
+
+
 class CheckOutcome(enum.StrEnum):
     """What one check did, as a command's reply says it."""
 
