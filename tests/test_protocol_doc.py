@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from edge_agent.protocol.answers import Outcome
-from edge_agent.protocol.events import CheckOutcome, EventName
+from edge_agent.protocol.events import CheckOutcome, EventName, FailureCode
 from edge_agent.protocol.state import Availability, Source, UpdateStatus
 from edge_agent.protocol.topics import Topics
 from tests.support import REPO_ROOT
@@ -23,7 +23,7 @@ OPENAPI = REPO_ROOT / "edge_agent" / "bridge" / "openapi.json"
 # (spelled in parts, so that this file does not cite it itself)
 STARTING_CONTRACT = "|".join(("SPEC" + " section", "SPEC" + r"\.md", r"\.\./" + "shared"))
 ENUMS: list[type[enum.StrEnum]] = [EventName, CheckOutcome, Outcome, UpdateStatus, Source,
-                                   Availability]
+                                   Availability, FailureCode]
 
 
 def in_backticks(text: str) -> bool:

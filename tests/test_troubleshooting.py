@@ -24,7 +24,7 @@ DOC = REPO_ROOT / "docs" / "TROUBLESHOOTING.md"
 LEVELS = {"error", "warning", "exception", "critical"}
 ERRORS = {"ConfigError", "TagError", "RunConfigError", "DockerUnavailable",
           "DockerOperationError", "RegistryError", "ManifestUnknown", "StorageError",
-          "MqttConnectError"}
+          "MqttConnectError", "InsufficientSpace"}
 # Shorter fixed texts ("pull ", "container ") say too little to look for.
 MIN_CHARS = 10
 

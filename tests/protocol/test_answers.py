@@ -90,6 +90,19 @@ def test_failure_event_reasons() -> None:
     assert bare is not None and bare.reason == "rolled_back"
 
 
+def test_a_pull_refused_for_lack_of_space_is_its_own_outcome() -> None:
+    error = ("not enough disk space to pull 2.0: needs about 176 MB, 120 MB free on "
+             "/var/lib/docker; the current container keeps running, retried at the next check")
+    event = {"event": "update_failed", "request_id": "r1", "error": error,
+             "code": "insufficient_space", "needed_bytes": 176 << 20, "free_bytes": 120 << 20}
+    answer = judge_event(event, "r1", "2.0")
+    assert answer is not None and not answer.ok and answer.settled
+    assert (answer.outcome, answer.event) == ("insufficient_space", "update_failed")
+    assert answer.reason == f"insufficient_space: {error}"
+    unknown = judge_event({**event, "code": "made_up"}, "r1", "2.0")
+    assert unknown is not None and unknown.outcome == "failed"
+
+
 def test_a_superseded_request_is_answered_with_what_replaced_it() -> None:
     """A burst of desired tags is acted on at its newest only: the others' waiters get
     this answer instead of waiting for a state that will never name them."""
