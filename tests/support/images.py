@@ -44,6 +44,7 @@ __all__ = [
     "full_repo",
     "get_client",
     "push_image",
+    "push_padded",
     "remove_registry_images",
     "remove_repo_images",
     "repo_image_ids",
@@ -262,6 +263,24 @@ def build_and_push(  # noqa: PLR0913 - an image's name, content and target
     """
     build_image(repo, tag, version, kind, registry=registry, client=client)
     return push_image(repo, tag, registry=registry, auth=auth, client=client)
+
+
+def push_padded(repo: str, tag: str, pad_mb: int, client: docker.DockerClient) -> None:
+    """Rebuild ``repo:tag`` with an extra layer of ``pad_mb`` MiB of random (incompressible,
+    so its download is as large as its files) bytes, and push it."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("Dockerfile", f"FROM {repo}:{tag}\nCOPY pad /pad\n".encode()),
+                           ("pad", os.urandom(pad_mb << 20))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    for chunk in client.api.build(fileobj=buf, custom_context=True, tag=f"{repo}:{tag}",
+                                  rm=True, decode=True):
+        assert "error" not in chunk, chunk
+    for chunk in client.api.push(repo, tag=tag, stream=True, decode=True):
+        assert "error" not in chunk, chunk
 
 
 def repo_image_ids(
