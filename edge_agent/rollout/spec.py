@@ -115,7 +115,8 @@ def parse_spec(obj: Any) -> RolloutSpec:
         raise SpecError("body: must be a JSON object")
     unknown = sorted(str(k)[:40] for k in set(obj) - SPEC_FIELDS)
     if unknown:
-        raise SpecError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(SPEC_FIELDS))})")
+        known = ", ".join(sorted(SPEC_FIELDS))
+        raise SpecError(f"body: unknown field {unknown[0]!r} (known: {known})")
     if "tag" not in obj:
         raise SpecError("tag: required")
     tag = obj["tag"]
