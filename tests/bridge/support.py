@@ -64,12 +64,14 @@ def add_simulator_user(broker: Broker, name: str = "simulator") -> str:
 @contextmanager
 def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",  # noqa: PLR0913
                    max_wait_s: float = 120.0, token: str = TOKEN,
-                   limits: ServerLimits | None = None) -> Iterator[Bridge]:
+                   limits: ServerLimits | None = None,
+                   data_dir: Path | None = None) -> Iterator[Bridge]:
     """An in-process bridge on a free port, connected to ``broker`` as ``user``; the
-    HTTP server's ``limits`` are the shipped ones unless given."""
+    HTTP server's ``limits`` are the shipped ones unless given; rollouts on with a
+    ``data_dir``."""
     settings = BridgeSettings(token=token, host="127.0.0.1", port=0, max_wait_s=max_wait_s,
                               mqtt=broker.settings(user, prefix=prefix), log_level="INFO",
-                              log_format="text")
+                              log_format="text", data_dir=data_dir)
     bridge = Bridge(settings, limits)
     bridge.start()
     try:

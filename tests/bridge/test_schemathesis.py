@@ -5,7 +5,11 @@ Devices are simulated and answer every desired tag at once, so ``?wait`` request
 real 200 answers with agent-shaped state to validate. One exception is configured,
 for one operation: ``PUT /api/v1/devices/{id}/tag`` may answer 504, which the contract
 (docs/PROTOCOL.md, section 9) prescribes when the device does not answer within ``wait`` seconds; schemathesis
-sends waits as small as 5e-324 s, which nothing can meet.
+sends waits as small as 5e-324 s, which nothing can meet. And a rollout spec that fits
+the schema is still refused (400) when it names devices the bridge never saw, or waves
+that do not fit the fleet: ``POST /api/v1/rollouts`` is not held to accepting every
+schema-valid body, and the rollout routes may find no rollout to act on (no warnings
+for those).
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ CONFIG = """
 include-path = "/api/v1/devices/{id}/tag"
 include-method = "PUT"
 checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "504"]
+
+[[operations]]
+include-operation-id = "createRollout"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "409"]
+warnings = false
+
+[[operations]]
+include-path-regex = "^/api/v1/rollouts/"
+warnings = false
 """
 MAX_EXAMPLES = "10"
 
@@ -41,7 +54,8 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     devices = SimulatedDevices(broker, prefix, answer_any=True).start()
     try:
         devices.add(["dev1", "dev2"])
-        with running_bridge(broker, prefix, max_wait_s=2) as bridge:
+        with running_bridge(broker, prefix, max_wait_s=2,
+                            data_dir=tmp_path / "bridge-data") as bridge:
             result = subprocess.run(
                 [schemathesis, "--config-file", str(config), "run",
                  f"{bridge.url}/openapi.json", "-H", f"Authorization: Bearer {TOKEN}",
