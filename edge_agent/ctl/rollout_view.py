@@ -17,12 +17,13 @@ from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK
 from edge_agent.ctl.render import CELL_CHARS, TEXT_CHARS, date_time, printable, text_at
 from edge_agent.protocol.answers import lookup
 from edge_agent.protocol.timestamps import format_utc, local_time
+from edge_agent.rollout.plan import DeviceOutcome, RolloutState, WaveState
 
 # A rollout that ends in one of these states ends ``--watch`` with this exit code.
-FINAL_STATES = {"succeeded": EXIT_OK, "halted": EXIT_FAILED, "aborted": EXIT_FAILED}
+FINAL_STATES = {RolloutState.SUCCEEDED: EXIT_OK, RolloutState.HALTED: EXIT_FAILED,
+                RolloutState.ABORTED: EXIT_FAILED}
 # Device outcomes in the order a rollout moves a device through them (the counts line).
-OUTCOME_ORDER = ("pending", "sent", "updating", "deferred", "offline", "succeeded",
-                 "failed", "skipped", "reverted")
+OUTCOME_ORDER = tuple(DeviceOutcome)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def total_devices(rollout: Any) -> int:
 
 def succeeded_devices(rollout: Any) -> int:
     return sum(1 for wave in _list(lookup(rollout, "waves")) for device in wave_devices(wave)
-               if device.get("outcome") == "succeeded")
+               if device.get("outcome") == DeviceOutcome.SUCCEEDED)
 
 
 # -- list ---------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def changes(old: Any, new: Any) -> list[Change]:
         before = old_waves[position] if position < len(old_waves) else None
         wave_state = text_at(wave, "state")
         if wave_state != (text_at(before, "state") if before is not None else None) and (
-                old is not None or wave_state != "pending"):
+                old is not None or wave_state != WaveState.PENDING):
             found.append(Change({"type": "wave", "id": rollout_id, "index": position,
                                  "state": wave_state}, wave_title(wave, len(new_waves))))
         previous = {text_at(device, "device_id"): device for device in wave_devices(before)}
@@ -201,7 +202,7 @@ def changes(old: Any, new: Any) -> list[Change]:
             if was is not None and (outcome, why) == (text_at(was, "outcome"),
                                                       text_at(was, "reason")):
                 continue
-            if was is None and outcome == "pending":
+            if was is None and outcome == DeviceOutcome.PENDING:
                 continue  # not news: where every device starts
             text = (f"  wave {position + 1}  {printable(device_id or '?', CELL_CHARS)}  "
                     + (f"{_cell(was, 'outcome')} -> " if was is not None else "")
@@ -220,11 +221,11 @@ def final(rollout: Any) -> tuple[int, str] | None:
     if state not in FINAL_STATES:
         return None
     rollout_id = _cell(rollout, "id")
-    if state == "succeeded":
+    if state == RolloutState.SUCCEEDED:
         text = (f"rollout {rollout_id} succeeded: {succeeded_devices(rollout)} of "
                 f"{total_devices(rollout)} devices on {_cell(lookup(rollout, 'spec'), 'tag')}"
                 f" ({counts_text(rollout)})")
     else:
         reason = printable(text_at(rollout, "reason") or "no reason given", TEXT_CHARS)
         text = f"rollout {rollout_id} {state}: {reason} ({counts_text(rollout)})"
-    return FINAL_STATES[state], text
+    return FINAL_STATES[RolloutState(state)], text

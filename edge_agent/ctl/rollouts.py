@@ -21,6 +21,13 @@ from edge_agent.ctl.bridge_client import BridgeClient, BridgeSettings
 from edge_agent.ctl.errors import EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CtlError
 from edge_agent.ctl.render import Printer
 from edge_agent.ctl.rollout_view import changes, final, rollout_text, rollouts_table
+from edge_agent.rollout.spec import (
+    DEFAULT_MAX_UPDATING,
+    DEFAULT_WAVE_TIMEOUT_S,
+    DEFAULT_WAVES,
+    OnHalt,
+    Unreachable,
+)
 
 RolloutCommand = Callable[[argparse.Namespace, BridgeClient, Printer], int]
 
@@ -61,21 +68,27 @@ def add_rollout_parser(commands: Any) -> None:
     target.add_argument("--device", "-d", metavar="ID", action="append",
                         help="an explicit device (repeat the option for more)")
     start.add_argument("--canary", metavar="ID,ID", help="a first wave of exactly these devices")
+    default_waves = ",".join(map(str, DEFAULT_WAVES)).replace("%", "%%")
     start.add_argument("--waves", metavar="LIST",
                        help="wave sizes: a number of devices or a cumulative N%% of the "
-                       "target, e.g. 1,25%%,100%% (bridge default 1,100%%)")
+                       f"target, e.g. 1,25%%,100%% (default {default_waves})")
     start.add_argument("--max-updating", type=int, metavar="N",
-                       help="devices updating at once, at most")
+                       help=f"devices updating at once, at most (default {DEFAULT_MAX_UPDATING})")
     start.add_argument("--success-threshold", type=float, metavar="SHARE",
-                       help="share (0-1] of a wave's devices that must end on the tag")
+                       help="share (0-1] of a wave's devices that must end on the tag "
+                       "(default 1)")
     start.add_argument("--failure-threshold", type=float, metavar="SHARE",
-                       help="share [0-1) of a wave's devices that may fail before it halts")
-    start.add_argument("--wave-timeout", type=float, metavar="S", help="seconds per wave")
-    start.add_argument("--on-halt", choices=("stop", "revert"),
-                       help="stop, or also send the halted wave back to its previous tag")
-    start.add_argument("--unreachable", choices=("wait", "skip", "fail"),
+                       help="share [0-1) of a wave's devices that may fail before it halts "
+                       "(default 0: the first failure halts)")
+    start.add_argument("--wave-timeout", type=float, metavar="S",
+                       help=f"seconds per wave (default {DEFAULT_WAVE_TIMEOUT_S:g})")
+    start.add_argument("--on-halt", choices=tuple(OnHalt),
+                       help="stop, or also send the halted wave back to its previous tag "
+                       f"(default {OnHalt.STOP})")
+    start.add_argument("--unreachable", choices=tuple(Unreachable),
                        help="offline or deferred devices: wait for them (until the wave "
-                       "timeout), skip them, or count them as failed")
+                       "timeout, then skip them), skip them, or count them as failed "
+                       f"(default {Unreachable.WAIT})")
     start.add_argument("--watch", action="store_true", help="then show its progress live")
 
     sub.add_parser("list", parents=parents, help="the rollouts, newest first")
