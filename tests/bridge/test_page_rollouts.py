@@ -113,18 +113,35 @@ def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
         assert not any(button(a).is_enabled() for a in ("pause", "resume", "abort"))
         page.screenshot(tmp_path / "rollouts.png")
 
-        # whatever the document holds, it is text, and classes come from the fixed lists
-        hostile = api.get(f"{bridge.url}/api/v1/rollouts/{rollout_id}", timeout=30).json()
-        hostile.update(id=HTML, state="running x-evil", reason=HTML)
-        hostile["waves"][0].update(state=HTML, started_at=HTML)
-        hostile["waves"][0]["devices"][0].update(device_id=HTML, outcome="failed x-evil",
-                                                 reason=HTML)
-        node = driver.execute_script("const r = renderRollout(arguments[0]);"
-                                     "document.body.appendChild(r); return r;", hostile)
-        tokens = {token for value in driver.execute_script(CLASSES_JS, node)
-                  for token in value.split()}
-        assert tokens <= ALLOWED_CLASSES, tokens - ALLOWED_CLASSES
-        html = node.get_attribute("outerHTML") or ""
-        assert "<img" not in html and "<script" not in html and "<b>" not in html
-        assert re.search(r'class="[^"]*x-evil', html) is None
+
+def test_a_hostile_rollout_document_is_text_with_fixed_classes(
+        bridge: BridgeProcess, tmp_path: Path) -> None:
+    """Whatever the document holds (reasons come from devices), app.js shows it as text
+    and takes classes from its fixed lists."""
+    from tests.bridge.browser import FleetPage, chromium  # noqa: PLC0415 - needs selenium
+
+    device = {"device_id": HTML, "outcome": "failed x-evil", "reason": HTML,
+              "previous_tag": HTML, "request_id": HTML}
+    hostile: dict[str, Any] = {
+        "id": HTML, "state": "running x-evil", "reason": HTML, "created_at": HTML,
+        "spec": {"tag": HTML, "target": {"group": HTML}},
+        "counts": {HTML: 1, "failed": "x"},
+        "waves": [{"index": 0, "state": HTML, "started_at": HTML, "ended_at": 5,
+                   "devices": [device, "not a device", None]}, "not a wave"],
+    }
+    with chromium(tmp_path / "profile") as driver:
+        page = FleetPage(driver, bridge.url)
+        page.open()
+        for state in ("running x-evil", "constructor", "__proto__", None, HTML):
+            hostile["state"] = state
+            node = driver.execute_script("const r = renderRollout(arguments[0]);"
+                                         "document.body.appendChild(r); return r;", hostile)
+            tokens = {token for value in driver.execute_script(CLASSES_JS, node)
+                      for token in value.split()}
+            assert tokens <= ALLOWED_CLASSES, tokens - ALLOWED_CLASSES
+            html = node.get_attribute("outerHTML") or ""
+            assert "<img" not in html and "<script" not in html and "<b>" not in html
+            assert re.search(r'class="[^"]*x-evil', html) is None
+            assert HTML in (node.text or "") or HTML in html.replace("&lt;", "<")
+            driver.execute_script("arguments[0].remove()", node)
         assert driver.title == "edge fleet"

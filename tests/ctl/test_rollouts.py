@@ -164,9 +164,8 @@ def test_watch_follows_a_rollout_of_real_agents_to_its_end(
     agents = [spawn_agent(broker, setup.topics.prefix, f"{name}-{i}", repo, "1.0", tmp_path)
               for i in range(2)]
     try:
-        for agent in agents:
-            wait_until(lambda agent=agent: agent.serving() == "1.0", timeout=90,
-                       message=f"{agent.device_id} on 1.0")
+        wait_until(lambda: all(agent.serving() == "1.0" for agent in agents), timeout=90,
+                   message="the agents on 1.0")
         watched = rollout_ctl(setup, "start", "--tag", "2.0",
                               *(f"--device={agent.device_id}" for agent in agents),
                               "--waves", "1,100%", "--max-updating", "1", "--watch",
