@@ -89,6 +89,20 @@ def test_no_protocol_module_imports_a_program(path: Path) -> None:
     assert wrong == set()
 
 
+def test_the_rollout_package_is_operator_side_and_docker_free() -> None:
+    """edge_agent.rollout runs in the bridge: no docker-py, nothing of the agent, and
+    no program at all (the bridge imports it, not the other way round)."""
+    modules = modules_in("rollout")
+    assert "edge_agent.rollout.plan" in modules
+    loaded = loaded_by(*modules)
+    assert [m for m in loaded if m == "docker" or m.startswith("docker.")] == []
+    assert [m for m in loaded if m.startswith(tuple(f"edge_agent.{p}" for p in PROGRAMS))] == []
+    for path in sorted((PACKAGE / "rollout").rglob("*.py")):
+        wrong = {n for n in imported_names(path) if n == "docker" or n.startswith("docker.")
+                 or n.startswith(tuple(f"edge_agent.{p}" for p in PROGRAMS))}
+        assert wrong == set(), path
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_programs_do_not_import_each_other(program: str) -> None:
     others = tuple(f"edge_agent.{p}" for p in PROGRAMS if p != program)

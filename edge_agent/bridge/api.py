@@ -36,10 +36,15 @@ from edge_agent.protocol.tags import (
 )
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
+from edge_agent.rollout.controller import RolloutController, RolloutError
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4096
+# a rollout spec may list thousands of device ids
+ROLLOUT_BODY_BYTES = 1024 * 1024
+ROLLOUTS_PATH = "/api/v1/rollouts"
+ROLLOUT_COMMANDS = ("pause", "resume", "abort")
 MAX_ID_CHARS = 64
 PUT_FIELDS = frozenset({"tag", "request_id"})
 # ?wait=: seconds as plain digits with an optional fraction; no sign, exponent, "_",
@@ -146,7 +151,17 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag", query=frozenset({"wait"})),
     Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
     Route("POST", ("api", "v1", "fleet", "check"), "check_fleet"),
+    Route("GET", ("api", "v1", "rollouts"), "list_rollouts"),
+    Route("POST", ("api", "v1", "rollouts"), "create_rollout"),
+    Route("GET", ("api", "v1", "rollouts", "{id}"), "get_rollout"),
+    *(Route("POST", ("api", "v1", "rollouts", "{id}", name), f"{name}_rollout")
+      for name in ROLLOUT_COMMANDS),
 )
+
+
+def max_body_bytes(target: str) -> int:
+    """The largest body the server reads for a request to ``target``."""
+    return ROLLOUT_BODY_BYTES if target.partition("?")[0] == ROLLOUTS_PATH else MAX_BODY_BYTES
 
 
 def load_resource(name: str) -> bytes:
@@ -175,6 +190,7 @@ class Api:
         new_request_id: Callable[[], str] = new_request_id,
         now: Callable[[], float] = time.time,
         metrics_token: str | None = None,
+        rollouts: RolloutController | None = None,
     ) -> None:
         self._token = token.encode()
         # /metrics takes the API token or this read-only one (for Prometheus)
@@ -185,6 +201,7 @@ class Api:
         self.publisher = publisher
         self.max_wait_s = max_wait_s
         self._new_request_id = new_request_id
+        self.rollouts = rollouts
         self._now = now
         self._openapi = json.dumps(openapi_document(max_wait_s), indent=1).encode()
         self._static = {path: (load_resource(f"static/{name}"), ctype)
@@ -358,6 +375,50 @@ class Api:
 
     def check_fleet(self, call: Call) -> Response:
         return self._check("fleet", None, self.topics.fleet_check)
+
+    # -- rollouts (edge_agent.rollout; docs/BRIDGE.md, "Rollouts") -------------------
+    def _rollouts(self) -> RolloutController:
+        if self.rollouts is None:
+            raise HttpError(503, "rollouts are off in this bridge")
+        return self.rollouts
+
+    def list_rollouts(self, call: Call) -> Response:
+        return self._rollout_call(lambda c: {"rollouts": c.list()}, 200)
+
+    def get_rollout(self, call: Call) -> Response:
+        rollout_id = _id(call.params["id"], "rollout id")
+        return self._rollout_call(lambda c: c.get(rollout_id), 200)
+
+    def create_rollout(self, call: Call) -> Response:
+        body = call.request.body
+        if len(body) > ROLLOUT_BODY_BYTES:
+            raise HttpError(413, f"body larger than {ROLLOUT_BODY_BYTES} bytes")
+        try:
+            obj = safejson.loads_object(body, max_bytes=ROLLOUT_BODY_BYTES, max_depth=4)
+        except safejson.UntrustedJson as exc:
+            raise HttpError(400, f"body must be a UTF-8 JSON object (a rollout spec): "
+                                 f"{exc}") from None
+        return self._rollout_call(lambda c: c.create(obj), 201)
+
+    def pause_rollout(self, call: Call) -> Response:
+        return self._rollout_command(call, "pause")
+
+    def resume_rollout(self, call: Call) -> Response:
+        return self._rollout_command(call, "resume")
+
+    def abort_rollout(self, call: Call) -> Response:
+        return self._rollout_command(call, "abort")
+
+    def _rollout_command(self, call: Call, name: str) -> Response:
+        rollout_id = _id(call.params["id"], "rollout id")
+        return self._rollout_call(lambda c: c.command(rollout_id, name), 200)
+
+    def _rollout_call(self, work: Callable[[RolloutController], Any], status: int) -> Response:
+        try:
+            return json_response(status, work(self._rollouts()))
+        except RolloutError as exc:
+            headers = {"Retry-After": "5"} if exc.status == 503 else None  # noqa: PLR2004
+            raise HttpError(exc.status, exc.message, headers) from None
 
     # -- helpers ------------------------------------------------------------------
     def _put_scope(self, scope: str, target: str | None, topic: str, call: Call) -> Response:

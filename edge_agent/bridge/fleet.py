@@ -243,6 +243,8 @@ class Fleet:
         self._event_counts = dict.fromkeys(COUNTED_EVENTS, 0)
         self._flood_at: float | None = None  # when a message was last skipped
         self._resynced_at = 0.0
+        # called with (device id, cleaned event) for every event (the rollout controller)
+        self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -430,6 +432,8 @@ class Fleet:
                 self._changed(device)
         for waiter in waiters:
             waiter.settle(judge_event(event, waiter.request_id, waiter.tag))
+        for listener in self.event_listeners:
+            listener(device_id, event)
 
     def _complain(self, device_id: str, kind: str, problem: str | None) -> None:
         """Log a device's bad data once, until it publishes good data on that topic
@@ -492,6 +496,24 @@ class Fleet:
                        for _, d in sorted(self._devices.items())]
             return FleetSnapshot(devices, dict(self._event_counts), len(self._throttled))
 
+    def known_devices(self) -> dict[str, tuple[str, ...] | None]:
+        """Every device the bridge knows, with the groups its state lists (None when
+        its state does not say), for resolving a rollout's target."""
+        with self._lock:
+            return {d: _groups(device.state) for d, device in self._devices.items()}
+
+    def device_states(
+        self, device_ids: list[str]) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+        """(availability, state) of each device (states are replaced, never changed in
+        place, so the caller may keep them)."""
+        with self._lock:
+            out: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+            for device_id in device_ids:
+                device = self._devices.get(device_id)
+                out[device_id] = ((device.availability, device.state) if device is not None
+                                  else (None, None))
+            return out
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._devices)
@@ -525,6 +547,11 @@ class Fleet:
     def waiting(self) -> int:
         with self._lock:
             return self._waiter_count
+
+
+def _groups(state: dict[str, Any] | None) -> tuple[str, ...] | None:
+    groups = state.get("groups") if state is not None else None
+    return tuple(groups) if isinstance(groups, list) else None
 
 
 def _cost(payload: bytes) -> int:

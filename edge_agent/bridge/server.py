@@ -33,18 +33,20 @@ from http import HTTPStatus
 from typing import Any
 
 from edge_agent.bridge.api import (
-    MAX_BODY_BYTES,
     SECURITY_HEADERS,
     Api,
     Request,
     Response,
     error_response,
+    max_body_bytes,
 )
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.bridge.link import BridgeLink
 from edge_agent.bridge.settings import DEFAULT_CLIENT_CONNECTIONS, MAX_CONNECTIONS, BridgeSettings
 from edge_agent.bridge.wire import MAX_HEAD_BYTES, BadRequest, RequestHead, parse_head
 from edge_agent.protocol.topics import Topics
+from edge_agent.rollout.controller import RolloutController
+from edge_agent.rollout.desired import DesiredTags
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,9 @@ class Connection:
             return head.keep_alive and not body_unread
         if Api.needs_token(head.target) and not self.server.set_evictable(self.slot, False):
             return False  # closed for a newer client meanwhile
-        if head.content_length > MAX_BODY_BYTES:
-            self._send(head, error_response(413, f"body larger than {MAX_BODY_BYTES} "
+        limit = max_body_bytes(head.target)
+        if head.content_length > limit:
+            self._send(head, error_response(413, f"body larger than {limit} "
                                                  "bytes"), close=True)
             return False
         if head.expect_continue and body_unread and len(self.buffer) < head.content_length:
@@ -398,13 +401,19 @@ class Bridge:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.fleet = Fleet(self.topics)
+        self.desired = DesiredTags(self.topics)
         self.link = BridgeLink(
             settings.mqtt,
-            [self.topics.all_states, self.topics.all_availability, self.topics.all_events],
-            self.fleet.handle,
+            [self.topics.all_states, self.topics.all_availability, self.topics.all_events,
+             *self.desired.subscriptions],
+            self._on_message,
         )
+        self.rollouts = RolloutController(settings.data_dir, self.topics, self.fleet,
+                                          self.desired, self.link)
+        self.fleet.event_listeners.append(self.rollouts.on_event)
         self.api = Api(settings.token, self.topics, self.fleet, self.link,
-                       max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token)
+                       max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token,
+                       rollouts=self.rollouts)
         if limits is None:
             limits = ServerLimits(max_client_connections=settings.max_client_connections)
         self.server = BridgeServer((settings.host, settings.port), self.api, limits)
@@ -425,7 +434,12 @@ class Bridge:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not self.desired.handle(topic, payload, retained):
+            self.fleet.handle(topic, payload, retained)
+
     def start(self) -> None:
+        self.rollouts.start()
         self.link.start()
         self._threads = [
             threading.Thread(target=self.server.serve_forever, name="edge-bridge-http",
@@ -449,6 +463,7 @@ class Bridge:
         self._stop.set()
         self.server.shutdown()
         self.server.server_close()
+        self.rollouts.stop()
         self.link.stop()
         for thread in self._threads:
             thread.join(timeout=5)

@@ -34,6 +34,9 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("BRIDGE_CLIENT_CONNECTIONS", str(DEFAULT_CLIENT_CONNECTIONS),
      f"connections one client address may hold (of {MAX_CONNECTIONS}); raise it behind a "
      "proxy"),
+    ("BRIDGE_DATA_DIR", "(none: rollouts off)", "directory for rollout records and the "
+     "rollout controller's lock (rollouts/ below it); unset or unwritable, the bridge serves "
+     "devices and answers 503 to the rollout routes"),
     ("MQTT_HOST ...", "", "MQTT_* broker settings, exactly as for edge-agent (MQTT_HOST required)"),
     ("LOG_LEVEL / LOG_FORMAT", "INFO / text", "as for edge-agent"),
 )
@@ -52,6 +55,7 @@ class BridgeSettings:
     log_format: str
     max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
     metrics_token: str | None = None
+    data_dir: Path | None = None
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
@@ -69,6 +73,10 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
                             maximum=3600.0)
     client_connections = parse_int(env, "BRIDGE_CLIENT_CONNECTIONS", DEFAULT_CLIENT_CONNECTIONS,
                                    minimum=1, maximum=MAX_CONNECTIONS)
+    data_dir_text = env.get("BRIDGE_DATA_DIR", "").strip()
+    data_dir = Path(data_dir_text) if data_dir_text else None
+    if data_dir is not None and not data_dir.is_absolute():
+        raise ConfigError(f"BRIDGE_DATA_DIR: must be an absolute path, got {data_dir_text!r}")
     mqtt = load_mqtt_settings(env)
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -77,7 +85,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     if log_format not in ("text", "json"):
         raise ConfigError("LOG_FORMAT: must be text or json")
     return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format,
-                          client_connections, metrics_token)
+                          client_connections, metrics_token, data_dir)
 
 
 def _token(env: dict[str, str], variable: str = "BRIDGE_TOKEN", *,

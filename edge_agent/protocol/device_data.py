@@ -30,6 +30,7 @@ from edge_agent.protocol.topics import ID_RE
 # A device clock this far ahead of the bridge's is wrong; its ts says nothing.
 MAX_CLOCK_AHEAD_S = 300.0
 
+MAX_GROUPS = 64  # a device's DEVICE_GROUPS
 SHORT_TEXT = 256  # names, versions, ids
 LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 
@@ -131,6 +132,14 @@ def _object(fields: Mapping[str, Check]) -> Check:
     return check
 
 
+def _id_list(value: Any) -> Any:
+    if not isinstance(value, list) or len(value) > MAX_GROUPS:
+        return _ABSENT
+    if not all(isinstance(v, str) and ID_RE.fullmatch(v) for v in value):
+        return _ABSENT
+    return list(value)
+
+
 TAG = _pattern(TAG_RE, DIGEST_RE)
 PERCENT = _number(0.0, 100.0)
 
@@ -140,6 +149,7 @@ STATE_FIELDS: dict[str, Check] = {
     "agent_version": _text(64),
     "ts": _timestamp,
     "image": _text(SHORT_TEXT),
+    "groups": _id_list,
     "desired": _object({
         "tag": _nullable(TAG),
         "source": _nullable(_one_of(DESIRED_SOURCES)),
