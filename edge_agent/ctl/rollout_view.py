@@ -174,12 +174,14 @@ def rollout_text(rollout: Any) -> str:
 
 # -- watch --------------------------------------------------------------------------------
 def changes(old: Any, new: Any) -> list[Change]:
-    """What a poll shows that the previous one did not: the rollout's state, each wave's
-    state, each device's outcome (with its reason). ``old`` None: only where it stands."""
+    """What a poll shows that the previous one did not, in the order it happened: the
+    rollout's state (its end is ``final``'s), each wave's start, its devices' outcomes
+    (with their reasons), its end. ``old`` None: only where it stands."""
     rollout_id = text_at(new, "id") or "?"
     found: list[Change] = []
     state, reason = text_at(new, "state"), text_at(new, "reason")
-    if old is None or (state, reason) != (text_at(old, "state"), text_at(old, "reason")):
+    if state not in FINAL_STATES and (
+            old is None or (state, reason) != (text_at(old, "state"), text_at(old, "reason"))):
         text = f"rollout {printable(rollout_id, CELL_CHARS)} {printable(state or '?', CELL_CHARS)}"
         if reason:
             text += f": {printable(reason, TEXT_CHARS)}"
@@ -189,29 +191,48 @@ def changes(old: Any, new: Any) -> list[Change]:
     new_waves = _list(lookup(new, "waves"))
     for position, wave in enumerate(new_waves):
         before = old_waves[position] if position < len(old_waves) else None
-        wave_state = text_at(wave, "state")
-        if wave_state != (text_at(before, "state") if before is not None else None) and (
-                old is not None or wave_state != WaveState.PENDING):
-            found.append(Change({"type": "wave", "id": rollout_id, "index": position,
-                                 "state": wave_state}, wave_title(wave, len(new_waves))))
-        previous = {text_at(device, "device_id"): device for device in wave_devices(before)}
-        for device in wave_devices(wave):
-            device_id = text_at(device, "device_id")
-            was = previous.get(device_id)
-            outcome, why = text_at(device, "outcome"), text_at(device, "reason")
-            if was is not None and (outcome, why) == (text_at(was, "outcome"),
-                                                      text_at(was, "reason")):
-                continue
-            if was is None and outcome == DeviceOutcome.PENDING:
-                continue  # not news: where every device starts
-            text = (f"  wave {position + 1}  {printable(device_id or '?', CELL_CHARS)}  "
-                    + (f"{_cell(was, 'outcome')} -> " if was is not None else "")
-                    + printable(outcome or "?", CELL_CHARS))
-            if why:
-                text += f": {printable(why, TEXT_CHARS)}"
-            found.append(Change({"type": "device", "id": rollout_id, "wave": position,
-                                 "device_id": device_id, "outcome": outcome, "reason": why},
-                                text))
+        wave_change = _wave_change(rollout_id, position, before, new_waves,
+                                   shown=old is not None)
+        started = text_at(wave, "state") in (WaveState.PENDING, WaveState.RUNNING)
+        if wave_change is not None and started:
+            found.append(wave_change)
+        found += _device_changes(rollout_id, position, before, wave)
+        if wave_change is not None and not started:
+            found.append(wave_change)
+    return found
+
+
+def _wave_change(rollout_id: str, position: int, before: Any, waves: list[Any], *,
+                 shown: bool) -> Change | None:
+    wave = waves[position]
+    state = text_at(wave, "state")
+    if state == (text_at(before, "state") if before is not None else None):
+        return None
+    if not shown and state == WaveState.PENDING:
+        return None  # not news: where every wave starts
+    return Change({"type": "wave", "id": rollout_id, "index": position, "state": state},
+                  wave_title(wave, len(waves)))
+
+
+def _device_changes(rollout_id: str, position: int, before: Any, wave: Any) -> list[Change]:
+    previous = {text_at(device, "device_id"): device for device in wave_devices(before)}
+    found = []
+    for device in wave_devices(wave):
+        device_id = text_at(device, "device_id")
+        was = previous.get(device_id)
+        outcome, why = text_at(device, "outcome"), text_at(device, "reason")
+        if was is not None and (outcome, why) == (text_at(was, "outcome"),
+                                                  text_at(was, "reason")):
+            continue
+        if was is None and outcome == DeviceOutcome.PENDING:
+            continue  # not news: where every device starts
+        text = (f"  wave {position + 1}  {printable(device_id or '?', CELL_CHARS)}  "
+                + (f"{_cell(was, 'outcome')} -> " if was is not None else "")
+                + printable(outcome or "?", CELL_CHARS))
+        if why:
+            text += f": {printable(why, TEXT_CHARS)}"
+        found.append(Change({"type": "device", "id": rollout_id, "wave": position,
+                             "device_id": device_id, "outcome": outcome, "reason": why}, text))
     return found
 
 
@@ -225,6 +246,8 @@ def final(rollout: Any) -> tuple[int, str] | None:
         text = (f"rollout {rollout_id} succeeded: {succeeded_devices(rollout)} of "
                 f"{total_devices(rollout)} devices on {_cell(lookup(rollout, 'spec'), 'tag')}"
                 f" ({counts_text(rollout)})")
+        if text_at(rollout, "reason"):
+            text += f"; {printable(text_at(rollout, 'reason'), TEXT_CHARS)}"
     else:
         reason = printable(text_at(rollout, "reason") or "no reason given", TEXT_CHARS)
         text = f"rollout {rollout_id} {state}: {reason} ({counts_text(rollout)})"

@@ -73,10 +73,12 @@ def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
         def text(css: str) -> str | None:
             return page._text(f"{article} {css}")
 
-        def wait_state(state: str) -> None:
+        def wait_text(css: str, shown: str) -> None:
             WebDriverWait(driver, 20, poll_frequency=0.2).until(
-                lambda _d: text('[data-field="state"]') == state,
-                f"the page never showed {rollout_id} {state}")
+                lambda _d: text(css) == shown, f"{css} of {rollout_id} never showed {shown}")
+
+        def wait_state(state: str) -> None:
+            wait_text('h3 [data-field="state"]', state)
 
         def button(action: str) -> Any:
             return driver.find_element(By.CSS_SELECTOR, f'{article} button[data-action="{action}"]')
@@ -86,7 +88,7 @@ def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
         assert "tag 2.0 to 2 devices" in (text('[data-field="summary"]') or "")
         # the waves with their states, and every device with its outcome
         assert text('tr[data-wave="0"] td[data-field="wave"]') == "1 of 2"
-        assert text('tr[data-wave="0"] td[data-field="state"]') == "running"
+        wait_text('tr[data-wave="0"] td[data-field="state"]', "running")
         assert text('tr[data-wave="1"] td[data-field="state"]') == "pending"
         headers = [th.get_attribute("textContent") for th in
                    driver.find_elements(By.CSS_SELECTOR, f"{article} table.rollout-devices th")]

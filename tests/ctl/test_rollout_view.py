@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edge_agent.ctl.cli import build_parser
 from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CtlError
-from edge_agent.ctl.rollout_view import changes, final, rollout_text, rollouts_table
+from edge_agent.ctl.rollout_view import changes, final, rollout_text, rollouts_table, when
 from edge_agent.ctl.rollouts import build_spec, parse_waves
 from tests.support.hostile import FORBIDDEN
 
@@ -109,12 +109,13 @@ def test_watch_prints_what_changed_and_only_that() -> None:
     after["waves"][0]["devices"][0].update(outcome="failed", reason="rolled_back: unhealthy")
     after["waves"][0]["state"] = "halted"
     after.update(state="halted", reason="wave 1 halted: 1 of 1 devices failed")
+    # in the order it happened; the rollout's end is final()'s line
     texts = [c.text for c in changes(before, after)]
-    assert texts[0] == ("rollout ro-20260102030405-ab12 halted: wave 1 halted: 1 of 1 devices "
-                        "failed")
-    assert texts[1].startswith("wave 1/2  halted")
-    assert texts[2] == "  wave 1  dev-1  sent -> failed: rolled_back: unhealthy"
-    assert len(texts) == 3
+    assert texts == ["  wave 1  dev-1  sent -> failed: rolled_back: unhealthy",
+                     f"wave 1/2  halted  1 device  started {when(TS)}"]
+    paused = copy.deepcopy(before)
+    paused["state"] = "paused"
+    assert [c.text for c in changes(before, paused)] == ["rollout ro-20260102030405-ab12 paused"]
 
 
 def test_watch_ends_with_the_rollouts_end() -> None:

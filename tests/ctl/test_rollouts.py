@@ -138,12 +138,11 @@ def test_list_show_pause_resume_abort(setup: Setup) -> None:
         done = rollout_ctl(setup, action, ident)
         assert done.returncode == EXIT_OK, done
         assert done.stdout.strip() == f"rollout {ident}: {state}"
+    aborted = rollout_ctl(setup, "abort", ident)
+    assert aborted.returncode == EXIT_OK and aborted.stdout.strip().endswith("aborted"), aborted
     again = rollout_ctl(setup, "resume", ident)
     assert again.returncode == EXIT_FAILED, again
     assert again.stderr.startswith("edge-ctl: refused by the bridge (409): "), again.stderr
-
-    aborted = rollout_ctl(setup, "abort", ident)
-    assert aborted.returncode == EXIT_OK and aborted.stdout.strip().endswith("aborted"), aborted
     watched = rollout_ctl(setup, "show", ident, "--watch", timeout=60)
     assert watched.returncode == EXIT_FAILED, watched
     assert watched.stdout.splitlines()[-1].startswith(f"rollout {ident} aborted"), watched
@@ -170,6 +169,7 @@ def test_watch_follows_a_rollout_of_real_agents_to_its_end(
                               *(f"--device={agent.device_id}" for agent in agents),
                               "--waves", "1,100%", "--max-updating", "1", "--watch",
                               timeout=300)
+        print(watched.stdout, watched.stderr)
         assert watched.returncode == EXIT_OK, (watched, [a.log()[-3000:] for a in agents])
         lines = watched.stdout.splitlines()
         assert lines[-1].startswith("rollout ro-") and " succeeded: 2 of 2 devices on 2.0" in (
