@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -59,6 +60,26 @@ OPERATOR = "rollout-operator"
 TOKEN = "bench-token-" + "r" * 24
 DEADLINE_S = 900.0
 UPDATE_ENDS = (EventName.UPDATE_SUCCEEDED, EventName.UPDATE_FAILED, EventName.ROLLED_BACK)
+DEFAULT_WAVES: list[int | str] = [1, "10%", "50%", "100%"]
+
+
+def nonempty_waves(waves: list[Any], devices: int) -> list[Any]:
+    """``waves`` without the shares that a fleet of ``devices`` has already reached (the
+    bridge refuses an empty wave: 10% of 10 devices is the canary's 1)."""
+    kept: list[Any] = []
+    reached = 0
+    for wave in waves:
+        if isinstance(wave, str) and wave.endswith("%"):
+            upto = math.ceil(float(wave[:-1]) * devices / 100)
+            if upto <= reached:
+                continue
+            reached = upto
+        elif isinstance(wave, int):
+            reached += wave
+        else:
+            reached += len(wave)
+        kept.append(wave)
+    return kept
 
 
 def peak_per_second(starts: list[float]) -> int:
@@ -133,13 +154,14 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=50)
-    parser.add_argument("--waves", default='[1, "10%", "50%", "100%"]',
-                        help="the rollout's waves, as JSON")
+    parser.add_argument("--waves", default=json.dumps(DEFAULT_WAVES),
+                        help="the rollout's waves, as JSON (waves that would be empty for "
+                        "a small fleet are left out)")
     parser.add_argument("--max-updating", type=int, default=10)
     parser.add_argument("--quiet", type=float, default=10.0,
                         help="seconds of quiet after start-up and between the two updates")
     args = parser.parse_args()
-    waves = json.loads(args.waves)
+    waves = nonempty_waves(json.loads(args.waves), args.agents)
     client = docker.from_env(version="auto")
     run_id = uuid.uuid4().hex[:8]
     repo = f"127.0.0.1:5000/rollout{run_id}/app"
