@@ -6,11 +6,12 @@ the registry, the most devices updating at once, and dockerd+containerd CPU.
 
 Pulls are counted at the registry: the agents' image names point at a counting proxy in
 front of the shared registry (tests/support/throttle.py, not throttling), which records
-every manifest and blob GET (a pull; the agents' own checks are HEADs) and the most
-served at once. All agents share one Docker daemon here, which downloads a layer once
-for concurrent pulls and not again once it has it: per device the registry sees the
-manifest GETs; on a real fleet (a daemon per device) every device also fetches every
-blob, so the rollout's pacing matters more there than these figures show. "Updating at
+every request (each agent resolves the new tag's digest with a HEAD), every manifest
+and blob GET (a pull) and the most GETs served at once. All agents share one Docker
+daemon here, which downloads a layer once for concurrent pulls and not again once it
+has it: per device the registry mostly sees the digest check; on a real fleet (a
+daemon per device) every device also fetches every blob, so the rollout's pacing
+matters more there than these figures show. "Updating at
 once" comes from the agents' own events (update_started until update_succeeded,
 update_failed or rolled_back).
 
@@ -135,7 +136,10 @@ def measure(what: str, trigger: Callable[[], None], tag: str, names: list[str], 
         time.sleep(0.2)
     window.stop()
     starts = [at for at, _ in proxy.pull_gets if at >= t0]
+    every = [at for at, _, _ in proxy.requests if at >= t0]
     return {
+        "registry_requests": len(every),
+        "registry_peak_requests_per_s": peak_per_second(every),
         "all_verified_s": max(verified_at.values()),
         "first_verified_s": min(verified_at.values()),
         "registry_pull_gets": len(starts),
@@ -255,6 +259,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
     rows = [[label, sent[key], rolled[key]] for label, key in (
         ("all devices verified s", "all_verified_s"),
         ("first device verified s", "first_verified_s"),
+        ("registry requests (HEAD checks too)", "registry_requests"),
+        ("registry peak requests in 1 s", "registry_peak_requests_per_s"),
         ("registry peak concurrent GETs", "registry_peak_concurrent_gets"),
         ("registry peak GETs in 1 s", "registry_peak_gets_per_s"),
         ("registry GETs (manifests+blobs)", "registry_pull_gets"),

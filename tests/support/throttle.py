@@ -6,9 +6,9 @@ shared one by default). Blob downloads larger than ``min_bytes`` trickle at
 treats a loopback registry as insecure, so the daemon pulls through it over HTTP like
 from the registry itself: ``<proxy.address>/<path>`` names the same repository.
 ``aborted`` counts throttled downloads the client gave up on (a cancelled pull).
-It also counts the pulls it serves (for the rollout bench): ``pull_gets`` the GETs of
-manifests and blobs with when each started, ``peak_in_flight`` the most of them served
-at once; ``min_bytes=None`` passes everything at full speed (a counting proxy only).
+It also counts what it serves (for the rollout bench): ``requests`` every request with
+when it started, ``pull_gets`` the GETs of manifests and blobs (pulls; a digest check is
+a HEAD), ``peak_in_flight`` the most of those served at once; ``min_bytes=None`` passes everything at full speed (a counting proxy only).
 
 ``publish_padded`` pushes a test image with one extra layer of random bytes.
 """
@@ -45,6 +45,7 @@ class ThrottledRegistry:
         self.aborted = 0
         self.completed = 0
         self.pull_gets: list[tuple[float, str]] = []  # (time.monotonic() at start, path)
+        self.requests: list[tuple[float, str, str]] = []  # (start, method, path)
         self.in_flight = 0
         self.peak_in_flight = 0
         self._lock = threading.Lock()
@@ -72,7 +73,12 @@ class ThrottledRegistry:
         """Forget the pulls counted so far (a new measurement starts)."""
         with self._lock:
             self.pull_gets = []
+            self.requests = []
             self.peak_in_flight = self.in_flight
+
+    def _seen(self, method: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((time.monotonic(), method, path))
 
     def _pull_started(self, path: str) -> None:
         with self._lock:
@@ -98,6 +104,7 @@ class ThrottledRegistry:
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 pull = self.command == "GET" and ("/manifests/" in self.path
                                                   or "/blobs/" in self.path)
+                proxy._seen(self.command, self.path)
                 if pull:
                     proxy._pull_started(self.path)
                 try:
