@@ -25,8 +25,6 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -45,7 +43,8 @@ from tests.bridge.support import (
     spawn_agent,
     unique_prefix,
 )
-from tests.support import DEFAULT_REGISTRY, REPO_ROOT, wait_until
+from tests.support import DEFAULT_REGISTRY, wait_until
+from tests.support.bridge_process import BridgeProcess
 from tests.support.broker import Broker
 from tests.support.containers import remove_test_containers
 from tests.support.images import build_and_push, remove_repo_images
@@ -124,23 +123,6 @@ def load(url: str, clients: int, seconds: float, keepalive: bool = True) -> dict
                            for k, v in summary(latencies).items()}}
 
 
-def start_bridge_process(broker: Broker, prefix: str) -> tuple[subprocess.Popen[str], str]:
-    settings = broker.settings("bridge", prefix=prefix)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "MQTT_"))},
-           "BRIDGE_TOKEN": TOKEN, "BRIDGE_PORT": "0", "LOG_LEVEL": "WARNING",
-           "MQTT_HOST": settings.host, "MQTT_PORT": str(settings.port),
-           "MQTT_USERNAME": "bridge", "MQTT_PASSWORD": broker.passwords["bridge"],
-           "MQTT_TOPIC_PREFIX": prefix, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.bridge.cli"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("edge-bridge listening on "):
-        proc.kill()
-        raise RuntimeError(f"edge-bridge did not start: {line!r}")
-    return proc, line.split()[-1]
-
-
 # -- part 2: PUT ?wait with a real agent ----------------------------------------------------
 def put_wait_rounds(api: ApiClient, device_id: str, rounds: int) -> dict[str, Any]:
     changed: list[float] = []
@@ -180,7 +162,9 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
         prefix = unique_prefix()
         sim = SimulatedDevices(broker, prefix).start()
         sim.add([f"sim-{i:03d}" for i in range(DEVICES - 1)])
-        bridge, url = start_bridge_process(broker, prefix)
+        bridge = BridgeProcess(broker, prefix, TOKEN, work / "bridge.log",
+                               log_level="WARNING").start()
+        url = bridge.url
         try:
             with ApiClient(url) as api:
                 wait_until(lambda: len(api.get("/api/v1/devices").json()["devices"])
@@ -199,8 +183,7 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
                 results["get_devices"] = runs
                 results["put_wait"] = put_wait_rounds(api, agent.device_id, args.rounds)
         finally:
-            bridge.terminate()
-            bridge.wait(15)
+            bridge.stop()
             sim.close()
             if agent is not None:
                 agent.stop()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -32,27 +31,26 @@ from typing import Any
 
 import docker
 
-from bench.common import CpuWindow, pids_named, rss_mb, summary, table, wait_for, write_results
+from bench.common import (
+    CpuWindow,
+    is_settled,
+    pids_named,
+    remove_containers,
+    rss_mb,
+    start_agents,
+    state_of,
+    stop_agents,
+    summary,
+    table,
+    wait_for,
+    write_results,
+)
 from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
-from tests.support.device import Device
 from tests.support.images import build_and_push, remove_repo_images
 
 OPERATOR = "fleet-operator"
-
-
-def state_of(watcher: MqttWatcher, topics: Topics, name: str) -> dict[str, Any] | None:
-    last = watcher.last(topics.state(name))
-    if last is None:
-        return None
-    document: dict[str, Any] = last.json()
-    return document
-
-
-def is_settled(state: dict[str, Any] | None, tag: str) -> bool:
-    return bool(state and state["running"]["tag"] == tag and state["update"]["status"] == "idle"
-                and state["running"]["status"] == "running")
 
 
 def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bottom
@@ -86,16 +84,7 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bott
             watcher = MqttWatcher(broker.settings(OPERATOR, prefix=prefix), [f"{prefix}/#"])
             watcher.start()
             start = time.monotonic()
-            for name in names:
-                device = Device(repo, name, Path(tmp) / name)
-                device.write_config({})
-                env = device.agent_env(**{
-                    **broker.agent_env(name, prefix), "CONTAINER_IMAGE": f"{repo}:v1",
-                    "POLL_INTERVAL": "30", "HEALTH_TIMEOUT": "2", "FALLBACK_TAG": "",
-                    "LOG_LEVEL": "INFO", "TELEMETRY_INTERVAL": "60",
-                })
-                agents.append(AgentProcess(env, Path(tmp) / f"{name}.log").start())
-                time.sleep(0.1)
+            agents = start_agents(broker, prefix, names, f"{repo}:v1", Path(tmp))
             wait_for(lambda: all(is_settled(state_of(watcher, topics, n), "v1") for n in names),
                      600, "every agent to run v1", interval_s=0.5)
             report["startup_all_settled_s"] = time.monotonic() - start
@@ -164,18 +153,11 @@ def main() -> int:  # noqa: PLR0912, PLR0915 - one measurement, read top to bott
                 print(agent.log()[-2000:], file=sys.stderr)
             raise
         finally:
-            for agent in agents:
-                if agent.proc is not None and agent.alive:
-                    agent.proc.send_signal(signal.SIGTERM)
-            for agent in agents:
-                if agent.alive:
-                    agent.stop()
+            stop_agents(agents)
             if watcher is not None:
                 watcher.close()
             broker.close()
-            for container in client.containers.list(all=True):
-                if (container.name or "").startswith(f"edge-fleet-{run_id}-"):
-                    container.remove(force=True)
+            remove_containers(client, f"edge-fleet-{run_id}-")
             remove_repo_images(repo)
     cpu = report["cpu_percent_of_one_core"]
     print(table([

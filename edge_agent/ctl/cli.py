@@ -7,10 +7,15 @@
     edge-ctl check --device dev1 --wait        ask for a registry check now
     edge-ctl install --device dev1 --wait      apply a pending update (UPDATE_MODE=notify)
     edge-ctl watch                             live events, with pull progress
+    edge-ctl rollout start --tag 2.0 --group lab --waves 1,25%,100% --watch
+                                               a staged rollout, driven by the bridge
+    edge-ctl rollout list|show ID|pause ID|resume ID|abort ID
 
 The broker is configured like the agent's (MQTT_HOST, MQTT_PORT, MQTT_USERNAME,
 MQTT_PASSWORD(_FILE), MQTT_TLS, MQTT_CA_FILE, ..., MQTT_TOPIC_PREFIX); options override
 them. The user needs the operator ACL (``mosquitto/add-device --operator NAME``).
+``rollout`` talks HTTP to the bridge instead: BRIDGE_URL and BRIDGE_TOKEN(_FILE)
+(``bridge_client.py``).
 Human output by default, ``--json`` for scripts. This module is the entry point: the
 argument parser, the settings and ``main``, which turns every error into its exit code
 (``errors.py``) and one line on stderr.
@@ -26,9 +31,11 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from edge_agent import __version__
+from edge_agent.ctl.bridge_client import load_bridge_settings
 from edge_agent.ctl.commands import COMMANDS
 from edge_agent.ctl.errors import EXIT_INTERRUPTED, EXIT_USAGE, CtlError
 from edge_agent.ctl.render import Printer
+from edge_agent.ctl.rollouts import add_rollout_parser, run_rollout
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings
 from edge_agent.protocol.tags import REQUEST_ID_RULE, is_request_id
@@ -56,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-ctl", parents=[common],
         description="Operate an edge-agent fleet over MQTT: list devices, set desired tags, "
-        "send checks, watch updates.",
+        "send checks, watch updates; roll tags out in waves through the bridge (rollout).",
         epilog="The broker connection uses the agent's MQTT_* variables (see edge-agent "
         "--help). Exit codes: 0 done, 1 not applied (rolled back, rejected, superseded, "
-        "failed) or refused by the broker, 2 usage, 3 no answer in time or broker "
-        "unreachable.",
+        "failed) or refused by the broker, a rollout halted or aborted, 2 usage (a "
+        "rollout spec the bridge refused), 3 no answer in time or broker/bridge unreachable.",
     )
     parser.add_argument("--version", action="version", version=f"edge-ctl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--device", "-d", metavar="ID", help="only this device")
     watch.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds")
     watch.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    add_rollout_parser(commands)
     return parser
 
 
@@ -154,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     printer = Printer(bool(getattr(args, "json", False)))
     try:
         check_ids(args)
+        if args.command == "rollout":
+            return run_rollout(args, load_bridge_settings(
+                os.environ, getattr(args, "bridge_url", None),
+                getattr(args, "bridge_token_file", None)), printer)
         settings = mqtt_settings(args, os.environ)
         return COMMANDS[args.command](args, settings, printer)
     except ConfigError as exc:

@@ -6,6 +6,9 @@ shared one by default). Blob downloads larger than ``min_bytes`` trickle at
 treats a loopback registry as insecure, so the daemon pulls through it over HTTP like
 from the registry itself: ``<proxy.address>/<path>`` names the same repository.
 ``aborted`` counts throttled downloads the client gave up on (a cancelled pull).
+It also counts what it serves (for the rollout bench): ``requests`` every request with
+when it started, ``pull_gets`` the GETs of manifests and blobs (pulls; a digest check is
+a HEAD), ``peak_in_flight`` the most of those served at once; ``min_bytes=None`` passes everything at full speed (a counting proxy only).
 
 ``publish_padded`` pushes a test image with one extra layer of random bytes.
 """
@@ -35,12 +38,16 @@ class ThrottledRegistry:
     """An HTTP proxy to ``upstream`` that slows large blob downloads."""
 
     def __init__(self, upstream: str = DEFAULT_REGISTRY, *, bytes_per_s: int = 256 * 1024,
-                 min_bytes: int = 2 * 1024 * 1024) -> None:
+                 min_bytes: int | None = 2 * 1024 * 1024) -> None:
         self.upstream = upstream
         self.bytes_per_s = bytes_per_s
         self.min_bytes = min_bytes
         self.aborted = 0
         self.completed = 0
+        self.pull_gets: list[tuple[float, str]] = []  # (time.monotonic() at start, path)
+        self.requests: list[tuple[float, str, str]] = []  # (start, method, path)
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -62,6 +69,27 @@ class ThrottledRegistry:
             else:
                 self.completed += 1
 
+    def reset_counts(self) -> None:
+        """Forget the pulls counted so far (a new measurement starts)."""
+        with self._lock:
+            self.pull_gets = []
+            self.requests = []
+            self.peak_in_flight = self.in_flight
+
+    def _seen(self, method: str, path: str) -> None:
+        with self._lock:
+            self.requests.append((time.monotonic(), method, path))
+
+    def _pull_started(self, path: str) -> None:
+        with self._lock:
+            self.pull_gets.append((time.monotonic(), path))
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _pull_ended(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
@@ -74,6 +102,11 @@ class ThrottledRegistry:
 
             def _forward(self) -> None:
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                pull = self.command == "GET" and ("/manifests/" in self.path
+                                                  or "/blobs/" in self.path)
+                proxy._seen(self.command, self.path)
+                if pull:
+                    proxy._pull_started(self.path)
                 try:
                     # header by header: Docker sends several Accept headers, and the
                     # registry picks the manifest (and so its digest) from all of them
@@ -92,12 +125,15 @@ class ThrottledRegistry:
                     if self.command == "HEAD":
                         return
                     size = int(response.getheader("Content-Length") or 0)
-                    slow = "/blobs/" in self.path and size > proxy.min_bytes
+                    slow = ("/blobs/" in self.path and proxy.min_bytes is not None
+                            and size > proxy.min_bytes)
                     self._copy(response, slow)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client went away
                 finally:
                     upstream.close()
+                    if pull:
+                        proxy._pull_ended()
 
             def _copy(self, response: http.client.HTTPResponse, slow: bool) -> None:
                 chunk = max(proxy.bytes_per_s // 10, 1) if slow else 64 * 1024

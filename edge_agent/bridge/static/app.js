@@ -164,6 +164,195 @@ function render(data) {
   $("refreshed").textContent = "updated " + new Date().toLocaleTimeString();
 }
 
+// -- rollouts (GET /api/v1/rollouts; pause/resume/abort POST) ---------------------------
+// Reasons and ids come from devices in the end: textContent only, classes from this list.
+const ROLLOUT_CLASS = new Map([["running", "pulling"], ["paused", "warn"], ["halted", "bad"],
+                               ["aborted", "bad"], ["succeeded", "ok"], ["pending", "neutral"],
+                               ["passed", "ok"], ["timed_out", "bad"], ["sent", "pulling"],
+                               ["updating", "pulling"], ["deferred", "warn"],
+                               ["offline", "offline"], ["failed", "bad"], ["skipped", "neutral"],
+                               ["reverted", "warn"]]);
+// which actions a rollout's state allows (the bridge answers 409 to the others)
+const ROLLOUT_ACTIONS = [["pause", "Pause", ["running"]], ["resume", "Resume", ["paused"]],
+                         ["abort", "Abort", ["running", "paused"]]];
+const MAX_ROLLOUTS_SHOWN = 20;
+let rolloutsShown = "";  // the last list rendered: redrawn only when it changes (keeps focus)
+const rolloutDevicesOpen = new Set();  // rollouts whose device table the operator opened
+
+function when(value) {
+  if (typeof value === "number" && isFinite(value)) return new Date(value * 1000).toLocaleTimeString();
+  if (typeof value !== "string") return "-";
+  const parsed = Date.parse(value);
+  return isFinite(parsed) ? new Date(parsed).toLocaleTimeString() : value;
+}
+
+function badge(value) {
+  return el("span", text(value, "?"), "badge " + classFor(ROLLOUT_CLASS, value));
+}
+
+function targetText(spec) {
+  const target = object(object(spec).target);
+  if (typeof target.group === "string") return "group " + target.group;
+  if (target.fleet === true) return "the fleet";
+  if (Array.isArray(target.devices)) return target.devices.length + " devices";
+  return "?";
+}
+
+function headRow(names) {
+  const thead = el("thead");
+  const tr = el("tr");
+  for (const name of names) {
+    const th = el("th", name);
+    th.scope = "col";
+    tr.appendChild(th);
+  }
+  thead.appendChild(tr);
+  return thead;
+}
+
+function renderRollout(rollout) {
+  const id = text(rollout.id, "?");
+  const spec = object(rollout.spec);
+  const waves = Array.isArray(rollout.waves) ? rollout.waves : [];
+  const article = el("article", null, "rollout");
+  article.dataset.rollout = id;
+  const titleId = "rollout-title-" + id.replace(/[^A-Za-z0-9_-]/g, "_");
+  article.setAttribute("aria-labelledby", titleId);
+
+  const h3 = el("h3");
+  h3.id = titleId;
+  h3.appendChild(el("span", id, "mono"));
+  h3.appendChild(document.createTextNode(" "));
+  const state = badge(rollout.state);
+  state.dataset.field = "state";
+  h3.appendChild(state);
+  article.appendChild(h3);
+
+  const counts = object(rollout.counts);
+  const summary = Object.keys(counts).filter((k) => counts[k]).map((k) => text(counts[k], "?") + " " + k);
+  const about = el("p", "tag " + text(spec.tag, "?") + " to " + targetText(spec) +
+                   "; devices: " + (summary.join(", ") || "none"));
+  about.dataset.field = "summary";
+  article.appendChild(about);
+  if (rollout.reason) {
+    const reason = el("p", "Reason: " + text(rollout.reason, "?"), "message bad");
+    reason.dataset.field = "reason";
+    article.appendChild(reason);
+  }
+
+  const actions = el("div", null, "rollout-actions");
+  for (const [action, label, allowed] of ROLLOUT_ACTIONS) {
+    const button = el("button", label);
+    button.type = "button";
+    button.dataset.action = action;
+    button.setAttribute("aria-label", label + " rollout " + id);
+    button.disabled = !allowed.includes(rollout.state);
+    button.addEventListener("click", () => rolloutAction(id, action));
+    actions.appendChild(button);
+  }
+  article.appendChild(actions);
+
+  const waveTable = el("table", null, "waves");
+  const waveCaption = el("caption", "Waves of " + id, "visually-hidden");
+  waveTable.appendChild(waveCaption);
+  waveTable.appendChild(headRow(["Wave", "State", "Started", "Ended", "Devices"]));
+  const waveBody = el("tbody");
+  waves.forEach((raw, position) => {
+    const wave = object(raw);
+    const devices = Array.isArray(wave.devices) ? wave.devices : [];
+    const row = el("tr");
+    row.dataset.wave = String(position);
+    cell(row, "wave", String(position + 1) + " of " + waves.length);
+    cell(row, "state", "").appendChild(badge(wave.state));
+    cell(row, "started_at", when(wave.started_at), "", text(wave.started_at, ""));
+    cell(row, "ended_at", when(wave.ended_at), "", text(wave.ended_at, ""));
+    const done = devices.filter((d) => object(d).outcome === "succeeded").length;
+    cell(row, "devices", done + " of " + devices.length + " succeeded");
+    waveBody.appendChild(row);
+  });
+  waveTable.appendChild(waveBody);
+  article.appendChild(waveTable);
+
+  const details = el("details");
+  details.open = rolloutDevicesOpen.has(id);
+  details.addEventListener("toggle", () => {
+    if (details.open) rolloutDevicesOpen.add(id); else rolloutDevicesOpen.delete(id);
+  });
+  const total = waves.reduce((n, w) => n + (Array.isArray(object(w).devices) ? w.devices.length : 0), 0);
+  details.appendChild(el("summary", "Devices (" + total + ")"));
+  const deviceTable = el("table", null, "rollout-devices");
+  deviceTable.appendChild(el("caption", "Devices of " + id, "visually-hidden"));
+  deviceTable.appendChild(headRow(["Device", "Wave", "Outcome", "Previous tag", "Reason"]));
+  const deviceBody = el("tbody");
+  waves.forEach((raw, position) => {
+    for (const entry of Array.isArray(object(raw).devices) ? raw.devices : []) {
+      const device = object(entry);
+      const row = el("tr");
+      row.dataset.rolloutDevice = text(device.device_id, "");
+      cell(row, "device_id", text(device.device_id, "?"), "mono");
+      cell(row, "wave", String(position + 1));
+      cell(row, "outcome", "").appendChild(badge(device.outcome));
+      cell(row, "previous_tag", text(device.previous_tag, "-"), "mono");
+      cell(row, "reason", text(device.reason, ""), "muted");
+      deviceBody.appendChild(row);
+    }
+  });
+  deviceTable.appendChild(deviceBody);
+  details.appendChild(deviceTable);
+  article.appendChild(details);
+  return article;
+}
+
+function renderRollouts(rollouts) {
+  const list = Array.isArray(rollouts) ? rollouts.map(object) : [];
+  list.sort((a, b) => text(b.created_at, "").localeCompare(text(a.created_at, "")));
+  const shown = list.slice(0, MAX_ROLLOUTS_SHOWN);
+  const key = JSON.stringify(shown);
+  if (key === rolloutsShown) return;
+  rolloutsShown = key;
+  $("rollouts-empty").hidden = shown.length > 0;
+  $("rollout-list").replaceChildren(...shown.map((rollout) => {
+    try {
+      return renderRollout(rollout);
+    } catch (e) {
+      return el("p", "a rollout could not be shown: " + e, "muted");
+    }
+  }));
+}
+
+async function refreshRollouts() {
+  const { status, data } = await api("GET", "/api/v1/rollouts");
+  if (status === 200) {
+    renderRollouts(object(data).rollouts);
+  } else {
+    // 404: a bridge without rollouts; 503: this bridge does not drive them
+    $("rollouts-empty").hidden = false;
+    $("rollouts-empty").textContent = "Rollouts unavailable (" + status + "): " +
+      text(object(data).error, "this bridge does not drive rollouts");
+    $("rollout-list").replaceChildren();
+    rolloutsShown = "";
+  }
+}
+
+async function rolloutAction(id, action) {
+  const result = $("rollout-result");
+  if (action === "abort" && !window.confirm("Abort rollout " + id + "? Devices already updated stay on the new tag.")) {
+    return;
+  }
+  show(result, action + " " + id + "...");
+  try {
+    const { status, data } = await api("POST", "/api/v1/rollouts/" + encodeURIComponent(id) + "/" + action);
+    if (status === 200) {
+      show(result, "Rollout " + id + " is " + text(object(data).state, "?") + ".", "ok");
+    } else {
+      show(result, action + " " + id + " failed (" + status + "): " + text(object(data).error, "?"), "bad");
+    }
+  } catch (e) {
+    show(result, action + " " + id + " failed: " + e, "bad");
+  }
+  refresh();
+}
+
 async function refresh() {
   if (!token()) {
     show($("message"), "Enter the bridge token (BRIDGE_TOKEN) to see the fleet.", "warn");
@@ -181,6 +370,7 @@ async function refresh() {
     }
     show($("message"), "");
     render(data);
+    await refreshRollouts();
   } catch (e) {
     show($("message"), "Bridge unreachable: " + e, "bad");
   }
