@@ -429,7 +429,7 @@ class Agent:
         if answered and desired is not None and desired.request_id is not None:
             self._open.pop(desired.request_id, None)
         for request, reply in replies:
-            reply(_check_answer(request, result, error))
+            reply(_check_answer(request, result, error, self.status.deferred))
         return result
 
     # -- deferrals ----------------------------------------------------------------
@@ -620,11 +620,14 @@ class Agent:
 
 
 def _check_answer(
-    request: CheckRequest, result: CheckResult | None, error: str | None
+    request: CheckRequest, result: CheckResult | None, error: str | None,
+    deferred: Deferral | None,
 ) -> dict[str, Any]:
     answer: dict[str, Any] = {"request_id": request.request_id, "ok": error is None}
     if result is not None:
         answer.update(outcome=result.outcome, tag=result.target.tag, digest=result.target.digest)
+        if result.outcome is CheckOutcome.DEFERRED and deferred is not None:
+            answer["deferred"] = deferred.to_json()
     if error is not None:
         answer["error"] = error
     return answer
