@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from edge_agent.agent.window import UpdateWindow, parse_window
 from edge_agent.protocol.errors import ConfigError, TagError
 from edge_agent.protocol.settings import (
     MqttSettings,
@@ -34,6 +36,12 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY_RE = re.compile(
     rf"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
 )
+
+
+MAX_SHOWN_ZONE_CHARS = 60  # of an unknown TZ, quoted in its error
+# An hour: far beyond any critical operation an app should hold updates off for (a job,
+# a transfer, a calibration), short enough that a stuck app misses at most one rollout wave.
+DEFAULT_LOCK_MAX_HOLD_S = 3600
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DOCKER_DATA_ROOT", "the daemon's DockerRootDir if visible",
             "where the agent sees Docker's data root, to check free space before a pull "
             "(in a container: mount it read-only); off skips the check"),
+    Setting("UPDATE_WINDOW", "(always open)",
+            "daily local-time windows for applying updates, e.g. 02:00-04:00,23:00-01:00"),
+    Setting("TZ", "UTC", "time zone of UPDATE_WINDOW (zoneinfo name, e.g. Europe/Berlin)"),
+    Setting("UPDATE_LOCK_FILE", "(none)",
+            "path of the app's update lock: no update while this file exists"),
+    Setting("UPDATE_LOCK_MAX_HOLD", str(DEFAULT_LOCK_MAX_HOLD_S),
+            "seconds the lock may hold one update back before it is applied anyway; 0 = forever"),
     Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
     Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
@@ -104,6 +119,9 @@ class Settings:
     device_id_is_hostname: bool = False
     # where Docker's data root is seen ("": the daemon's DockerRootDir; "off": no check)
     docker_data_root: str = ""
+    update_window: UpdateWindow | None = None
+    update_lock_file: Path | None = None
+    update_lock_max_hold_s: float = float(DEFAULT_LOCK_MAX_HOLD_S)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -202,6 +220,10 @@ def _parse(raw: dict[str, str]) -> Settings:
     check(log_format in ("text", "json"), "LOG_FORMAT", "must be text or json")
 
     prefix = topic_prefix(raw)
+    window = _update_window(raw)
+    lock_file = raw.get("UPDATE_LOCK_FILE", "").strip()
+    check(not lock_file or Path(lock_file).is_absolute(), "UPDATE_LOCK_FILE",
+          f"{lock_file!r} must be an absolute path")
 
     return Settings(
         repository=repository,
@@ -222,6 +244,10 @@ def _parse(raw: dict[str, str]) -> Settings:
         topic_prefix=prefix,
         device_id_is_hostname=not raw.get("DEVICE_ID"),
         docker_data_root=_docker_data_root(raw.get("DOCKER_DATA_ROOT", "").strip()),
+        update_window=window,
+        update_lock_file=Path(lock_file) if lock_file else None,
+        update_lock_max_hold_s=parse_number(raw, "UPDATE_LOCK_MAX_HOLD",
+                                            float(DEFAULT_LOCK_MAX_HOLD_S), minimum=0.0),
     )
 
 
@@ -231,6 +257,22 @@ def _docker_data_root(value: str) -> str:
     check(value == "" or value.startswith("/"), "DOCKER_DATA_ROOT",
           f"{value!r} must be an absolute path or off")
     return value
+
+
+def _update_window(raw: dict[str, str]) -> UpdateWindow | None:
+    """UPDATE_WINDOW in the zone TZ names (checked only when there is a window: TZ is
+    the system's variable, and means nothing else to the agent)."""
+    text = raw.get("UPDATE_WINDOW", "")
+    if not text.strip():
+        return None
+    name = raw.get("TZ", "").strip().removeprefix(":") or "UTC"
+    try:
+        zone = ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        shown = name if len(name) <= MAX_SHOWN_ZONE_CHARS else name[:MAX_SHOWN_ZONE_CHARS] + "..."
+        raise ConfigError(f"TZ: unknown time zone {shown!r} (needed by UPDATE_WINDOW); use a "
+                          "zoneinfo name such as Europe/Berlin or UTC") from None
+    return parse_window(text, zone)
 
 
 def describe_settings(format_row: Callable[[Setting], str]) -> str:

@@ -28,6 +28,8 @@ from edge_agent.protocol.topics import Topics
 DISCOVERY_PREFIX = "homeassistant"
 INSTALL_PAYLOAD = "install"
 OBJECT_ID = "app"
+# Home Assistant's longest release summary
+MAX_SUMMARY_CHARS = 255
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]")
 
 #: ``installed_version`` when no container runs (a fresh device): not a possible tag
@@ -62,6 +64,8 @@ _ATTRIBUTES = {
     "fallback_active": "['fallback']['active']",
     "fallback_requested_tag": "['fallback']['requested_tag']",
     "fallback_reason": "['fallback']['reason']",
+    # .get: the state of an agent from before deferrals has no such key
+    "deferred": "['update'].get('deferred')",
     "agent_version": "['agent_version']",
 }
 ATTRIBUTES_TEMPLATE = (
@@ -112,13 +116,15 @@ def discovery_config(settings: Settings) -> tuple[str, dict[str, Any]]:
     return discovery_topic(device), config
 
 
-def update_payload(
+def update_payload(  # noqa: PLR0913 - the entity's fields, keyword-only
     installed: str | None, latest: str | None, *, pending: bool, in_progress: bool,
-    percentage: float | None,
+    percentage: float | None, deferred: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Home Assistant's update-entity state: ``installed`` runs, ``latest`` is the target;
     ``pending`` when an update waits for install or is under way. Versions are always
-    strings; "update available" shows exactly when ``pending`` or the two differ."""
+    strings; "update available" shows exactly when ``pending`` or the two differ.
+    ``deferred`` (``update.deferred``) becomes the release summary; always a string, as
+    Home Assistant refuses a null one and keeps an old one when the key is left out."""
     shown_installed = installed or NOT_INSTALLED
     shown = latest or shown_installed  # no target known yet: nothing to offer
     if pending or shown != shown_installed:
@@ -128,7 +134,19 @@ def update_payload(
         "latest_version": shown,
         "in_progress": in_progress,
         "update_percentage": percentage if in_progress else None,
+        "release_summary": deferred_summary(deferred),
     }
+
+
+def deferred_summary(deferred: dict[str, Any] | None) -> str:
+    """The release summary of a deferred update (at most 255 characters, Home
+    Assistant's limit); empty when none is deferred."""
+    if deferred is None:
+        return ""
+    until = deferred.get("until")
+    when = f"until {until}" if until else "until the app releases its update lock"
+    summary = f"Deferred {when} ({deferred.get('reason')}): {deferred.get('detail')}"
+    return summary if len(summary) <= MAX_SUMMARY_CHARS else summary[:MAX_SUMMARY_CHARS - 1] + "…"
 
 
 def shown_latest(latest: str, installed: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.agent.config import Settings
+from edge_agent.agent.deferral import LOCK_POLL_S, Deferral, UpdateGate
 from edge_agent.agent.engine import Engine
 from edge_agent.agent.errors import (
     InsufficientSpace,
@@ -28,7 +30,14 @@ from edge_agent.agent.errors import (
     RunConfigError,
     StorageError,
 )
-from edge_agent.agent.reconcile import Desired, RemoteTag, backoff_s, resolve_desired
+from edge_agent.agent.reconcile import (
+    Action,
+    Desired,
+    RemoteTag,
+    Target,
+    backoff_s,
+    resolve_desired,
+)
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.status import Status
 from edge_agent.agent.store import DataDir
@@ -43,8 +52,9 @@ from edge_agent.protocol.messages import (
     RemoteTagMessage,
     Reply,
 )
-from edge_agent.protocol.state import BUSY, Source, UpdateStatus
+from edge_agent.protocol.state import BUSY, DeferReason, Source, UpdateStatus
 from edge_agent.protocol.tags import PayloadRejected, parse_tag_payload
+from edge_agent.protocol.timestamps import format_utc
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,17 @@ RemoteKey = tuple[Source, str | None]
 
 
 @dataclass(frozen=True)
+class SpreadHold:
+    """A group or fleet tag this device acts on only from ``until`` (monotonic; ``at``:
+    the same instant as epoch seconds, for the state document)."""
+
+    tag: str
+    spread_s: float
+    until: float
+    at: float
+
+
+@dataclass(frozen=True)
 class OpenRequest:
     """A desired-tag request not answered yet, and the topic (scope, group) it came on."""
 
@@ -117,6 +138,14 @@ class Agent:
         self._failures = 0
         self._next_check = 0.0  # check at once on start
         self._install_requested = False
+        # force: the next check applies an update despite the window and the app's lock
+        self._force_requested = False
+        self._forcing = False
+        self.gate = UpdateGate(settings.update_window, settings.update_lock_file,
+                               settings.update_lock_max_hold_s)
+        # While an update waits on the app's lock: when to look at the lock file next.
+        self._lock_poll_at: float | None = None
+        self._spread: dict[RemoteKey, SpreadHold] = {}
         self._replies: list[tuple[CheckRequest, Reply]] = []
         # Messages taken from the inbox but not handled yet (see ``_pull_superseded``).
         self._backlog: deque[Message] = deque()
@@ -168,6 +197,8 @@ class Agent:
                    self.status.last_published + self.settings.telemetry_interval_s - now)
         if max_wait_s is not None:
             wait = min(wait, max_wait_s)
+        if self._lock_poll_at is not None:
+            wait = min(wait, self._lock_poll_at - now)
         if not self._backlog:
             with contextlib.suppress(queue.Empty):
                 self._backlog.append(self.inbox.get(timeout=max(wait, 0.0)))
@@ -181,6 +212,8 @@ class Agent:
         if self.should_exit:
             return
         now = time.monotonic()
+        if self._lock_poll_at is not None and now >= self._lock_poll_at:
+            self._poll_lock(now)
         if now >= self._next_check:
             self.check()
         elif now - self.status.last_published >= self.settings.telemetry_interval_s:
@@ -209,8 +242,18 @@ class Agent:
     def _dispatch(self, message: Message) -> None:
         if isinstance(message, CheckRequest):
             self._install_requested |= message.install
+            self._force_requested |= message.force
             if message.reply is not None:
                 self._replies.append((message, message.reply))
+            if message.fleet and message.spread > 0:
+                delay = random.random() * message.spread
+                log.info("fleet check spread over %.0f s: checking in %.1f s", message.spread,
+                         delay)
+                self._next_check = min(self._next_check, time.monotonic() + delay)
+                return
+            if not message.fleet:
+                # an operator addressing this device wants it now: no spread delay
+                self._spread.clear()
             self._next_check = 0.0
         elif isinstance(message, RemoteTagMessage):
             self._handle_remote_tag(message)
@@ -237,6 +280,14 @@ class Agent:
         if previous is not None and previous != parsed.request_id and previous in self._open:
             self._replaced.add(previous)  # answered by the next check, which is due shortly
         self._request_at[key] = parsed.request_id
+        self._spread.pop(key, None)
+        if (parsed.spread > 0 and parsed.tag is not None and not message.retained
+                and message.scope is not Source.DEVICE and parsed.tag != self.status.running.tag):
+            # A fleet-wide change: this device takes its turn at a random moment of the
+            # spread, so the fleet does not hit the registry in the same second.
+            delay = random.random() * parsed.spread
+            self._spread[key] = SpreadHold(parsed.tag, parsed.spread, time.monotonic() + delay,
+                                           time.time() + delay)
         if parsed.tag is None:
             self.remote.pop(key, None)
         else:
@@ -311,9 +362,12 @@ class Agent:
                 self.data.write_tag(desired.tag)
 
     # -- checks -----------------------------------------------------------------
-    def check(self) -> CheckResult | None:  # noqa: PLR0915 - one pass, read top to bottom
+    def check(self) -> CheckResult | None:  # noqa: PLR0912, PLR0915 - one pass, top to bottom
         """One reconcile pass; never raises for faults it can wait out."""
         install, self._install_requested = self._install_requested, False
+        force, self._force_requested = self._force_requested, False
+        self._forcing = force
+        self._lock_poll_at = None
         replies, self._replies = self._replies, []
         self._next_check = time.monotonic() + self.settings.poll_interval_s
         self._superseded_by = None
@@ -332,10 +386,14 @@ class Agent:
             if desired.request_id is not None:
                 self._open_request(desired.request_id,
                                    OpenRequest(desired.tag, _key_of(desired)))
-            updater = self._ensure_updater()
-            self._persist(desired)
-            self._working_on = desired
-            result = updater.check(desired, install=install)
+            held = self._spread_hold(desired, force=force)
+            if held is not None:
+                result = held
+            else:
+                updater = self._ensure_updater()
+                self._persist(desired)
+                self._working_on = desired
+                result = updater.check(desired, install=install)
         except RunConfigError as exc:
             error = str(exc)
             self._report_failure(error, event=EventName.CONFIG_ERROR)
@@ -344,7 +402,7 @@ class Agent:
             if self._superseded_by is not None:
                 # Not a failure: a newer desired tag stopped the pull. Its check runs at
                 # once and answers the commands of this one.
-                self._pull_superseded(self._superseded_by, replies, install)
+                self._pull_superseded(self._superseded_by, replies, install, force)
                 return None
             if self.should_exit:
                 # SIGTERM gave up a blocking call: not the update's failure. The next
@@ -367,17 +425,63 @@ class Agent:
         else:
             self._failures = 0
             self._last_error = None
-            # notify mode's "available" still waits for cmd/install; "interrupted" for
-            # the next start
-            answered = result.outcome not in (CheckOutcome.AVAILABLE, CheckOutcome.INTERRUPTED)
+            # notify mode's "available" still waits for cmd/install; "deferred" for its
+            # window, lock or turn; "interrupted" for the next start
+            answered = result.outcome not in (CheckOutcome.AVAILABLE, CheckOutcome.DEFERRED,
+                                              CheckOutcome.INTERRUPTED)
+            if result.outcome is CheckOutcome.DEFERRED:
+                self._wake_for(self.status.deferred)
         finally:
             REQUEST_ID.set(None)
             self._working_on = None
         if answered and desired is not None and desired.request_id is not None:
             self._open.pop(desired.request_id, None)
         for request, reply in replies:
-            reply(_check_answer(request, result, error))
+            reply(_check_answer(request, result, error, self.status.deferred))
         return result
+
+    # -- deferrals ----------------------------------------------------------------
+    def _consider(self, tag: str) -> Deferral | None:
+        """The updater's question: must an update to ``tag`` wait? (agent/deferral.py)"""
+        return self.gate.consider(tag, force=self._forcing)
+
+    def _spread_hold(self, desired: Desired, *, force: bool) -> CheckResult | None:
+        """Defer ``desired`` without asking the registry while its spread delay runs."""
+        key = _key_of(desired)
+        hold = self._spread.get(key)
+        if hold is None or hold.tag != desired.tag:
+            return None
+        if force or time.monotonic() >= hold.until:
+            del self._spread[key]
+            return None
+        self.status.defer(Deferral(desired.tag, DeferReason.SPREAD,
+                                   f"a {_scope_name(key)} change spread over "
+                                   f"{hold.spread_s:g} s; this device's turn comes at "
+                                   f"{format_utc(hold.at)}", hold.at))
+        self._next_check = min(self._next_check, hold.until)
+        return CheckResult(Action.UPDATE, CheckOutcome.DEFERRED, Target(desired.tag, None))
+
+    def _wake_for(self, deferral: Deferral | None) -> None:
+        """Check again when the deferral can end: at the window's opening or the lock's
+        maximum hold, and as soon as the app releases its lock."""
+        if deferral is None:
+            return
+        now = time.monotonic()
+        if deferral.until is not None:
+            # a hair late rather than early: the window is open at ``until`` itself
+            self._next_check = min(self._next_check,
+                                   now + max(deferral.until - time.time(), 0.0) + 0.01)
+        if deferral.reason is DeferReason.LOCK:
+            self._lock_poll_at = now + LOCK_POLL_S
+
+    def _poll_lock(self, now: float) -> None:
+        """While an update waits on the app's lock: a stat, and a check once it is gone."""
+        if self.gate.lock_held():
+            self._lock_poll_at = now + LOCK_POLL_S
+            return
+        log.info("the update lock %s was released; checking now", self.gate.lock_file)
+        self._lock_poll_at = None
+        self._next_check = 0.0
 
     # -- requests -----------------------------------------------------------------
     def _open_request(self, request_id: str, request: OpenRequest) -> None:
@@ -450,7 +554,8 @@ class Agent:
         return handled
 
     def _pull_superseded(
-        self, desired: Desired, replies: list[tuple[CheckRequest, Reply]], install: bool
+        self, desired: Desired, replies: list[tuple[CheckRequest, Reply]], install: bool,
+        force: bool,
     ) -> None:
         # The state keeps saying "pulling" until the next check, which follows shortly: an
         # idle state now would tell a waiter that its request settled on the old tag.
@@ -460,6 +565,7 @@ class Agent:
                  desired.tag, working_on.tag if working_on else None, BURST_HOLD_S)
         self._replies[:0] = replies
         self._install_requested |= install
+        self._force_requested |= force
         now = time.monotonic()
         self._burst_hold_until = now + BURST_HOLD_S
         self._next_check = now + REMOTE_SETTLE_S
@@ -481,7 +587,8 @@ class Agent:
                 raise
             self.registry.follow_daemon(insecure)
             self._updater = Updater(self.settings, engine, self.registry, self.data, self.state,
-                                    self.status, should_abort=self._should_abort)
+                                    self.status, should_abort=self._should_abort,
+                                    gate=self._consider)
         return self._updater
 
     def _report_failure(self, error: str, event: EventName | None, *,
@@ -526,11 +633,14 @@ class Agent:
 
 
 def _check_answer(
-    request: CheckRequest, result: CheckResult | None, error: str | None
+    request: CheckRequest, result: CheckResult | None, error: str | None,
+    deferred: Deferral | None,
 ) -> dict[str, Any]:
     answer: dict[str, Any] = {"request_id": request.request_id, "ok": error is None}
     if result is not None:
         answer.update(outcome=result.outcome, tag=result.target.tag, digest=result.target.digest)
+        if result.outcome is CheckOutcome.DEFERRED and deferred is not None:
+            answer["deferred"] = deferred.to_json()
     if error is not None:
         answer["error"] = error
     return answer

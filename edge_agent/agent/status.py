@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.agent.deferral import Deferral
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
 from edge_agent.protocol.events import EventName, FailureCode, bounded_text, event_body
@@ -71,6 +72,10 @@ class Status:
     last_error: str | None = None
     # The code of a failure that has one, and its error: shown while that error is the last
     failure_code: tuple[FailureCode, str] | None = None
+    # The pending update held back (update.status deferred), and the (tag, reason) whose
+    # update_deferred event went out: said once per pending tag and reason.
+    deferred: Deferral | None = None
+    deferral_announced: tuple[str, str] | None = None
     # When the registry last answered a digest question (found or not): the healthcheck's
     # proof that the agent can do its job. Kept out of the MQTT state, in status.json only.
     registry_answered_at: str | None = None
@@ -84,11 +89,28 @@ class Status:
         """Move the update status; the one place it changes. Publishes the new state."""
         if status is not self.update_status:
             log.debug("update status %s -> %s", self.update_status, status)
+        if status is not UpdateStatus.DEFERRED:
+            self.deferred = None
+        if status is UpdateStatus.IDLE or status in BUSY:
+            self.deferral_announced = None  # applied, or nothing pending: the next is news
         self.update_status = status
         self.progress = progress
         if error is not None:
             self.last_error = error
         self.publish()
+
+    def defer(self, deferral: Deferral) -> None:
+        """Show the pending update to ``deferral.tag`` as held back; its event goes out
+        once per tag and reason, not at every check."""
+        self.deferred = deferral
+        self.latest_version = deferral.tag
+        key = (deferral.tag, str(deferral.reason))
+        if key != self.deferral_announced:
+            self.deferral_announced = key
+            when = deferral.to_json()["until"] or "the lock is released"
+            log.info("update to %s deferred until %s: %s", deferral.tag, when, deferral.detail)
+            self.event(EventName.UPDATE_DEFERRED, **deferral.to_json())
+        self.set_update(UpdateStatus.DEFERRED)
 
     def event(self, name: EventName, request_id: str | _Current | None = CURRENT_REQUEST,
               **fields: Any) -> None:
@@ -111,7 +133,9 @@ class Status:
         """The state document (docs/PROTOCOL.md, section 6)."""
         desired = self.desired
         in_progress = self.update_status in BUSY
-        pending = in_progress or self.update_status is UpdateStatus.AVAILABLE
+        pending = in_progress or self.update_status in (UpdateStatus.AVAILABLE,
+                                                        UpdateStatus.DEFERRED)
+        deferred = self.deferred.to_json() if self.deferred is not None else None
         installed = self.running.tag
         target = self.latest_version or (desired.tag if desired else None)
         latest = target
@@ -138,6 +162,7 @@ class Status:
                 "last_success_at": self.last_success_at,
                 "last_error": _bounded(self.last_error),
                 "error_code": self._error_code(),
+                "deferred": deferred,
             },
             "installed_version": installed,
             "latest_version": latest,
@@ -148,7 +173,8 @@ class Status:
             "home_assistant": update_payload(installed, target if pending else latest,
                                              pending=pending,
                                              in_progress=in_progress,
-                                             percentage=self.progress),
+                                             percentage=self.progress,
+                                             deferred=deferred),
         }
 
     def _error_code(self) -> str | None:

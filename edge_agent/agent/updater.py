@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent.agent.config import Settings
+from edge_agent.agent.deferral import Deferral
 from edge_agent.agent.engine import (
     LABEL_CONFIG,
     LABEL_DIGEST,
@@ -108,6 +109,7 @@ class Updater:
         state: AgentState,
         status: Status,
         should_abort: Callable[[], bool] = lambda: False,
+        gate: Callable[[str], Deferral | None] = lambda _tag: None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -116,6 +118,8 @@ class Updater:
         self.state = state
         self.status = status
         self.should_abort = should_abort
+        # Whether an update to a tag must wait (window, app lock; agent/deferral.py)
+        self.gate = gate
         self.name = settings.container_name
         self.next_name = f"{self.name}-next"
         self.previous_name = f"{self.name}-previous"
@@ -201,6 +205,12 @@ class Updater:
             self.status.latest_version = target.tag
             self.status.set_update(UpdateStatus.AVAILABLE)
             return CheckResult(action, CheckOutcome.AVAILABLE, target)
+        # Only a running app has work to protect: a missing or stopped one is replaced now.
+        deferral = self.gate(target.tag) if current is not None and current.running else None
+        if deferral is not None:
+            self.status.last_error = target.registry_error
+            self.status.defer(deferral)
+            return CheckResult(action, CheckOutcome.DEFERRED, target)
         outcome = self._update(desired, target, current, run_config)
         return CheckResult(action, outcome, target)
 

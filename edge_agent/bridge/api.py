@@ -23,10 +23,12 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 from edge_agent.bridge.fleet import Fleet, TooManyWaiters
 from edge_agent.protocol import safejson
-from edge_agent.protocol.answers import Answer
+from edge_agent.protocol.answers import Answer, deferred_text
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.mqtt import BrokerUnavailable
+from edge_agent.protocol.state import UpdateStatus
 from edge_agent.protocol.tags import (
+    MAX_SPREAD_S,
     REQUEST_ID_PATTERN,
     command_payload,
     desired_tag_payload,
@@ -50,6 +52,7 @@ PUT_FIELDS = frozenset({"tag", "request_id"})
 # ?wait=: seconds as plain digits with an optional fraction; no sign, exponent, "_",
 # spaces, nan or inf, which float() would all take
 WAIT_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
+SPREAD_RE = re.compile(r"^[0-9]{1,5}$")
 JSON = "application/json"
 METRICS_PATH = "/metrics"
 # the Prometheus text format (edge_agent.bridge.metrics writes it)
@@ -146,11 +149,12 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", ("api", "v1", "devices", "{id}", "tag"), "delete_device_tag"),
     Route("POST", ("api", "v1", "devices", "{id}", "check"), "check_device"),
     Route("PUT", ("api", "v1", "groups", "{group}", "tag"), "put_group_tag",
-          query=frozenset({"wait"})),
+          query=frozenset({"wait", "spread"})),
     Route("DELETE", ("api", "v1", "groups", "{group}", "tag"), "delete_group_tag"),
-    Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag", query=frozenset({"wait"})),
+    Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag",
+          query=frozenset({"wait", "spread"})),
     Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
-    Route("POST", ("api", "v1", "fleet", "check"), "check_fleet"),
+    Route("POST", ("api", "v1", "fleet", "check"), "check_fleet", query=frozenset({"spread"})),
     Route("GET", ("api", "v1", "rollouts"), "list_rollouts"),
     Route("POST", ("api", "v1", "rollouts"), "create_rollout"),
     Route("GET", ("api", "v1", "rollouts", "{id}"), "get_rollout"),
@@ -374,7 +378,8 @@ class Api:
         return self._check("device", device_id, self.topics.device_check(device_id))
 
     def check_fleet(self, call: Call) -> Response:
-        return self._check("fleet", None, self.topics.fleet_check)
+        return self._check("fleet", None, self.topics.fleet_check,
+                           spread=_spread_param(call.query))
 
     # -- rollouts (edge_agent.rollout; docs/BRIDGE.md, "Rollouts") -------------------
     def _rollouts(self) -> RolloutController:
@@ -425,23 +430,33 @@ class Api:
         if "wait" in call.query:
             raise HttpError(400, "?wait is only supported for a single device "
                                  "(PUT /api/v1/devices/{id}/tag)")
+        spread = _spread_param(call.query)
         tag, request_id = self._tag_body(call.request.body)
-        self._publish_tag(topic, tag, request_id)
-        return json_response(202, {"request_id": request_id, "scope": scope, "target": target,
-                                   "tag": tag})
+        self._publish_tag(topic, tag, request_id, spread)
+        body: dict[str, Any] = {"request_id": request_id, "scope": scope, "target": target,
+                                "tag": tag}
+        if spread:
+            body["spread"] = spread
+        return json_response(202, body)
 
     def _clear(self, scope: str, target: str | None, topic: str) -> Response:
         self._publish(topic, b"")
         log.info("cleared the %s desired tag%s", scope, f" of {target}" if target else "")
         return json_response(200, {"scope": scope, "target": target, "cleared": True})
 
-    def _check(self, scope: str, target: str | None, topic: str) -> Response:
+    def _check(self, scope: str, target: str | None, topic: str,
+               spread: float | None = None) -> Response:
         request_id = self._new_request_id()
-        self._publish(topic, command_payload(request_id, self._issued_at()), retain=False)
-        return json_response(202, {"request_id": request_id, "scope": scope, "target": target})
+        self._publish(topic, command_payload(request_id, self._issued_at(), spread=spread),
+                      retain=False)
+        body: dict[str, Any] = {"request_id": request_id, "scope": scope, "target": target}
+        if spread:
+            body["spread"] = spread
+        return json_response(202, body)
 
-    def _publish_tag(self, topic: str, tag: str, request_id: str) -> None:
-        self._publish(topic, desired_tag_payload(tag, request_id, self._issued_at()))
+    def _publish_tag(self, topic: str, tag: str, request_id: str,
+                     spread: float | None = None) -> None:
+        self._publish(topic, desired_tag_payload(tag, request_id, self._issued_at(), spread))
         log.info("published desired tag %s on %s (request %s)", tag, topic, request_id)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
@@ -501,13 +516,28 @@ class Api:
         return json_response(409, body)
 
 
+def _spread_param(query: Mapping[str, str]) -> float | None:
+    """``?spread=<s>``: seconds over which the devices spread a fleet-wide change."""
+    text = query.get("spread")
+    if text is None:
+        return None
+    if not SPREAD_RE.fullmatch(text) or not 0 <= int(text) <= MAX_SPREAD_S:
+        raise HttpError(400, f"spread must be whole seconds from 0 to {MAX_SPREAD_S}, "
+                             f"got {text[:20]!r}")
+    return int(text)
+
+
 def _pending_error(state: Any, request_id: str) -> str:
-    """The device's last error while it works on our request (it keeps retrying)."""
+    """The device's last error while it works on our request (it keeps retrying), or
+    why it holds the update back."""
     if not isinstance(state, dict):
         return ""
     desired, update = state.get("desired"), state.get("update")
     if not isinstance(desired, dict) or desired.get("request_id") != request_id:
         return ""
+    if isinstance(update, dict) and update.get("status") == UpdateStatus.DEFERRED:
+        tag = desired.get("tag")
+        return f" ({deferred_text(state, tag if isinstance(tag, str) else '?')})"
     if not isinstance(update, dict) or not isinstance(update.get("last_error"), str):
         return ""
     return f" (it is retrying after: {update['last_error'][:300]})"

@@ -38,7 +38,7 @@ from edge_agent.ctl.render import Printer
 from edge_agent.ctl.rollouts import add_rollout_parser, run_rollout
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings
-from edge_agent.protocol.tags import REQUEST_ID_RULE, is_request_id
+from edge_agent.protocol.tags import MAX_SPREAD_S, REQUEST_ID_RULE, is_request_id
 from edge_agent.protocol.topics import ID_PATTERN, ID_RE
 
 DEFAULT_WAIT_S = 300.0
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--timeout", type=float, default=DEFAULT_WAIT_S, metavar="S",
                          help=f"how long --wait waits (default {DEFAULT_WAIT_S:g} s)")
 
+    def force_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--force", action="store_true",
+                         help="(with --device) apply a pending update now, outside the "
+                         "device's maintenance window and despite its app's update lock")
+
+    def spread_option(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument("--spread", type=int, metavar="S", help=what)
+
     set_tag = commands.add_parser(
         "set-tag", parents=[common], help="set the desired tag of a device, a group or the fleet")
     set_tag.add_argument("tag", help="image tag, or sha256:<digest>")
@@ -95,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(set_tag, "(with --device) return once the device runs it; exit 1 with the reason "
             "if it rolled back, refused it or another desired tag replaced it")
     set_tag.add_argument("--request-id", help="request id to send (default: a random one)")
+    spread_option(set_tag, "(with --group or --fleet) each device applies the tag after a "
+                  "random delay of up to S seconds (0 to 86400)")
 
     clear_tag = commands.add_parser("clear-tag", parents=[common],
                                     help="remove the desired tag of a device, group or fleet")
@@ -104,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="ask a device (or the fleet) to check the registry now")
     scope(check, groups=False)
     waiting(check, "(with --device) wait for the device's answer")
+    force_option(check)
+    spread_option(check, "(with --fleet) each device checks after a random delay of up to "
+                  "S seconds (0 to 86400)")
 
     install = commands.add_parser(
         "install", parents=[common], help="apply a pending update (UPDATE_MODE=notify)")
     install.add_argument("--device", "-d", metavar="ID", required=True)
     install.set_defaults(fleet=False)
     waiting(install, "wait for the device's answer (the update's outcome)")
+    force_option(install)
 
     watch = commands.add_parser("watch", parents=[common],
                                 help="live view of events and status changes, with pull progress")
@@ -128,6 +142,16 @@ def check_ids(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else [values]:
             if value is not None and not ID_RE.fullmatch(value):
                 raise CtlError(f"--{option} {value!r} must match {ID_PATTERN}", EXIT_USAGE)
+    spread = getattr(args, "spread", None)
+    if spread is not None:
+        if not 0 <= spread <= MAX_SPREAD_S:
+            raise CtlError(f"--spread must be 0 to {MAX_SPREAD_S} seconds", EXIT_USAGE)
+        if getattr(args, "device", None):
+            raise CtlError("--spread is for --group or --fleet (a device acts at once)",
+                           EXIT_USAGE)
+    if getattr(args, "force", False) and not getattr(args, "device", None):
+        raise CtlError("--force needs --device (it overrides one device's window and lock)",
+                       EXIT_USAGE)
     request_id = getattr(args, "request_id", None)
     if request_id is not None and not is_request_id(request_id):
         raise CtlError(f"--request-id must match {REQUEST_ID_RULE}", EXIT_USAGE)

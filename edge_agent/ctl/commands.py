@@ -117,7 +117,7 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     topics = Topics(settings.topic_prefix)
     what, topic = _target(args, topics)
     request_id = args.request_id or new_request_id()
-    payload = desired_tag_payload(tag, request_id, utc_now())
+    payload = desired_tag_payload(tag, request_id, utc_now(), getattr(args, "spread", None))
     subscriptions = []
     if args.device:
         subscriptions = [topics.state(args.device), topics.availability(args.device)]
@@ -179,7 +179,9 @@ def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Print
     response_topic = topics.reply(args.device, request_id) if args.wait else None
     session = Session(settings, [response_topic] if response_topic else [])
     try:
-        session.publish(topic, command_payload(request_id, utc_now()), retain=False,
+        body = command_payload(request_id, utc_now(), force=getattr(args, "force", False),
+                               spread=getattr(args, "spread", None))
+        session.publish(topic, body, retain=False,
                         response_topic=response_topic, correlation=request_id.encode())
         if response_topic is None:
             printer.result({"topic": topic, "request_id": request_id},

@@ -160,6 +160,10 @@ def status_text(state: dict[str, Any] | None) -> str:
     if status == UpdateStatus.PULLING and progress is not None:
         status = f"pulling {progress:.0f}%"
     status = printable(status, CELL_CHARS)
+    if status == UpdateStatus.DEFERRED:
+        reason = printable(text_at(state, "update", "deferred", "reason") or "?", CELL_CHARS)
+        until = local_time(lookup(state, "update", "deferred", "until"), with_date=True)
+        status += f" ({reason}{f' until {until}' if until else ''})"
     if lookup(state, "fallback", "active") is True:
         requested = printable(text_at(state, "fallback", "requested_tag") or "?", CELL_CHARS)
         status += f" (fallback: {requested} not found)"
@@ -212,6 +216,7 @@ OUTCOMES: dict[CheckOutcome, str] = {
                           "(push a new image or set another tag)",
     CheckOutcome.AVAILABLE: "update to {tag} available (UPDATE_MODE=notify): edge-ctl install",
     CheckOutcome.INTERRUPTED: "update to {tag} interrupted (the agent is stopping)",
+    CheckOutcome.DEFERRED: "update to {tag} deferred{why}; --force applies it now",
 }
 
 
@@ -221,8 +226,17 @@ def describe_outcome(answer: dict[str, Any]) -> str:
     tag = printable(text_at(answer, "tag") or "-", CELL_CHARS)
     if isinstance(outcome, str) and outcome in OUTCOMES:
         # the template is ours, picked by the device's outcome: never a device string
-        return OUTCOMES[CheckOutcome(outcome)].format(tag=tag)
+        return OUTCOMES[CheckOutcome(outcome)].format(tag=tag, why=deferred_why(answer))
     return f"{printable(outcome, CELL_CHARS)} ({tag})"
+
+
+def deferred_why(answer: dict[str, Any]) -> str:
+    """`` (window until 2026-01-02 02:00:00)`` from a deferred answer's ``deferred``."""
+    reason = text_at(answer, "deferred", "reason")
+    if reason is None:
+        return ""
+    until = local_time(lookup(answer, "deferred", "until"), with_date=True)
+    return f" ({printable(reason, CELL_CHARS)}{f' until {until}' if until else ''})"
 
 
 def superseded_text(event: dict[str, Any]) -> str:

@@ -4,7 +4,8 @@ report of what it answered.
 The device answers in its state document (``desired.request_id``) and in events that
 carry the request id; ``protocol.answers`` judges each. edge-ctl ends its wait on other
 answers than the bridge's ``?wait``: on notify mode's "available" (not settled: the
-operator has to run install), on ``update_succeeded``, on ``tag_superseded`` (another
+operator has to run install; a deferred update, by contrast, the device applies by
+itself, so the wait goes on), on ``update_succeeded``, on ``tag_superseded`` (another
 desired tag replaced the request before it was applied), and on a fallback only once
 the check that shows it has settled.
 """
@@ -111,6 +112,8 @@ def wait_for_tag(  # noqa: PLR0912, PLR0913, PLR0917 - one request's whole wait
         answer = judge_state(body, request_id, tag)
         if answer is not None and answer.outcome is Outcome.FALLBACK and not answer.settled:
             answer = None  # a fallback from an earlier check, shown while this one still runs
+        if answer is not None and answer.outcome is Outcome.DEFERRED:
+            answer = None  # the device applies it by itself later: the note said when
         if answer is not None:
             return Waited(answer, last_state, events)
     return Waited(None, last_state, events)

@@ -13,6 +13,8 @@ Outcomes (``ok``: ``applied`` and ``updated``):
 - ``not_running``: state idle on the tag, but its container is not running
 - ``fallback``: the tag is not in the registry, FALLBACK_TAG runs (state or event)
 - ``available``: notify mode, the update waits for ``cmd/install`` (never settled)
+- ``deferred``: the update waits for the maintenance window, the app's update lock or
+  its spread delay; the device applies it by itself later (never settled)
 - ``rolled_back``, ``failed``, ``rejected``, ``config_error``: the events ``rolled_back``,
   ``update_failed``, ``tag_rejected``, ``config_error``
 - ``insufficient_space``: ``update_failed`` with that ``code``: the pull would not fit on
@@ -41,6 +43,7 @@ class Outcome(enum.StrEnum):
     NOT_RUNNING = "not_running"
     FALLBACK = "fallback"
     AVAILABLE = "available"
+    DEFERRED = "deferred"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
     REJECTED = "rejected"
@@ -105,6 +108,8 @@ def judge_state(  # noqa: PLR0911 - one return per answer a state gives
         return Answer(Outcome.AVAILABLE, False,
                       f"update to {tag} is available but the device is in notify mode: run "
                       f"edge-ctl install --device {state.get('device_id')}", settled=False)
+    if status == UpdateStatus.DEFERRED:
+        return Answer(Outcome.DEFERRED, False, deferred_text(state, tag), settled=False)
     if not settled:
         return None
     running = lookup(state, "running", "tag")  # installed_version repeats it for Home Assistant
@@ -118,6 +123,17 @@ def judge_state(  # noqa: PLR0911 - one return per answer a state gives
         return Answer(Outcome.NOT_RUNNING, False,
                       f"device has {tag} but its container is {container}{why}")
     return Answer(Outcome.APPLIED, True, f"device runs {tag}")
+
+
+def deferred_text(state: dict[str, Any], tag: str) -> str:
+    """``update to 2.0 deferred until <ts> (window: ...)`` from ``update.deferred``."""
+    deferred = lookup(state, "update", "deferred")
+    reason = lookup(deferred, "reason") or "deferred"
+    detail = lookup(deferred, "detail")
+    until = lookup(deferred, "until")
+    when = f"until {until}" if isinstance(until, str) else "until the app releases its lock"
+    why = f"{reason}: {detail}" if isinstance(detail, str) and detail else str(reason)
+    return f"update to {tag} deferred {when} ({why}); the device applies it then"
 
 
 def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | None:

@@ -20,6 +20,7 @@ from edge_agent.protocol.events import MAX_TEXT_CHARS, TRUNCATED, FailureCode
 from edge_agent.protocol.state import (
     CONTAINER_STATUSES,
     HEALTH_STATUSES,
+    DeferReason,
     Source,
     UpdateStatus,
 )
@@ -37,6 +38,7 @@ LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 UPDATE_STATUSES = frozenset(str(status) for status in UpdateStatus)
 FAILURE_CODES = frozenset(str(code) for code in FailureCode)
 DESIRED_SOURCES = frozenset(str(source) for source in Source)
+DEFER_REASONS = frozenset(str(reason) for reason in DeferReason)
 EVENT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 # C0 and C1 controls except tab and newline, and the bidirectional overrides and isolates
@@ -178,6 +180,12 @@ STATE_FIELDS: dict[str, Check] = {
         "last_success_at": _nullable(_timestamp),
         "last_error": _nullable(_text(LONG_TEXT)),
         "error_code": _nullable(_one_of(FAILURE_CODES)),
+        "deferred": _nullable(_object({
+            "tag": TAG,
+            "reason": _one_of(DEFER_REASONS),
+            "detail": _text(LONG_TEXT),
+            "until": _nullable(_timestamp),
+        })),
     }),
     "installed_version": _nullable(TAG),
     "latest_version": _nullable(TAG),
@@ -188,6 +196,7 @@ STATE_FIELDS: dict[str, Check] = {
         "latest_version": _text(SHORT_TEXT),
         "in_progress": _bool,
         "update_percentage": _nullable(PERCENT),
+        "release_summary": _text(SHORT_TEXT),
     }),
 }
 _STATE = _object(STATE_FIELDS)

@@ -38,6 +38,8 @@ class EventName(enum.StrEnum):
     CONTAINER_EXITED = "container_exited"
     # a desired-tag request replaced on its topic before the agent applied it
     TAG_SUPERSEDED = "tag_superseded"
+    # an update to the desired tag is pending but held back (window, lock, spread)
+    UPDATE_DEFERRED = "update_deferred"
 
 
 class FailureCode(enum.StrEnum):
@@ -56,6 +58,7 @@ class CheckOutcome(enum.StrEnum):
     UPDATED = "updated"
     ROLLED_BACK = "rolled_back"
     AVAILABLE = "available"  # notify mode: an update waits for cmd/install
+    DEFERRED = "deferred"  # held back by a window, the app's lock or a spread delay
     SKIPPED = "skipped"  # this digest failed before; waiting for a new one
     INTERRUPTED = "interrupted"  # the agent is stopping; it resumes at its next start
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from edge_agent.protocol.safejson import UntrustedJson, loads_object
 from edge_agent.protocol.state import Source
-from edge_agent.protocol.tags import is_request_id
+from edge_agent.protocol.tags import SPREAD_RULE, is_request_id, is_spread
 from edge_agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,26 @@ Reply = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class CheckRequest:
-    """Check the registry now; ``install`` also applies a pending update in notify mode."""
+    """Check the registry now; ``install`` also applies a pending update in notify mode;
+    ``force`` applies it despite the maintenance window and the app's update lock (a
+    device command only); ``spread`` (a fleet check only) delays the check by a random
+    share of that many seconds."""
 
     request_id: str | None = None
     install: bool = False
     reply: Reply | None = None
+    force: bool = False
+    spread: float = 0.0
+    fleet: bool = False
+
+
+@dataclass(frozen=True)
+class CommandBody:
+    """The optional JSON body of a command."""
+
+    request_id: str | None = None
+    force: bool = False
+    spread: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,30 @@ class RemoteReady:
 
 
 WireMessage = CheckRequest | RemoteTagMessage | RemoteReset | RemoteReady
+
+
+def parse_command(payload: bytes) -> CommandBody:
+    """The fields of a command payload. Raises CommandRefused for a ``force`` that is
+    not a boolean or a ``spread`` out of range: a command whose extent is unclear is not
+    run. A missing, non-JSON or unparseable body is a plain command."""
+    request_id = parse_request_id(payload)
+    if request_id is None and not payload.lstrip().startswith(b"{"):
+        return CommandBody()
+    try:
+        body = loads_object(payload, max_bytes=MAX_COMMAND_BYTES)
+    except UntrustedJson:
+        return CommandBody(request_id)
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise CommandRefused('"force" must be true or false')
+    spread = body.get("spread", 0)
+    if not is_spread(spread):
+        raise CommandRefused(SPREAD_RULE)
+    return CommandBody(request_id, force, float(spread))
+
+
+class CommandRefused(ValueError):
+    """A command payload with a field the agent will not guess about."""
 
 
 def parse_request_id(payload: bytes) -> str | None:
@@ -103,5 +142,23 @@ def route(  # noqa: PLR0913 - a message and its context; extras keyword-only
             log.warning("ignored a retained command on %s; publish commands unretained",
                         topic)
             return None
-        return CheckRequest(parse_request_id(payload), install=install, reply=reply)
+        return _command(topic, payload, install=install, fleet=topic == topics.fleet_check,
+                        reply=reply)
     return None
+
+
+def _command(topic: str, payload: bytes, *, install: bool, fleet: bool,
+             reply: Reply | None) -> CheckRequest | None:
+    try:
+        body = parse_command(payload)
+    except CommandRefused as exc:
+        log.warning("dropped a command on %s: %s", topic, exc)
+        return None
+    if fleet and body.force:
+        # One operator overriding every device's window and app lock at once is far
+        # more likely a slip than a plan: force addresses one device.
+        log.warning("dropped a command on %s: force applies to one device's command, "
+                    "not the fleet's", topic)
+        return None
+    return CheckRequest(body.request_id, install=install, reply=reply, force=body.force,
+                        spread=body.spread if fleet else 0.0, fleet=fleet)

@@ -33,11 +33,20 @@ class UpdateStatus(enum.StrEnum):
     IDLE = "idle"
     CHECKING = "checking"
     AVAILABLE = "available"  # notify mode: an update waits for cmd/install
+    DEFERRED = "deferred"  # an update waits for a window, the app's lock or a spread delay
     PULLING = "pulling"
     INSTALLING = "installing"
     VERIFYING = "verifying"
     ROLLING_BACK = "rolling_back"
     ERROR = "error"
+
+
+class DeferReason(enum.StrEnum):
+    """``update.deferred.reason``: what holds a pending update back."""
+
+    WINDOW = "window"  # outside UPDATE_WINDOW
+    LOCK = "lock"  # the app holds UPDATE_LOCK_FILE
+    SPREAD = "spread"  # a fleet-wide change's random per-device delay
 
 
 # The statuses in which an update is under way and the container is the updater's.

@@ -24,6 +24,9 @@ REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 SHOWN_TAG_CHARS = 40
 # The grammar as people read it, for messages.
 REQUEST_ID_RULE = REQUEST_ID_PATTERN.strip("^$")
+# ``spread``: a fleet-wide change's random per-device delay, at most a day (seconds)
+MAX_SPREAD_S = 86400
+SPREAD_RULE = f'"spread" must be a number of seconds from 0 to {MAX_SPREAD_S}'
 
 
 def validate_tag(tag: str) -> str:
@@ -48,16 +51,30 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def desired_tag_payload(tag: str, request_id: str, issued_at: str) -> bytes:
+def is_spread(value: object) -> bool:
+    """True when ``value`` is a JSON number of seconds in [0, MAX_SPREAD_S]."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and 0 <= value <= MAX_SPREAD_S)
+
+
+def desired_tag_payload(tag: str, request_id: str, issued_at: str,
+                        spread: float | None = None) -> bytes:
     """The JSON form of a desired-tag message, as operators publish it."""
-    return json.dumps({"tag": tag, "request_id": request_id, "issued_at": issued_at},
-                      separators=(",", ":")).encode()
+    body: dict[str, object] = {"tag": tag, "request_id": request_id, "issued_at": issued_at}
+    if spread:
+        body["spread"] = spread
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
-def command_payload(request_id: str, issued_at: str) -> bytes:
+def command_payload(request_id: str, issued_at: str, *, force: bool = False,
+                    spread: float | None = None) -> bytes:
     """The JSON body of a command (``cmd/check``, ``cmd/install``) with its request id."""
-    return json.dumps({"request_id": request_id, "issued_at": issued_at},
-                      separators=(",", ":")).encode()
+    body: dict[str, object] = {"request_id": request_id, "issued_at": issued_at}
+    if force:
+        body["force"] = True
+    if spread:
+        body["spread"] = spread
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def is_digest(tag: str) -> bool:
@@ -72,6 +89,8 @@ class DesiredTag:
     tag: str | None
     request_id: str | None = None
     issued_at: str | None = None
+    # seconds over which a group or fleet tag's devices spread their updates (0: at once)
+    spread: float = 0.0
 
 
 class PayloadRejected(TagError):
@@ -110,6 +129,9 @@ def parse_tag_payload(payload: bytes) -> DesiredTag:
     if request_id is not None and not is_request_id(request_id):
         raise PayloadRejected(f'"request_id" must be a string matching {REQUEST_ID_RULE}')
     issued_at = _optional_str(obj, "issued_at", 64, request_id)
+    spread = obj.get("spread", 0)
+    if not is_spread(spread):
+        raise PayloadRejected(SPREAD_RULE, request_id)
     if "tag" not in obj:
         raise PayloadRejected('JSON payload has no "tag" field', request_id)
     tag = obj["tag"]
@@ -118,7 +140,7 @@ def parse_tag_payload(payload: bytes) -> DesiredTag:
     if not isinstance(tag, str):
         raise PayloadRejected(f'"tag" must be a string, got {_json_type(tag)}', request_id)
     return DesiredTag(tag=_valid_tag(tag, request_id), request_id=request_id,
-                      issued_at=issued_at)
+                      issued_at=issued_at, spread=float(spread))
 
 
 def _valid_tag(tag: str, request_id: str | None) -> str:

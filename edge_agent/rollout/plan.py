@@ -38,13 +38,11 @@ from typing import Any
 
 from edge_agent.protocol.answers import judge_event, judge_state, lookup
 from edge_agent.protocol.events import EventName
-from edge_agent.protocol.state import BUSY
+from edge_agent.protocol.state import BUSY, UpdateStatus
 from edge_agent.protocol.timestamps import format_utc, parse_utc
 from edge_agent.rollout.spec import OnHalt, RolloutSpec, TargetKind, Unreachable
 
-# update.status of a device holding an update back (the defer work adds it to UpdateStatus)
-DEFERRED_STATUS = "deferred"
-BUSY_STATUSES = frozenset(str(s) for s in BUSY) | {"checking"}
+BUSY_STATUSES = frozenset(str(s) for s in BUSY) | {str(UpdateStatus.CHECKING)}
 
 
 class RolloutState(enum.StrEnum):
@@ -564,7 +562,7 @@ def _observe(entry: DeviceEntry, device: DeviceView, tag: str) -> None:
         entry.reason = answer.reason
     elif answer is not None:  # notify mode: waits for an install
         entry.outcome, entry.reason = DeviceOutcome.DEFERRED, answer.reason
-    elif status == DEFERRED_STATUS:
+    elif status == UpdateStatus.DEFERRED:
         entry.outcome, entry.reason = DeviceOutcome.DEFERRED, _deferred_reason(state)
     elif status in BUSY_STATUSES and entry.outcome is not DeviceOutcome.UPDATING:
         entry.outcome, entry.reason = DeviceOutcome.UPDATING, None

@@ -80,7 +80,7 @@ def test_commands_route_to_check_requests() -> None:
     assert check == CheckRequest("r1", install=False, reply=replies.append)
     install = route(T, "dev1", (), "edge/devices/dev1/cmd/install", b"install")
     assert install == CheckRequest(None, install=True)
-    assert route(T, "dev1", (), "edge/fleet/cmd/check", b"") == CheckRequest(None)
+    assert route(T, "dev1", (), "edge/fleet/cmd/check", b"") == CheckRequest(None, fleet=True)
     assert route(T, "dev1", (), "edge/devices/dev2/cmd/check", b"") is None
     # a retained command would fire again at every reconnect
     assert route(T, "dev1", (), "edge/devices/dev1/cmd/install", b"", retained=True) is None

@@ -322,3 +322,20 @@ def test_a_device_that_reported_gets_no_warning(api: Api, fleet: Fleet) -> None:
     assert status == 202 and "warning" not in data
     status, data, _ = call(api, "PUT", "/api/v1/devices/dev2/tag", {"tag": "2.0"})
     assert status == 202 and "dev2" in data["warning"]
+
+
+def test_spread_goes_into_group_and_fleet_payloads_and_bad_values_are_400(
+    api: Api, recorder: Recorder,
+) -> None:
+    status, body, _ = call(api, "PUT", "/api/v1/fleet/tag?spread=600", {"tag": "4"})
+    assert status == 202 and body["spread"] == 600
+    assert call(api, "PUT", "/api/v1/groups/lab/tag?spread=0", {"tag": "4"})[0] == 202
+    assert call(api, "POST", "/api/v1/fleet/check?spread=30")[0] == 202
+    for bad in ("-1", "86401", "1.5", "1e3", "", "x"):
+        assert call(api, "PUT", f"/api/v1/fleet/tag?spread={bad}", {"tag": "4"})[0] == 400
+        assert call(api, "POST", f"/api/v1/fleet/check?spread={bad}")[0] == 400
+    # a device addressed alone takes no spread
+    assert call(api, "PUT", "/api/v1/devices/d/tag?spread=5", {"tag": "4"})[0] == 400
+    payloads = [json.loads(p) for _, p, _ in recorder.published]
+    assert payloads[0]["spread"] == 600 and "spread" not in payloads[1]
+    assert payloads[2]["spread"] == 30 and len(payloads) == 3

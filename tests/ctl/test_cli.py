@@ -112,3 +112,17 @@ def test_the_console_script_is_main() -> None:
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["edge-ctl"].partition(":")
     assert getattr(importlib.import_module(module), function) is main
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "--fleet", "--force"],
+    ["check", "--device", "d", "--spread", "60"],
+    ["set-tag", "2.0", "--device", "d", "--spread", "60"],
+    ["set-tag", "2.0", "--fleet", "--spread", "86401"],
+    ["set-tag", "2.0", "--group", "g", "--spread", "-1"],
+])
+def test_force_needs_a_device_and_spread_a_group_or_the_fleet(
+    argv: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(argv) == EXIT_USAGE  # refused before any broker is asked
+    assert "--force" in capsys.readouterr().err or "--spread" in argv

@@ -140,3 +140,20 @@ def test_another_requests_supersession_is_not_an_answer() -> None:
     code, result, _ = set_tag_wait(("events", {**REPLACED, "request_id": "r0"}),
                                    ("state", state()))
     assert code == EXIT_OK and result["outcome"] == "unchanged"
+
+
+DEFERRED = {"status": "deferred", "progress": None, "last_check_at": None,
+            "last_success_at": None, "last_error": None,
+            "deferred": {"tag": "2.0", "reason": "window", "detail": "outside 02:00-04:00",
+                         "until": "2024-05-02T02:00:00.000Z"}}
+
+
+def test_a_deferred_update_keeps_the_wait_going_and_says_until_when() -> None:
+    """Unlike notify mode's available, the device applies a deferred update by itself."""
+    code, result, err = set_tag_wait(("state", state(update=DEFERRED)))
+    assert code == EXIT_TIMEOUT and result["outcome"] == "timeout"
+    assert "deferred (window until 2024-05-02 " in err
+    code, result, _ = set_tag_wait(("state", state(update=DEFERRED)),
+                                   ("events", {"event": "update_succeeded", "request_id": "r1",
+                                               "tag": "2.0"}))
+    assert code == EXIT_OK and result["outcome"] == "updated"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.protocol.answers import judge_event, judge_state, lookup
+from edge_agent.protocol.answers import Outcome, judge_event, judge_state, lookup
 from tests.support.documents import fallen_back, settled_on, state
 
 
@@ -141,3 +141,14 @@ def test_lookup() -> None:
     assert lookup({"a": {"b": 1}}, "a", "b") == 1
     assert lookup({"a": [1]}, "a", "b") is None
     assert lookup(None, "a") is None
+
+
+def test_a_deferred_update_is_judged_deferred_and_not_settled() -> None:
+    document = state(update={"status": "deferred", "deferred": {
+        "tag": "2.0", "reason": "lock", "detail": "the app holds its update lock",
+        "until": None}})
+    answer = judge_state(document, "r1", "2.0")
+    assert answer is not None
+    assert (answer.outcome, answer.ok, answer.settled) == (Outcome.DEFERRED, False, False)
+    assert answer.reason == ("update to 2.0 deferred until the app releases its lock (lock: "
+                             "the app holds its update lock); the device applies it then")

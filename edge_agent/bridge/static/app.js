@@ -10,8 +10,9 @@ const NEUTRAL = "neutral";
 // value a device reports -> class; anything else gets NEUTRAL
 const AVAILABILITY_CLASS = new Map([["online", "online"], ["offline", "offline"],
                                     ["unknown", "unknown"]]);
-const STATUS_CLASS = new Map(["idle", "checking", "available", "pulling", "installing",
-                              "verifying", "rolling_back", "error"].map((s) => [s, s]));
+const STATUS_CLASS = new Map(["idle", "checking", "available", "deferred", "pulling",
+                              "installing", "verifying", "rolling_back",
+                              "error"].map((s) => [s, s]));
 const HEALTH_CLASS = new Map(["healthy", "unhealthy", "starting", "running", "created",
                               "restarting", "paused", "exited", "dead", "removing",
                               "missing", "unknown"].map((s) => [s, s]));
@@ -120,6 +121,13 @@ function renderDevice(device) {
     upd.appendChild(document.createTextNode(" "));
     upd.appendChild(bar);
     upd.appendChild(el("span", " " + Math.round(bar.value) + "%", "muted"));
+  }
+  const deferred = object(update.deferred);
+  if (status === "deferred" && deferred.tag) {
+    // "2.0: window until 2026-01-02T02:00:00.000Z" (reason and time as the device said)
+    const until = deferred.until ? " until " + text(deferred.until, "?") : "";
+    upd.appendChild(el("div", text(deferred.tag, "?") + ": " + text(deferred.reason, "?") +
+                    until, "muted"));
   }
   if (lastError) upd.appendChild(el("div", lastError, "muted"));
 
