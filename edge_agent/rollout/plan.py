@@ -560,10 +560,10 @@ def _observe(entry: DeviceEntry, device: DeviceView, tag: str) -> None:
     if answer is not None and answer.settled:
         entry.outcome = DeviceOutcome.SUCCEEDED if answer.ok else DeviceOutcome.FAILED
         entry.reason = answer.reason
-    elif answer is not None:  # notify mode: waits for an install
-        entry.outcome, entry.reason = DeviceOutcome.DEFERRED, answer.reason
     elif status == UpdateStatus.DEFERRED:
         entry.outcome, entry.reason = DeviceOutcome.DEFERRED, _deferred_reason(state)
+    elif answer is not None:  # notify mode: waits for an install
+        entry.outcome, entry.reason = DeviceOutcome.DEFERRED, answer.reason
     elif status in BUSY_STATUSES and entry.outcome is not DeviceOutcome.UPDATING:
         entry.outcome, entry.reason = DeviceOutcome.UPDATING, None
 
