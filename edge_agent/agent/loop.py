@@ -100,7 +100,8 @@ class Agent:
         self.data = DataDir(settings.data_dir)
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.should_exit = False
-        self.status = Status(device_id=settings.device_id, image=settings.repository)
+        self.status = Status(device_id=settings.device_id, image=settings.repository,
+                             groups=settings.device_groups)
         self.status.state_sinks.append(self._write_status_file)
         self.status.event_sinks.append(_log_event)
         self.state = self.data.load_state()

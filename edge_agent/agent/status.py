@@ -60,6 +60,7 @@ class Status:
     device_id: str
     image: str
     desired: Desired | None = None
+    groups: tuple[str, ...] = ()  # DEVICE_GROUPS, in their order of precedence
     running: RunningView = field(default_factory=RunningView)
     fallback: FallbackView = field(default_factory=FallbackView)
     update_status: UpdateStatus = UpdateStatus.IDLE
@@ -119,6 +120,7 @@ class Status:
             "agent_version": __version__,
             "ts": utc_now(),
             "image": self.image,
+            "groups": list(self.groups),
             "desired": {
                 "tag": desired.tag if desired else None,
                 "source": str(desired.source) if desired else None,

@@ -400,11 +400,13 @@ class Bridge:
         self.fleet = Fleet(self.topics)
         self.link = BridgeLink(
             settings.mqtt,
-            [self.topics.all_states, self.topics.all_availability, self.topics.all_events],
+            [self.topics.all_states, self.topics.all_availability, self.topics.all_events,
+             self.topics.fleet_tag, self.topics.group_tag("+")],
             self.fleet.handle,
         )
         self.api = Api(settings.token, self.topics, self.fleet, self.link,
-                       max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token)
+                       max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token,
+                       registry=settings.registry)
         if limits is None:
             limits = ServerLimits(max_client_connections=settings.max_client_connections)
         self.server = BridgeServer((settings.host, settings.port), self.api, limits)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings, parse_int, parse_number
+from edge_agent.registry_probe import PROBE_SETTINGS, ProbeSettings, load_probe_settings
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ DEFAULT_CLIENT_CONNECTIONS = 32
 MAX_CONNECTIONS = 512
 MAX_TOKEN_CHARS = 4096
 SHORT_TOKEN_CHARS = 16
+NO_REGISTRY_CHECK = ProbeSettings(enabled=False)
 
 #: (variable, default as shown, meaning) for ``edge-bridge --help``
 BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -34,6 +36,7 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("BRIDGE_CLIENT_CONNECTIONS", str(DEFAULT_CLIENT_CONNECTIONS),
      f"connections one client address may hold (of {MAX_CONNECTIONS}); raise it behind a "
      "proxy"),
+    *PROBE_SETTINGS,
     ("MQTT_HOST ...", "", "MQTT_* broker settings, exactly as for edge-agent (MQTT_HOST required)"),
     ("LOG_LEVEL / LOG_FORMAT", "INFO / text", "as for edge-agent"),
 )
@@ -52,6 +55,9 @@ class BridgeSettings:
     log_format: str
     max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
     metrics_token: str | None = None
+    # the registry check before publishing a tag: off unless configured (the environment
+    # turns it on by default, load_bridge_settings)
+    registry: ProbeSettings = NO_REGISTRY_CHECK
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
@@ -70,6 +76,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     client_connections = parse_int(env, "BRIDGE_CLIENT_CONNECTIONS", DEFAULT_CLIENT_CONNECTIONS,
                                    minimum=1, maximum=MAX_CONNECTIONS)
     mqtt = load_mqtt_settings(env)
+    registry = load_probe_settings(env)
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
@@ -77,7 +84,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     if log_format not in ("text", "json"):
         raise ConfigError("LOG_FORMAT: must be text or json")
     return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format,
-                          client_connections, metrics_token)
+                          client_connections, metrics_token, registry)
 
 
 def _token(env: dict[str, str], variable: str = "BRIDGE_TOKEN", *,

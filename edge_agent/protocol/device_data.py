@@ -30,6 +30,7 @@ from edge_agent.protocol.topics import ID_RE
 # A device clock this far ahead of the bridge's is wrong; its ts says nothing.
 MAX_CLOCK_AHEAD_S = 300.0
 
+MAX_GROUPS = 64  # DEVICE_GROUPS of one device
 SHORT_TEXT = 256  # names, versions, ids
 LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 
@@ -131,6 +132,16 @@ def _object(fields: Mapping[str, Check]) -> Check:
     return check
 
 
+def _list(item: Check, limit: int) -> Check:
+    """A list of at most ``limit`` items, each valid (else the whole field is left out)."""
+    def check(value: Any) -> Any:
+        if not isinstance(value, list) or len(value) > limit:
+            return _ABSENT
+        items = [item(v) for v in value]
+        return _ABSENT if any(i is _ABSENT for i in items) else items
+    return check
+
+
 TAG = _pattern(TAG_RE, DIGEST_RE)
 PERCENT = _number(0.0, 100.0)
 
@@ -140,6 +151,7 @@ STATE_FIELDS: dict[str, Check] = {
     "agent_version": _text(64),
     "ts": _timestamp,
     "image": _text(SHORT_TEXT),
+    "groups": _list(_pattern(ID_RE), MAX_GROUPS),
     "desired": _object({
         "tag": _nullable(TAG),
         "source": _nullable(_one_of(DESIRED_SOURCES)),
