@@ -52,8 +52,15 @@ MAX_TOKEN_ANSWER_BYTES = 64 * 1024
 MAX_PASSWORD_BYTES = 4096
 MAX_REASON_CHARS = 200
 JOIN_GRACE_S = 0.2
+MAX_REPOSITORY_CHARS = 256
 USER_AGENT = "edge-agent-operator"
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
+# Docker's reference grammar for a repository (as edge_agent.agent.config checks
+# CONTAINER_IMAGE): a device's state names its repository, and nothing else reaches a URL.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_RE = re.compile(
+    rf"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$"
+)
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 #: (variable, default as shown, meaning), for the settings tables of the bridge and edge-ctl
@@ -66,6 +73,8 @@ PROBE_SETTINGS: tuple[tuple[str, str, str], ...] = (
      "plain HTTP, as the devices' Docker daemon does (loopback always is)"),
     ("REGISTRY_USERNAME", "(none)", "user for the registry (pull is enough)"),
     ("REGISTRY_PASSWORD_FILE", "(none)", "file holding that user's password"),
+    ("REGISTRY_HOST", "(none)", "the registry (host:port as in the image name) those "
+     "credentials are for; they are sent to no other"),
 )
 
 
@@ -86,6 +95,7 @@ class ProbeSettings:
     insecure: frozenset[str] = frozenset()
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    credentials_for: str | None = None  # the one registry the credentials are sent to
 
 
 @dataclass(frozen=True)
@@ -125,9 +135,15 @@ def load_probe_settings(environ: Mapping[str, str]) -> ProbeSettings:
         if len(data) > MAX_PASSWORD_BYTES or not password:
             raise ConfigError(f"REGISTRY_PASSWORD_FILE: {path} must hold a password of "
                               f"1-{MAX_PASSWORD_BYTES} bytes")
-    if (username is None) != (password is None):
-        raise ConfigError("REGISTRY_USERNAME and REGISTRY_PASSWORD_FILE go together")
-    return ProbeSettings(enabled, timeout_s, insecure, username, password)
+    creds_host = environ.get("REGISTRY_HOST", "").strip().lower() or None
+    if (username is None) != (password is None) or (username is None) != (creds_host is None):
+        # a device names its own repository: credentials without a registry of their own
+        # would go to whichever registry a device names
+        raise ConfigError("REGISTRY_USERNAME, REGISTRY_PASSWORD_FILE and REGISTRY_HOST go "
+                          "together")
+    if creds_host is not None and not _HOST_RE.fullmatch(creds_host):
+        raise ConfigError(f"REGISTRY_HOST: {creds_host[:80]!r} is not a host[:port]")
+    return ProbeSettings(enabled, timeout_s, insecure, username, password, creds_host)
 
 
 @dataclass(frozen=True)
@@ -238,6 +254,9 @@ def probe(repository: str, tag: str, settings: ProbeSettings) -> TagCheck:
     """Ask the registry whether ``repository:tag`` exists, within ``settings.timeout_s``
     whatever the registry does; never raises for the registry's sake (an ``UNKNOWN``
     answer says why it could not be asked)."""
+    if len(repository) > MAX_REPOSITORY_CHARS or not REPOSITORY_RE.fullmatch(repository):
+        return TagCheck(repository[:MAX_REPOSITORY_CHARS], tag, Verdict.UNKNOWN,
+                        "not a repository name")
     location = locate(repository, settings.insecure)
     question = _Probe(location, settings)
     outcome: list[Verdict | str] = []
@@ -287,7 +306,8 @@ def _authorization(question: _Probe, challenge: str) -> str:
     scheme, _, params_text = challenge[:2048].partition(" ")
     params = dict(_CHALLENGE_PARAM_RE.findall(params_text))
     basic = None
-    if settings.username and settings.password:
+    if settings.username and settings.password and (
+            question.location.registry == settings.credentials_for):
         basic = base64.b64encode(f"{settings.username}:{settings.password}".encode()).decode()
     if scheme.lower() == "basic":
         if basic is None:

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     waiting(set_tag, "(with --device) return once the device runs it; exit 1 with the reason "
             "if it rolled back, refused it or another desired tag replaced it")
     set_tag.add_argument("--request-id", help="request id to send (default: a random one)")
+    set_tag.add_argument("--force", action="store_true",
+                         help="publish without asking the registry whether the tag exists "
+                         "(by default a tag the registry does not have is refused; "
+                         "REGISTRY_CHECK=false turns the question off)")
 
     clear_tag = commands.add_parser("clear-tag", parents=[common],
                                     help="remove the desired tag of a device, group or fleet")

@@ -132,12 +132,13 @@ class DeviceView:
     state: dict[str, Any] | None = None
     # why the device's retained state was not used (too large, too deep, not JSON, ...)
     state_error: str | None = None
-    # the fleet's desired tag that this device's own tag (set for it alone) overrides
-    shadows: str | None = None
+    # the group or fleet tag that this device's own tag (set for it alone) overrides
+    # (protocol.precedence.shadowed): {"scope", "group", "tag"}
+    shadows: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "online": self.online, "state": self.state,
-                "state_error": self.state_error, "shadows_fleet_tag": self.shadows}
+                "state_error": self.state_error, "shadows": self.shadows}
 
     def override_note(self) -> str | None:
         """Says that a device tag wins over group and fleet tags, which is easy to forget
@@ -145,8 +146,11 @@ class DeviceView:
         if text_at(self.state, "desired", "source") != "device":
             return None
         clear = f"edge-ctl clear-tag --device {self.device_id}"
-        if self.shadows is not None and self.shadows != text_at(self.state, "desired", "tag"):
-            return f"its device tag shadows the fleet tag {self.shadows} (follow it: {clear})"
+        if self.shadows is not None:
+            what = (f"group {self.shadows['group']}" if self.shadows["group"] is not None
+                    else "fleet")
+            return (f"its device tag shadows the {what} tag {self.shadows['tag']} "
+                    f"(follow it: {clear})")
         return f"its device tag wins over group and fleet tags ({clear} to follow them)"
 
 
@@ -296,6 +300,11 @@ class Printer:
         if len(self._noted) < MAX_NOTED:
             self._noted.add(key)
         self.note(text)
+
+    def warn(self, text: str) -> None:
+        """``edge-ctl: warning: ...`` on stderr, also in JSON mode (stdout stays JSON)."""
+        self._close_bar()
+        print(f"edge-ctl: warning: {text}", file=self.err, flush=True)
 
     def error(self, text: str) -> None:
         """The one-line ``edge-ctl: ...`` on stderr, for humans (JSON has the result)."""
