@@ -52,6 +52,8 @@ MAX_TOKEN_ANSWER_BYTES = 64 * 1024
 MAX_PASSWORD_BYTES = 4096
 MAX_REASON_CHARS = 200
 JOIN_GRACE_S = 0.2
+NEEDS_CREDENTIALS = ("the registry needs credentials (REGISTRY_USERNAME, "
+                     "REGISTRY_PASSWORD_FILE, REGISTRY_HOST)")
 MAX_REPOSITORY_CHARS = 256
 USER_AGENT = "edge-agent-operator"
 _CHALLENGE_PARAM_RE = re.compile(r'(\w+)="([^"]*)"')
@@ -295,8 +297,9 @@ def _ask(question: _Probe, tag: str) -> Verdict:
     if status == HTTPStatus.OK:
         return Verdict.EXISTS
     if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-        raise _Unknown(f"HTTP {status}: the registry refused "
-                       f"{'our credentials' if question.settings.username else 'us'}")
+        if _sends_credentials(question):
+            raise _Unknown(f"HTTP {status}: the registry refused REGISTRY_USERNAME")
+        raise _Unknown(f"HTTP {status}: {NEEDS_CREDENTIALS}")
     raise _Unknown(f"the registry answered HTTP {status}")
 
 
@@ -306,13 +309,11 @@ def _authorization(question: _Probe, challenge: str) -> str:
     scheme, _, params_text = challenge[:2048].partition(" ")
     params = dict(_CHALLENGE_PARAM_RE.findall(params_text))
     basic = None
-    if settings.username and settings.password and (
-            question.location.registry == settings.credentials_for):
+    if _sends_credentials(question) and settings.username and settings.password:
         basic = base64.b64encode(f"{settings.username}:{settings.password}".encode()).decode()
     if scheme.lower() == "basic":
         if basic is None:
-            raise _Unknown("the registry needs credentials (REGISTRY_USERNAME, "
-                           "REGISTRY_PASSWORD_FILE)")
+            raise _Unknown(NEEDS_CREDENTIALS)
         return f"Basic {basic}"
     if scheme.lower() != "bearer" or "realm" not in params:
         raise _Unknown(f"unsupported auth challenge {challenge[:60]!r}")
@@ -324,8 +325,7 @@ def _authorization(question: _Probe, challenge: str) -> str:
     status, _, body = question.request(f"{realm}{'&' if '?' in realm else '?'}{query}", "GET",
                                        headers, max_body=MAX_TOKEN_ANSWER_BYTES)
     if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-        raise _Unknown(f"the token service answered HTTP {status}: the registry needs "
-                       "credentials (REGISTRY_USERNAME, REGISTRY_PASSWORD_FILE)")
+        raise _Unknown(f"the token service answered HTTP {status}: {NEEDS_CREDENTIALS}")
     if status != HTTPStatus.OK:
         raise _Unknown(f"the token service answered HTTP {status}")
     try:
@@ -336,6 +336,13 @@ def _authorization(question: _Probe, challenge: str) -> str:
     if not isinstance(token, str) or not token.isascii() or not token.isprintable():
         raise _Unknown("the token service sent no usable token")
     return f"Bearer {token}"
+
+
+def _sends_credentials(question: _Probe) -> bool:
+    """Credentials go to the registry they are for (REGISTRY_HOST), never elsewhere."""
+    settings = question.settings
+    return settings.username is not None and (
+        question.location.registry == settings.credentials_for)
 
 
 def _reason(exc: Exception) -> str:
