@@ -170,6 +170,15 @@ def status_text(state: dict[str, Any] | None) -> str:
     return status
 
 
+def note_text(view: DeviceView) -> str:
+    """The NOTE column: a shadowed group or fleet tag first (the device will not follow
+    it, whatever else goes on), then why its state is unusable or its last error."""
+    problem = view.state_error or text_at(view.state, "update", "last_error")
+    if view.shadows is not None:
+        return "; ".join(filter(None, [view.override_note(), problem]))
+    return problem or view.override_note() or ""
+
+
 def devices_table(devices: Sequence[DeviceView]) -> str:
     header = ("DEVICE", "ONLINE", "RUNNING", "DESIRED", "STATUS", "HEALTH", "LAST CHECK", "NOTE")
     rows = [header]
@@ -194,8 +203,7 @@ def devices_table(devices: Sequence[DeviceView]) -> str:
             status_text(state),
             printable(text_at(state, "running", "health") or "-", CELL_CHARS),
             date_time(lookup(state, "update", "last_check_at")),
-            printable(view.state_error or text_at(state, "update", "last_error")
-                      or view.override_note() or "", TEXT_CHARS),
+            printable(note_text(view), TEXT_CHARS),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(

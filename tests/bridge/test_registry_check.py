@@ -45,7 +45,7 @@ def device_writer(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
     writer.close()
 
 
-def report(writer: MqttWatcher, bridge: Bridge, device_id: str, image: str, *,
+def report(writer: MqttWatcher, bridge: Bridge, device_id: str, image: str, *,  # noqa: PLR0913
            groups: tuple[str, ...] = (), own_tag: str | None = None) -> None:
     """Publish ``device_id``'s retained state as its agent would, and wait for the bridge
     to show it."""
