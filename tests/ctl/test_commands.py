@@ -689,7 +689,8 @@ def test_set_tag_asks_the_registry_first(broker: Broker, fleet: Fleet, unique_re
     watcher = MqttWatcher(broker.settings(OPERATOR), [topics.device_tag(fleet.name),
                                                       topics.group_tag("lab")]).start()
     try:
-        for scope in (("--device", fleet.name), ("--group", "lab")):
+        scopes: list[tuple[str, str]] = [("--device", fleet.name), ("--group", "lab")]
+        for scope in scopes:
             refused = ctl(broker, "set-tag", "9.9", *scope)
             assert refused.returncode == EXIT_FAILED, refused.stdout + refused.stderr
             assert "edge-ctl: tag 9.9 does not exist in 127.0.0.1:5000/" in refused.stderr
