@@ -56,6 +56,14 @@ def test_the_module_lists_are_read() -> None:
     assert "docker" in loaded_by("edge_agent.agent.engine")
 
 
+def test_the_shared_operator_code_is_docker_free_and_stands_alone() -> None:
+    """``registry_probe`` (the bridge's and edge-ctl's question to the registry): no
+    docker-py, no requests, no program."""
+    loaded = loaded_by("edge_agent.registry_probe")
+    assert [m for m in loaded if m.split(".")[0] in ("docker", "requests")] == []
+    assert [m for m in loaded if m.startswith(tuple(f"edge_agent.{p}" for p in PROGRAMS))] == []
+
+
 @pytest.mark.parametrize("program", ["bridge", "ctl"])
 def test_operator_tools_never_load_docker(program: str) -> None:
     loaded = loaded_by(*modules_in(program))

@@ -38,6 +38,7 @@ from edge_agent.protocol.tags import (
 )
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
+from edge_agent.registry_probe import ProbeSettings, precheck
 from edge_agent.rollout.controller import RolloutController, RolloutError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ PUT_FIELDS = frozenset({"tag", "request_id"})
 # spaces, nan or inf, which float() would all take
 WAIT_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,20})?$")
 SPREAD_RE = re.compile(r"^[0-9]{1,5}$")
+FORCE_VALUES = {"true": True, "1": True, "false": False, "0": False}
+FORCE_HINT = "add ?force=true"
 JSON = "application/json"
 METRICS_PATH = "/metrics"
 # the Prometheus text format (edge_agent.bridge.metrics writes it)
@@ -145,14 +148,14 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", ("api", "v1", "devices"), "list_devices"),
     Route("GET", ("api", "v1", "devices", "{id}"), "get_device"),
     Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag",
-          query=frozenset({"wait"})),
+          query=frozenset({"wait", "force"})),
     Route("DELETE", ("api", "v1", "devices", "{id}", "tag"), "delete_device_tag"),
     Route("POST", ("api", "v1", "devices", "{id}", "check"), "check_device"),
     Route("PUT", ("api", "v1", "groups", "{group}", "tag"), "put_group_tag",
-          query=frozenset({"wait", "spread"})),
+          query=frozenset({"wait", "spread", "force"})),
     Route("DELETE", ("api", "v1", "groups", "{group}", "tag"), "delete_group_tag"),
     Route("PUT", ("api", "v1", "fleet", "tag"), "put_fleet_tag",
-          query=frozenset({"wait", "spread"})),
+          query=frozenset({"wait", "spread", "force"})),
     Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
     Route("POST", ("api", "v1", "fleet", "check"), "check_fleet", query=frozenset({"spread"})),
     Route("GET", ("api", "v1", "rollouts"), "list_rollouts"),
@@ -195,6 +198,7 @@ class Api:
         now: Callable[[], float] = time.time,
         metrics_token: str | None = None,
         rollouts: RolloutController | None = None,
+        registry: ProbeSettings | None = None,
     ) -> None:
         self._token = token.encode()
         # /metrics takes the API token or this read-only one (for Prometheus)
@@ -207,6 +211,8 @@ class Api:
         self._new_request_id = new_request_id
         self.rollouts = rollouts
         self._now = now
+        # whether (and how) a desired tag is looked up in the registry before publishing
+        self.registry = registry if registry is not None else ProbeSettings(enabled=False)
         self._openapi = json.dumps(openapi_document(max_wait_s), indent=1).encode()
         self._static = {path: (load_resource(f"static/{name}"), ctype)
                         for path, (name, ctype) in STATIC_FILES.items()}
@@ -333,12 +339,18 @@ class Api:
         topic = self.topics.device_tag(device_id)
         body: dict[str, Any] = {"request_id": request_id, "scope": "device", "target": device_id,
                                 "tag": tag}
+        warnings = []
         if self.fleet.device(device_id) is None:
             # A mistyped id would keep a retained tag for nobody; the tag is still set, for
             # a device that is not installed yet.
             body["warning"] = (f"device {device_id!r} has never reported (no state or "
                                "availability known): the tag is kept for it, but check "
                                "the device id")
+            warnings.append(body["warning"])
+        warnings += self._registry_check(tag, call.query, self.fleet.repositories(
+            device_id=device_id), f"device {device_id}")
+        if warnings:
+            body["warnings"] = warnings
         if wait_s is None:
             self._publish_tag(topic, tag, request_id)
             return json_response(202, body)
@@ -432,11 +444,16 @@ class Api:
                                  "(PUT /api/v1/devices/{id}/tag)")
         spread = _spread_param(call.query)
         tag, request_id = self._tag_body(call.request.body)
+        who = f"the devices of group {target}" if target else "the fleet's devices"
+        warnings = self._registry_check(tag, call.query,
+                                        self.fleet.repositories(group=target), who)
         self._publish_tag(topic, tag, request_id, spread)
         body: dict[str, Any] = {"request_id": request_id, "scope": scope, "target": target,
                                 "tag": tag}
         if spread:
             body["spread"] = spread
+        if warnings:
+            body["warnings"] = warnings
         return json_response(202, body)
 
     def _clear(self, scope: str, target: str | None, topic: str) -> Response:
@@ -453,6 +470,21 @@ class Api:
         if spread:
             body["spread"] = spread
         return json_response(202, body)
+
+    def _registry_check(self, tag: str, query: Mapping[str, str], repositories: list[str],
+                        who: str) -> list[str]:
+        """Ask the registry whether ``tag`` exists for ``who`` (unless ``?force=true``):
+        422 when it does not; the warnings when it could not be asked."""
+        text = query.get("force", "false")
+        if text not in FORCE_VALUES:
+            raise HttpError(400, f"force must be true or false, got {text[:20]!r}")
+        if FORCE_VALUES[text]:
+            return []
+        result = precheck(tag, repositories, self.registry, who=who)
+        if result.missing:
+            log.info("refused desired tag %s for %s: not in the registry", tag, who)
+            raise HttpError(422, result.refusal(FORCE_HINT))
+        return list(result.warnings)
 
     def _publish_tag(self, topic: str, tag: str, request_id: str,
                      spread: float | None = None) -> None:

@@ -26,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_agent.protocol import safejson
+from edge_agent.protocol import precedence, safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
+from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.events import EventName
+from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
 
@@ -154,6 +156,8 @@ class Device:
     last_seen: float | None = None
     last_event: dict[str, Any] | None = None
     state_seq: int = 0  # arrival order of the state shown
+    # the group or fleet tag its own tag overrides (protocol.precedence.shadowed)
+    shadows: dict[str, Any] | None = None
     _json: bytes | None = None  # the view, serialised once per change
 
     def seen(self, when: float | None) -> None:
@@ -173,6 +177,7 @@ class Device:
             "last_seen": format_utc(self.last_seen) if self.last_seen is not None else None,
             "state": self.state,
             "last_event": self.last_event,
+            "shadows": self.shadows,
         }
 
     def json(self) -> bytes:
@@ -245,12 +250,18 @@ class Fleet:
         self._resynced_at = 0.0
         # called with (device id, cleaned event) for every event (the rollout controller)
         self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        # the retained group and fleet tags, to show which ones a device tag shadows
+        self._group_tags: dict[str, str] = {}
+        self._fleet_tag: str | None = None
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Take one message from a device topic; anything malformed is ignored."""
         device_id = self.topics.device_of(topic)
-        if device_id is None or not ID_RE.fullmatch(device_id):
+        if device_id is None:
+            self._on_desired_tag(topic, payload)
+            return
+        if not ID_RE.fullmatch(device_id):
             return
         kind = topic[len(f"{self.topics.prefix}/devices/{device_id}/"):]
         if kind not in ("state", "availability", "events"):
@@ -365,7 +376,7 @@ class Fleet:
                 return  # a newer state was applied meanwhile
             if document is None:  # cleared, or invalid: the device's state is unknown
                 if device is not None:
-                    device.state = None
+                    device.state = device.shadows = None
                     device.state_seq = seq
                     if not retained and payload:
                         device.seen(self._clock())
@@ -376,6 +387,7 @@ class Fleet:
                 return
             device.state = document
             device.state_seq = seq
+            device.shadows = precedence.shadowed(document, self._group_tags, self._fleet_tag)
             now = self._clock()
             # a live message is seen now; a retained one when its ts says, if plausible
             device.seen(seen_at(document.get("ts"), now) if retained else now)
@@ -383,6 +395,34 @@ class Fleet:
             waiters = list(self._waiters.get(device_id, ()))
         for waiter in waiters:
             waiter.settle(judge_state(document, waiter.request_id, waiter.tag))
+
+    def _on_desired_tag(self, topic: str, payload: bytes) -> None:
+        """A retained group or fleet tag (``P/groups/<g>/tag``, ``P/fleet/tag``): which
+        device tags shadow it is shown with each device. A payload the agents would
+        reject changes nothing, for them as here."""
+        group: str | None = None
+        if topic != self.topics.fleet_tag:
+            head = f"{self.topics.prefix}/groups/"
+            group = topic[len(head):-len("/tag")] if topic.startswith(head) else None
+            if (group is None or not topic.endswith("/tag") or not ID_RE.fullmatch(group)
+                    or topic != self.topics.group_tag(group)):
+                return
+        try:
+            tag = parse_tag_payload(payload).tag
+        except TagError:
+            return
+        with self._lock:
+            if group is None:
+                self._fleet_tag = tag
+            elif tag is None:
+                self._group_tags.pop(group, None)
+            elif group in self._group_tags or len(self._group_tags) < self.max_devices:
+                self._group_tags[group] = tag
+            for device in self._devices.values():
+                shadows = precedence.shadowed(device.state, self._group_tags, self._fleet_tag)
+                if shadows != device.shadows:
+                    device.shadows = shadows
+                    self._changed(device)
 
     def _on_availability(self, device_id: str, payload: bytes, retained: bool) -> None:
         value = payload[:MAX_AVAILABILITY_BYTES + 1].decode("utf-8", "replace").strip().lower()
@@ -488,6 +528,17 @@ class Fleet:
             data = None if device is None else device.json()
         view: dict[str, Any] | None = None if data is None else json.loads(data)
         return view
+
+    def repositories(self, *, device_id: str | None = None, group: str | None = None
+                     ) -> list[str]:
+        """The image repositories of one device, of the devices in ``group``, or (neither
+        given) of the whole fleet, as their states say."""
+        with self._lock:
+            if device_id is not None:
+                device = self._devices.get(device_id)
+                return precedence.repositories([device.state] if device else [])
+            states = [d.state for d in self._devices.values()]
+        return precedence.repositories(states, group)
 
     def snapshot(self) -> FleetSnapshot:
         """The devices (sorted by id) and event counts, for a scrape of /metrics."""

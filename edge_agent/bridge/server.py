@@ -413,7 +413,8 @@ class Bridge:
         self.fleet.event_listeners.append(self.rollouts.on_event)
         self.api = Api(settings.token, self.topics, self.fleet, self.link,
                        max_wait_s=settings.max_wait_s, metrics_token=settings.metrics_token,
-                       rollouts=self.rollouts)
+                       rollouts=self.rollouts,
+                       registry=settings.registry)
         if limits is None:
             limits = ServerLimits(max_client_connections=settings.max_client_connections)
         self.server = BridgeServer((settings.host, settings.port), self.api, limits)
@@ -435,8 +436,9 @@ class Bridge:
         return f"http://{host}:{self.port}"
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        if not self.desired.handle(topic, payload, retained):
-            self.fleet.handle(topic, payload, retained)
+        # desired tags feed both: the rollout controller's view, and the fleet's shadows
+        self.desired.handle(topic, payload, retained)
+        self.fleet.handle(topic, payload, retained)
 
     def start(self) -> None:
         self.rollouts.start()

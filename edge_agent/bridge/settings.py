@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import MqttSettings, load_mqtt_settings, parse_int, parse_number
+from edge_agent.registry_probe import PROBE_SETTINGS, ProbeSettings, load_probe_settings
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ DEFAULT_CLIENT_CONNECTIONS = 32
 MAX_CONNECTIONS = 512
 MAX_TOKEN_CHARS = 4096
 SHORT_TOKEN_CHARS = 16
+NO_REGISTRY_CHECK = ProbeSettings(enabled=False)
 
 #: (variable, default as shown, meaning) for ``edge-bridge --help``
 BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
@@ -37,6 +39,7 @@ BRIDGE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("BRIDGE_DATA_DIR", "(none: rollouts off)", "directory for rollout records and the "
      "rollout controller's lock (rollouts/ below it); unset or unwritable, the bridge serves "
      "devices and answers 503 to the rollout routes"),
+    *PROBE_SETTINGS,
     ("MQTT_HOST ...", "", "MQTT_* broker settings, exactly as for edge-agent (MQTT_HOST required)"),
     ("LOG_LEVEL / LOG_FORMAT", "INFO / text", "as for edge-agent"),
 )
@@ -56,6 +59,9 @@ class BridgeSettings:
     max_client_connections: int = DEFAULT_CLIENT_CONNECTIONS
     metrics_token: str | None = None
     data_dir: Path | None = None
+    # the registry check before publishing a tag: off unless configured (the environment
+    # turns it on by default, load_bridge_settings)
+    registry: ProbeSettings = NO_REGISTRY_CHECK
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
@@ -78,6 +84,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     if data_dir is not None and not data_dir.is_absolute():
         raise ConfigError(f"BRIDGE_DATA_DIR: must be an absolute path, got {data_dir_text!r}")
     mqtt = load_mqtt_settings(env)
+    registry = load_probe_settings(env)
     log_level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
@@ -85,7 +92,7 @@ def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSett
     if log_format not in ("text", "json"):
         raise ConfigError("LOG_FORMAT: must be text or json")
     return BridgeSettings(token, host, port, max_wait, mqtt, log_level, log_format,
-                          client_connections, metrics_token, data_dir)
+                          client_connections, metrics_token, data_dir, registry)
 
 
 def _token(env: dict[str, str], variable: str = "BRIDGE_TOKEN", *,

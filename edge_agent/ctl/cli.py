@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     set_tag.add_argument("--request-id", help="request id to send (default: a random one)")
     spread_option(set_tag, "(with --group or --fleet) each device applies the tag after a "
                   "random delay of up to S seconds (0 to 86400)")
+    set_tag.add_argument("--force", action="store_true",
+                         help="publish without asking the registry whether the tag exists "
+                         "(by default a tag the registry does not have is refused; "
+                         "REGISTRY_CHECK=false turns the question off)")
 
     clear_tag = commands.add_parser("clear-tag", parents=[common],
                                     help="remove the desired tag of a device, group or fleet")

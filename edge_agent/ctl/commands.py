@@ -9,7 +9,9 @@ exit code; failures raise ``CtlError``.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CtlError
 from edge_agent.ctl.render import (
@@ -28,6 +30,7 @@ from edge_agent.ctl.render import (
 )
 from edge_agent.ctl.session import Session, document, document_or_none
 from edge_agent.ctl.waiting import report_outcome, wait_for_tag
+from edge_agent.protocol import precedence
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.mqtt import Incoming
@@ -43,6 +46,7 @@ from edge_agent.protocol.tags import (
 )
 from edge_agent.protocol.timestamps import utc_now
 from edge_agent.protocol.topics import Topics
+from edge_agent.registry_probe import ProbeSettings, load_probe_settings, precheck
 
 Command = Callable[[argparse.Namespace, MqttSettings, Printer], int]
 
@@ -62,7 +66,7 @@ def _target(args: argparse.Namespace, topics: Topics) -> tuple[str, str]:
 def cmd_devices(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
     topics = Topics(settings.topic_prefix)
     session = Session(settings, [topics.all_states, topics.all_availability,
-                                 topics.fleet_tag])
+                                 topics.fleet_tag, topics.group_tag("+")])
     try:
         devices = collect_devices(topics, session.retained())
     finally:
@@ -82,12 +86,18 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
     id comes from the topic (the broker's ACL vouches for it), never from the payload."""
     devices: dict[str, DeviceView] = {}
     fleet_tag: str | None = None
+    group_tags: dict[str, str] = {}
     for message in messages:
-        if message.topic == topics.fleet_tag:
+        group = _group_of_tag(topics, message.topic)
+        if message.topic == topics.fleet_tag or group is not None:
             try:
-                fleet_tag = parse_tag_payload(message.payload).tag if message.payload else None
+                tag = parse_tag_payload(message.payload).tag
             except TagError:
-                fleet_tag = None  # the agents reject it too: it shadows nothing
+                continue  # the agents reject it too: it shadows nothing
+            if group is None:
+                fleet_tag = tag
+            elif tag is not None:
+                group_tags[group] = tag
             continue
         device_id = topics.device_of(message.topic)
         if device_id is None or not message.payload:
@@ -101,8 +111,17 @@ def collect_devices(topics: Topics, messages: Sequence[Incoming]) -> dict[str, D
             except UntrustedJson as exc:
                 view.state, view.state_error = None, f"state ignored: {exc}"
     for view in devices.values():
-        view.shadows = fleet_tag
+        view.shadows = precedence.shadowed(view.state, group_tags, fleet_tag)
     return devices
+
+
+def _group_of_tag(topics: Topics, topic: str) -> str | None:
+    """The group of a ``P/groups/<group>/tag`` topic, else None."""
+    head = f"{topics.prefix}/groups/"
+    if not topic.startswith(head) or not topic.endswith("/tag"):
+        return None
+    group = topic[len(head):-len("/tag")]
+    return group if topics.group_tag(group) == topic and "/" not in group else None
 
 
 # -- desired tags -------------------------------------------------------------------------
@@ -118,26 +137,36 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     what, topic = _target(args, topics)
     request_id = args.request_id or new_request_id()
     payload = desired_tag_payload(tag, request_id, utc_now(), getattr(args, "spread", None))
-    subscriptions = []
+    probe_settings = load_probe_settings(os.environ)
+    check_registry = probe_settings.enabled and not args.force
+    # the device's state (or every device's, for a group or the fleet): its repository
+    subscriptions = [topics.all_states] if check_registry and not args.device else []
     if args.device:
         subscriptions = [topics.state(args.device), topics.availability(args.device)]
     if args.wait:
         subscriptions.append(topics.events(args.device))
     session = Session(settings, subscriptions)
     known: bool | None = None
+    warnings: list[str] = []
     try:
+        retained = session.retained() if subscriptions else []
         if args.device:
             # the old state and availability: not an answer, but proof the device exists
-            known = bool(session.retained())
+            known = bool(retained)
             if not known:
                 printer.note(f"warning: {args.device} has never reported (no state or "
                              f"availability under {topics.prefix}/devices/{args.device}/): "
                              "the tag is kept for it, but check the device id")
+        if check_registry:
+            warnings = ask_registry(tag, args, retained, topics=topics,
+                                    probe_settings=probe_settings, printer=printer)
         session.publish(topic, payload, retain=True)
         if not args.wait:
-            result = {"tag": tag, "topic": topic, "request_id": request_id}
+            result: dict[str, Any] = {"tag": tag, "topic": topic, "request_id": request_id}
             if known is not None:
                 result["device_known"] = known
+            if warnings:
+                result["warnings"] = warnings
             printer.result(result,
                            f"desired tag of {what} set to {tag} (request {request_id})")
             return EXIT_OK
@@ -147,6 +176,26 @@ def cmd_set_tag(args: argparse.Namespace, settings: MqttSettings, printer: Print
     finally:
         session.close()
     return report_outcome(args.device, tag, request_id, waited, args.timeout, printer)
+
+
+def ask_registry(  # noqa: PLR0913 - what set-tag knows, keyword-only past the first
+        tag: str, args: argparse.Namespace, retained: Sequence[Incoming], *,
+        topics: Topics, probe_settings: ProbeSettings, printer: Printer) -> list[str]:
+    """Ask the registry whether ``tag`` exists in the repositories of the devices that
+    set-tag's scope reaches (their retained states say): a CtlError when it does not,
+    the warnings (printed) when it could not be asked."""
+    states = [document_or_none(m) for m in retained
+              if m.topic == topics.state(topics.device_of(m.topic) or "")]
+    if args.device:
+        who = f"device {args.device}"
+    else:
+        who = f"the devices of group {args.group}" if args.group else "the fleet's devices"
+    found = precheck(tag, precedence.repositories(states, args.group), probe_settings, who=who)
+    if found.missing:
+        raise CtlError(found.refusal("use --force"), EXIT_FAILED)
+    for warning in found.warnings:
+        printer.warn(warning)
+    return list(found.warnings)
 
 
 def cmd_clear_tag(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:

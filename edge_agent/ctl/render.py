@@ -132,12 +132,13 @@ class DeviceView:
     state: dict[str, Any] | None = None
     # why the device's retained state was not used (too large, too deep, not JSON, ...)
     state_error: str | None = None
-    # the fleet's desired tag that this device's own tag (set for it alone) overrides
-    shadows: str | None = None
+    # the group or fleet tag that this device's own tag (set for it alone) overrides
+    # (protocol.precedence.shadowed): {"scope", "group", "tag"}
+    shadows: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "online": self.online, "state": self.state,
-                "state_error": self.state_error, "shadows_fleet_tag": self.shadows}
+                "state_error": self.state_error, "shadows": self.shadows}
 
     def override_note(self) -> str | None:
         """Says that a device tag wins over group and fleet tags, which is easy to forget
@@ -145,8 +146,11 @@ class DeviceView:
         if text_at(self.state, "desired", "source") != "device":
             return None
         clear = f"edge-ctl clear-tag --device {self.device_id}"
-        if self.shadows is not None and self.shadows != text_at(self.state, "desired", "tag"):
-            return f"its device tag shadows the fleet tag {self.shadows} (follow it: {clear})"
+        if self.shadows is not None:
+            what = (f"group {self.shadows['group']}" if self.shadows["group"] is not None
+                    else "fleet")
+            return (f"its device tag shadows the {what} tag {self.shadows['tag']} "
+                    f"(follow it: {clear})")
         return f"its device tag wins over group and fleet tags ({clear} to follow them)"
 
 
@@ -168,6 +172,15 @@ def status_text(state: dict[str, Any] | None) -> str:
         requested = printable(text_at(state, "fallback", "requested_tag") or "?", CELL_CHARS)
         status += f" (fallback: {requested} not found)"
     return status
+
+
+def note_text(view: DeviceView) -> str:
+    """The NOTE column: a shadowed group or fleet tag first (the device will not follow
+    it, whatever else goes on), then why its state is unusable or its last error."""
+    problem = view.state_error or text_at(view.state, "update", "last_error")
+    if view.shadows is not None:
+        return "; ".join(filter(None, [view.override_note(), problem]))
+    return problem or view.override_note() or ""
 
 
 def devices_table(devices: Sequence[DeviceView]) -> str:
@@ -194,8 +207,7 @@ def devices_table(devices: Sequence[DeviceView]) -> str:
             status_text(state),
             printable(text_at(state, "running", "health") or "-", CELL_CHARS),
             date_time(lookup(state, "update", "last_check_at")),
-            printable(view.state_error or text_at(state, "update", "last_error")
-                      or view.override_note() or "", TEXT_CHARS),
+            printable(note_text(view), TEXT_CHARS),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(
@@ -310,6 +322,11 @@ class Printer:
         if len(self._noted) < MAX_NOTED:
             self._noted.add(key)
         self.note(text)
+
+    def warn(self, text: str) -> None:
+        """``edge-ctl: warning: ...`` on stderr, also in JSON mode (stdout stays JSON)."""
+        self._close_bar()
+        print(f"edge-ctl: warning: {text}", file=self.err, flush=True)
 
     def error(self, text: str) -> None:
         """The one-line ``edge-ctl: ...`` on stderr, for humans (JSON has the result)."""

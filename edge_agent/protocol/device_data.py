@@ -31,7 +31,7 @@ from edge_agent.protocol.topics import ID_RE
 # A device clock this far ahead of the bridge's is wrong; its ts says nothing.
 MAX_CLOCK_AHEAD_S = 300.0
 
-MAX_GROUPS = 64  # a device's DEVICE_GROUPS
+MAX_GROUPS = 64  # DEVICE_GROUPS of one device
 SHORT_TEXT = 256  # names, versions, ids
 LONG_TEXT = MAX_TEXT_CHARS  # error messages and reasons
 
@@ -135,12 +135,14 @@ def _object(fields: Mapping[str, Check]) -> Check:
     return check
 
 
-def _id_list(value: Any) -> Any:
-    if not isinstance(value, list) or len(value) > MAX_GROUPS:
-        return _ABSENT
-    if not all(isinstance(v, str) and ID_RE.fullmatch(v) for v in value):
-        return _ABSENT
-    return list(value)
+def _list(item: Check, limit: int) -> Check:
+    """A list of at most ``limit`` items, each valid (else the whole field is left out)."""
+    def check(value: Any) -> Any:
+        if not isinstance(value, list) or len(value) > limit:
+            return _ABSENT
+        items = [item(v) for v in value]
+        return _ABSENT if any(i is _ABSENT for i in items) else items
+    return check
 
 
 TAG = _pattern(TAG_RE, DIGEST_RE)
@@ -152,7 +154,7 @@ STATE_FIELDS: dict[str, Check] = {
     "agent_version": _text(64),
     "ts": _timestamp,
     "image": _text(SHORT_TEXT),
-    "groups": _id_list,
+    "groups": _list(_pattern(ID_RE), MAX_GROUPS),
     "desired": _object({
         "tag": _nullable(TAG),
         "source": _nullable(_one_of(DESIRED_SOURCES)),

@@ -29,12 +29,13 @@ from edge_agent.agent.reconcile import Desired
 from edge_agent.agent.status import RunningView, Status
 from edge_agent.bridge.api import openapi_document
 from edge_agent.bridge.server import Bridge, ServerLimits
-from edge_agent.bridge.settings import BridgeSettings
+from edge_agent.bridge.settings import NO_REGISTRY_CHECK, BridgeSettings
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.mqtt import connect_client, disconnect_client
 from edge_agent.protocol.state import Source
 from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.topics import Topics
+from edge_agent.registry_probe import ProbeSettings
 from tests.support import REPO_ROOT, free_port, wait_until
 from tests.support.broker import Broker
 
@@ -65,13 +66,16 @@ def add_simulator_user(broker: Broker, name: str = "simulator") -> str:
 def running_bridge(broker: Broker, prefix: str, *, user: str = "bridge",  # noqa: PLR0913
                    max_wait_s: float = 120.0, token: str = TOKEN,
                    limits: ServerLimits | None = None,
-                   data_dir: Path | None = None) -> Iterator[Bridge]:
+                   data_dir: Path | None = None,
+                   registry: ProbeSettings = NO_REGISTRY_CHECK) -> Iterator[Bridge]:
     """An in-process bridge on a free port, connected to ``broker`` as ``user``; the
     HTTP server's ``limits`` are the shipped ones unless given; rollouts on with a
-    ``data_dir``."""
+    ``data_dir``; no registry check
+    before a desired tag is published unless ``registry`` asks for one."""
     settings = BridgeSettings(token=token, host="127.0.0.1", port=0, max_wait_s=max_wait_s,
                               mqtt=broker.settings(user, prefix=prefix), log_level="INFO",
-                              log_format="text", data_dir=data_dir)
+                              log_format="text", data_dir=data_dir,
+                              registry=registry)
     bridge = Bridge(settings, limits)
     bridge.start()
     try:

@@ -113,6 +113,7 @@ def test_put_device_tag_publishes_retained_json(api: Api, recorder: Recorder) ->
     status, data, _ = call(api, "PUT", "/api/v1/devices/dev1/tag", {"tag": "2.0"})
     assert status == 202
     warning = data.pop("warning")
+    assert data.pop("warnings") == [warning]  # every warning is in the list
     assert data == {"request_id": "req0", "scope": "device", "target": "dev1", "tag": "2.0"}
     assert "device 'dev1' has never reported" in warning  # nothing has reported as dev1
     [(topic, payload, retain)] = recorder.published

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from edge_agent.ctl.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from edge_agent.ctl.render import Printer
 from edge_agent.protocol.mqtt import Incoming
 from edge_agent.protocol.topics import Topics
-from tests.support import REPO_ROOT, wait_until
+from tests.support import REPO_ROOT, free_port, wait_until
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device, publish
@@ -678,3 +679,90 @@ def test_set_tag_for_a_device_that_never_reported_warns(broker: Broker, fleet: F
         assert "never reported" not in known.stderr
     finally:
         ctl(broker, "clear-tag", "--device", ghost)
+
+
+# -- a mistyped tag -----------------------------------------------------------------------
+def test_set_tag_asks_the_registry_first(broker: Broker, fleet: Fleet, unique_repo: str) -> None:
+    """A tag the registry does not have is refused (nothing published) unless forced; the
+    repository is the one the real agent reports in its state."""
+    topics = Topics("edge")
+    watcher = MqttWatcher(broker.settings(OPERATOR), [topics.device_tag(fleet.name),
+                                                      topics.group_tag("lab")]).start()
+    try:
+        scopes: list[tuple[str, str]] = [("--device", fleet.name), ("--group", "lab")]
+        for scope in scopes:
+            refused = ctl(broker, "set-tag", "9.9", *scope)
+            assert refused.returncode == EXIT_FAILED, refused.stdout + refused.stderr
+            assert "edge-ctl: tag 9.9 does not exist in 127.0.0.1:5000/" in refused.stderr
+            # (a group: also the repositories of earlier tests' devices in lab, offline now)
+            assert scope[0] == "--group" or f"exist in {unique_repo} (" in refused.stderr
+            assert "use --force" in refused.stderr
+        time.sleep(1)  # the retained messages (if any) and anything published are in
+        assert [m.payload for m in watcher.on(topics.device_tag(fleet.name))] in ([], [b""])
+        assert [m.payload for m in watcher.on(topics.group_tag("lab"))] in ([], [b""])
+
+        existing = ctl(broker, "set-tag", "1.0", "--device", fleet.name)
+        assert existing.returncode == EXIT_OK, existing.stderr
+        assert "warning" not in existing.stderr
+
+        forced = ctl(broker, "set-tag", "9.9", "--device", fleet.name, "--force", "--json")
+        assert forced.returncode == EXIT_OK, forced.stderr
+        assert "warnings" not in json.loads(forced.stdout)
+        watcher.wait_for(topics.device_tag(fleet.name), lambda m: b"9.9" in m.payload,
+                         timeout=10)
+
+        # the device's own (mistyped) tag now shadows the group tag: edge-ctl devices says so
+        # (forced: earlier tests' devices in lab, offline now, have registries of their own)
+        group = ctl(broker, "set-tag", "2.0", "--group", "lab", "--force")
+        assert group.returncode == EXIT_OK, group.stderr
+    finally:
+        watcher.close()
+    shadows = {"scope": "group", "group": "lab", "tag": "2.0"}
+
+    def listed() -> dict[str, Any]:
+        result = ctl(broker, "devices", "--json", fleet.name)
+        assert result.returncode == EXIT_OK, result.stderr
+        [mine] = json.loads(result.stdout)
+        return dict(mine)
+
+    wait_until(lambda: listed()["shadows"] == shadows, timeout=30,
+               message="edge-ctl devices shows the shadowed group tag")
+    assert listed()["state"]["groups"] == ["lab"]  # the real agent says where it belongs
+    table = ctl(broker, "devices", fleet.name).stdout
+    assert "its device tag shadows the group lab tag 2.0" in table, table
+    assert fleet.device.serving() == fleet.v1  # the group tag did not move it
+
+
+def test_set_tag_warns_when_the_registry_cannot_be_asked(broker: Broker) -> None:
+    """A device whose registry does not answer, a device that never reported: the tag is
+    set, and stderr (also with --json) says what could not be checked."""
+    name = f"ghost-{uuid.uuid4().hex[:6]}"
+    broker.add_device(name)
+    port = free_port()
+    device = MqttWatcher(broker.settings(name), []).start()
+    topics = Topics("edge")
+    try:
+        device.publish(topics.state(name), json.dumps(
+            {**good_state(name), "image": f"127.0.0.1:{port}/acme/app"}), retain=True)
+        result = ctl(broker, "set-tag", "9.9", "--device", name, "--json",
+                     env={"REGISTRY_CHECK_TIMEOUT": "2"})
+        assert result.returncode == EXIT_OK, result.stderr
+        assert (f"edge-ctl: warning: could not ask the registry whether 127.0.0.1:{port}"
+                "/acme/app:9.9 exists (") in result.stderr
+        assert json.loads(result.stdout)["warnings"][0].startswith("could not ask the registry")
+
+        nobody = ctl(broker, "set-tag", "9.9", "--device", f"{name}-none")
+        assert nobody.returncode == EXIT_OK, nobody.stderr
+        assert "reported no image repository yet" in nobody.stderr
+
+        off = ctl(broker, "set-tag", "9.9", "--device", name, env={"REGISTRY_CHECK": "false"})
+        assert off.returncode == EXIT_OK and "registry" not in off.stderr, off.stderr
+        bad = ctl(broker, "set-tag", "9.9", "--device", name, env={"REGISTRY_CHECK": "maybe"})
+        assert bad.returncode == 2 and "REGISTRY_CHECK" in bad.stderr
+    finally:
+        device.publish(topics.state(name), b"", retain=True)
+        cleaner = MqttWatcher(broker.settings(OPERATOR), []).start()
+        for topic in (topics.device_tag(name), topics.device_tag(f"{name}-none")):
+            cleaner.publish(topic, b"", retain=True)
+        cleaner.close()
+        device.close()

@@ -354,7 +354,33 @@ def test_a_device_tag_that_shadows_the_fleet_tag_is_shown() -> None:
     assert "its device tag shadows the fleet tag 3.0" in rows["dev1"], rows
     assert "edge-ctl clear-tag --device dev1" in rows["dev1"]
     assert "shadows" not in rows["dev2"] and "device tag" not in rows["dev2"]
-    assert devices["dev1"].to_json()["shadows_fleet_tag"] == "3.0"
+    assert devices["dev1"].to_json()["shadows"] == {"scope": "fleet", "group": None,
+                                                    "tag": "3.0"}
     # no fleet tag: still said that the device's own tag wins
     alone = collect_devices(T, messages[1:2])
     assert "wins over group and fleet tags" in devices_table(list(alone.values()))
+
+
+def test_a_device_tag_that_shadows_its_group_tag_is_shown() -> None:
+    """The group the device lists first (its DEVICE_GROUPS, in its state) that has a tag
+    is what it would follow: that one is named, not the fleet's; the same tag shadows
+    nothing; a group tag the agents would reject changes nothing."""
+    def retained(topic: str, body: Any) -> Incoming:
+        return Incoming(topic, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                        True)
+
+    own = {"tag": "9.9", "source": "device", "group": None, "request_id": None}
+    messages = [retained(T.fleet_tag, b"3.0"),
+                retained(T.group_tag("line-2"), b"2.5"),
+                retained(T.group_tag("line-1"), {"tag": "2.0", "request_id": "r1"}),
+                retained(T.group_tag("other"), b"8.0"),
+                retained(T.group_tag("line-3"), b"bad tag!"),
+                retained(T.state("dev1"), {**settled_on("latest", desired=own),
+                                           "groups": ["line-3", "line-1", "line-2"]}),
+                retained(T.state("dev2"), {**settled_on("2.0", desired={**own, "tag": "2.0"}),
+                                           "groups": ["line-1"]})]
+    devices = collect_devices(T, messages)
+    assert devices["dev1"].shadows == {"scope": "group", "group": "line-1", "tag": "2.0"}
+    assert devices["dev2"].shadows is None  # its own tag is the group's
+    rows = {line.split()[0]: line for line in devices_table(list(devices.values())).splitlines()}
+    assert "its device tag shadows the group line-1 tag 2.0" in rows["dev1"], rows

@@ -106,8 +106,15 @@ function renderDevice(device) {
     desiredText += " (" + text(desired.source, "?") +
       (desired.group ? " " + text(desired.group, "?") : "") + ")";
   }
-  cell(row, "desired", desiredText, "mono",
-       desired.request_id ? "request " + text(desired.request_id, "?") : "");
+  const want = cell(row, "desired", desiredText, "mono",
+                   desired.request_id ? "request " + text(desired.request_id, "?") : "");
+  // a device tag that overrides a different group or fleet tag (the device stays put)
+  const shadows = object(device.shadows);
+  if (shadows.scope) {
+    const over = shadows.scope === "group" ? "group " + text(shadows.group, "?") : "fleet";
+    want.appendChild(el("div", "shadows " + over + " tag " + text(shadows.tag, "?"),
+                        "shadows muted"));
+  }
 
   const status = text(update.status, "unknown");
   const lastError = text(update.last_error, "");
