@@ -37,9 +37,7 @@ from bench.common import (
     pids_named,
     remove_containers,
     rss_mb,
-    start_agents,
     state_of,
-    stop_agents,
     summary,
     table,
     wait_for,
@@ -48,6 +46,7 @@ from bench.common import (
 from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.fleet import start_agents, stop_agents
 from tests.support.images import build_and_push, remove_repo_images
 
 OPERATOR = "fleet-operator"

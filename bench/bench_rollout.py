@@ -42,9 +42,7 @@ from bench.common import (
     is_settled,
     pids_named,
     remove_containers,
-    start_agents,
     state_of,
-    stop_agents,
     table,
     wait_for,
     write_results,
@@ -54,6 +52,7 @@ from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.bridge_process import BRIDGE_USER, BridgeProcess
 from tests.support.broker import Broker, MqttWatcher
+from tests.support.fleet import start_agents, stop_agents
 from tests.support.images import build_and_push, remove_repo_images
 from tests.support.throttle import ThrottledRegistry
 

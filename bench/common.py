@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import threading
@@ -24,9 +23,7 @@ import docker
 import requests
 
 from edge_agent.protocol.topics import Topics
-from tests.support.agent_process import AgentProcess
-from tests.support.broker import Broker, MqttWatcher
-from tests.support.device import Device
+from tests.support.broker import MqttWatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -181,9 +178,6 @@ def _cpu_or_none(pid: int) -> float | None:
 
 
 # -- a fleet of agents ------------------------------------------------------------------
-FLEET_AGENT_ENV = {"POLL_INTERVAL": "30", "HEALTH_TIMEOUT": "2", "FALLBACK_TAG": "",
-                   "LOG_LEVEL": "INFO", "TELEMETRY_INTERVAL": "60"}
-
 
 def state_of(watcher: MqttWatcher, topics: Topics, name: str) -> dict[str, Any] | None:
     """The latest state document ``watcher`` saw from device ``name``."""
@@ -198,31 +192,6 @@ def is_settled(state: dict[str, Any] | None, tag: str) -> bool:
     """The device runs ``tag``, verified (update idle) and its container running."""
     return bool(state and state["running"]["tag"] == tag and state["update"]["status"] == "idle"
                 and state["running"]["status"] == "running")
-
-
-def start_agents(broker: Broker, prefix: str, names: list[str], image: str, work: Path,
-                 **extra: str) -> list[AgentProcess]:
-    """One agent process per name (each a broker user made with add-device, then its own
-    container and DATA_DIR under ``work``), started 0.1 s apart, at ``image``."""
-    agents = []
-    for name in names:
-        device = Device(image.rsplit(":", 1)[0], name, work / name)
-        device.write_config({})
-        env = device.agent_env(**{**broker.agent_env(name, prefix), "CONTAINER_IMAGE": image,
-                                  **FLEET_AGENT_ENV, **extra})
-        agents.append(AgentProcess(env, work / f"{name}.log").start())
-        time.sleep(0.1)
-    return agents
-
-
-def stop_agents(agents: list[AgentProcess]) -> None:
-    """SIGTERM to all at once, then wait for each."""
-    for agent in agents:
-        if agent.proc is not None and agent.alive:
-            agent.proc.send_signal(signal.SIGTERM)
-    for agent in agents:
-        if agent.alive:
-            agent.stop()
 
 
 def remove_containers(client: docker.DockerClient, name_prefix: str) -> None:

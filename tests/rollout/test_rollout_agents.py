@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from tests.support import wait_until
+from tests.support.bridge_process import BridgeProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import publish
-from tests.support.fleet import AgentFleet, BridgeProcess
+from tests.support.fleet import BRIDGE_TOKEN, AgentFleet
 from tests.support.images import remove_repo_images
 
 GROUP = "line-1"
@@ -56,7 +57,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator[Rig
         broker.add_operator("watcher")
         watcher = MqttWatcher(broker.settings("watcher", prefix=prefix), [f"{prefix}/#"]).start()
         fleet = AgentFleet(broker, prefix, repo, f"edge-test-ro{run}", tmp, groups=[GROUP])
-        bridge = BridgeProcess(broker, prefix, tmp / "bridge-data", tmp / "bridge.log")
+        bridge = BridgeProcess(broker, prefix, BRIDGE_TOKEN, tmp / "bridge.log",
+                               data_dir=tmp / "bridge-data")
         try:
             fleet.start("1.0", watcher)
             bridge.start().wait_devices(len(fleet.names))
