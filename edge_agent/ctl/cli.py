@@ -153,7 +153,10 @@ def check_ids(args: argparse.Namespace) -> None:
         if getattr(args, "device", None):
             raise CtlError("--spread is for --group or --fleet (a device acts at once)",
                            EXIT_USAGE)
-    if getattr(args, "force", False) and not getattr(args, "device", None):
+    # check/install --force overrides one device's window and lock (set-tag --force only
+    # skips the registry question, for any scope)
+    if (args.command in ("check", "install") and getattr(args, "force", False)
+            and not getattr(args, "device", None)):
         raise CtlError("--force needs --device (it overrides one device's window and lock)",
                        EXIT_USAGE)
     request_id = getattr(args, "request_id", None)
