@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from edge_agent.agent.errors import StorageError
+from edge_agent.agent.registry import locate
+from edge_agent.agent.signatures import BadSignature, SignedPayload, check_claims, read_claims
 from edge_agent.files import read_regular_file
 from edge_agent.protocol.errors import ConfigError
 
@@ -82,3 +84,33 @@ def load_trusted_keys(paths: tuple[Path, ...]) -> TrustedKeys:
     if not keys:
         raise ConfigError("TRUSTED_KEYS: no key file named")
     return TrustedKeys(keys)
+
+
+def judge_signatures(signed: list[SignedPayload], trust: TrustedKeys, *, repository: str,
+                     digest: str) -> tuple[TrustedKey | None, str | None]:
+    """The trusted key that signed ``digest`` for ``repository`` among ``signed``, or
+    why none did (each distinct reason, in order)."""
+    problems = []
+    for item in signed:
+        signer = trust.signer_of(item.payload, item.signature)
+        if signer is None:
+            problems.append("no signature by a trusted key (signed by another key, or its "
+                            "payload was altered)")
+            continue
+        try:
+            check_claims(read_claims(item.payload), repository=repository, digest=digest,
+                         normalise=_repository_key)
+        except BadSignature as exc:
+            problems.append(f"signed by trusted key {signer.fingerprint}, but {exc}")
+            continue
+        return signer, None
+    return None, "; ".join(dict.fromkeys(problems)) or "no signature payload could be read"
+
+
+def _repository_key(repository: str) -> tuple[str, str] | str:
+    """A repository as the registry knows it (Docker Hub short names expanded)."""
+    try:
+        location = locate(repository)
+    except Exception:  # noqa: BLE001 - an unparsable signed name matches nothing but itself
+        return repository
+    return location.registry, location.name

@@ -62,8 +62,8 @@ from edge_agent.agent.reconcile import (
     plan_recovery,
     relevant_attempts,
 )
-from edge_agent.agent.registry import RegistryClient, in_container, locate
-from edge_agent.agent.signatures import BadSignature, check_claims, read_claims
+from edge_agent.agent.registry import RegistryClient, in_container
+from edge_agent.agent.signatures import BadSignature
 from edge_agent.agent.space import (
     OFF,
     DataRoot,
@@ -275,23 +275,14 @@ class Updater:
             return "not signed (the registry holds no signature for this digest)"
         except BadSignature as exc:
             return str(exc)
-        problems = []
-        for item in signed:
-            signer = trust.signer_of(item.payload, item.signature)
-            if signer is None:
-                problems.append("no signature by a trusted key (signed by another key, or "
-                                "its payload was altered)")
-                continue
-            try:
-                check_claims(read_claims(item.payload), repository=self.settings.repository,
-                             digest=digest, normalise=_repository_key)
-            except BadSignature as exc:
-                problems.append(f"signed by trusted key {signer.fingerprint}, but {exc}")
-                continue
+        from edge_agent.agent.trust import judge_signatures  # noqa: PLC0415 - with keys only
+
+        signer, problem = judge_signatures(signed, trust, repository=self.settings.repository,
+                                           digest=digest)
+        if signer is not None:
             log.info("signature of %s verified: key %s (%s)", digest, signer.fingerprint,
                      signer.path)
-            return None
-        return "; ".join(dict.fromkeys(problems)) or "no signature payload could be read"
+        return problem
 
     def _was_verified(self, digest: str, trust: TrustedKeys) -> bool:
         return any(r.get("digest") == digest and r.get("keys") == trust.fingerprint
@@ -880,11 +871,3 @@ class Updater:
             log.warning("%s=%s: killing the agent now", KILL_AT_ENV, step)
             os.kill(os.getpid(), signal.SIGKILL)
 
-
-def _repository_key(repository: str) -> tuple[str, str] | str:
-    """A repository as the registry knows it (Docker Hub short names expanded)."""
-    try:
-        location = locate(repository)
-    except Exception:  # noqa: BLE001 - an unparsable signed name matches nothing but itself
-        return repository
-    return location.registry, location.name
