@@ -4,6 +4,7 @@ of the registry are untrusted input; cryptography is imported only when keys are
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -106,10 +107,8 @@ def test_untrusted_manifests_and_payloads_never_crash(document: object) -> None:
                                           else {"layers": document}),
                  lambda: read_claims(json.dumps(document).encode()),
                  lambda: read_claims(json.dumps({"critical": document}).encode())):
-        try:
+        with contextlib.suppress(BadSignature):
             call()
-        except BadSignature:
-            pass
 
 
 def test_layers_read_the_cosign_annotation() -> None:

@@ -21,7 +21,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.device import Device
 from tests.support.images import build_and_push
 from tests.support.registry import RegistryLog, repo_path
-from tests.support.signing import SigningKey, Skopeo, SigstoreDisabled, copy_signature, sign
+from tests.support.signing import SigningKey, SigstoreDisabled, Skopeo, copy_signature, sign
 
 pytestmark = pytest.mark.stack
 
@@ -79,7 +79,7 @@ def settled_on(device: Device, tag: str) -> bool:
                 and device.serving() == tag)
 
 
-def test_only_images_signed_by_a_trusted_key_run(  # noqa: PLR0915
+def test_only_images_signed_by_a_trusted_key_run(
     docker_client: docker.DockerClient, unique_repo: str, container_name: str,
     registry_log: RegistryLog, tmp_path: Path,
 ) -> None:
