@@ -130,8 +130,11 @@ def test_only_images_signed_by_a_trusted_key_run(
             assert reason in error, error
             # asked once: the next checks remember the refusal
             checked = update()["last_check_at"]
-            wait_until(lambda checked=checked: update().get("last_check_at") != checked,
-                       timeout=30, message="a check after the refusal")
+
+            def checked_again(checked: str = checked) -> bool:
+                return bool(update().get("last_check_at") != checked)
+
+            wait_until(checked_again, timeout=30, message="a check after the refusal")
             registry_log.sync()
             assert sig_fetches(registry_log, repo, digests[tag], mark) == 1, tag
             assert registry_log.blob_gets(repo, since=mark) <= 1  # the payload, not a layer
