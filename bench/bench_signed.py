@@ -15,6 +15,7 @@ Run: python -m bench.bench_signed [--seconds 30]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -75,11 +76,11 @@ def main() -> int:
                                                   LOG_LEVEL="INFO", **extra),
                                  Path(tmp) / f"{slug}.log").start()
             try:
-                wait_for(lambda device=device: settled(device, "1.0"), 90, "1.0")
+                wait_for(functools.partial(settled, device, "1.0"), 90, "1.0")
                 before = idle_rss(agent, args.seconds)
                 mark = log.mark()
                 device.write_tag("2.0")
-                wait_for(lambda device=device: settled(device, "2.0"), 90, "2.0")
+                wait_for(functools.partial(settled, device, "2.0"), 90, "2.0")
                 log.sync()
                 # the agent's own GETs (the daemon's pull has another user agent)
                 sig = [r for r in log.requests(mark) if repo_path(repo) in r.path
