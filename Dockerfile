@@ -45,10 +45,11 @@ WORKDIR /src
 COPY . .
 # `pip --python` installs into the venv with the base image's pip, so the venv itself
 # carries no pip (about 10 MB less); the entry points' shebangs name /opt/edge-agent.
-RUN python3 -m pip wheel --wheel-dir /wheels . \
+# [signing]: cryptography, for TRUSTED_KEYS (imported only when keys are set)
+RUN python3 -m pip wheel --wheel-dir /wheels ".[signing]" \
     && python3 -m venv --without-pip /opt/edge-agent \
     && python3 -m pip --python /opt/edge-agent/bin/python install \
-        --no-index --find-links /wheels edge-agent \
+        --no-index --find-links /wheels "edge-agent[signing]" \
     && /opt/edge-agent/bin/edge-agent --version
 
 # ------------------------------------------------------------------------------ final

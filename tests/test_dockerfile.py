@@ -147,6 +147,13 @@ def test_bridge_and_ctl_run_from_the_same_image(
         assert f"usage: {program}" in out
 
 
+def test_image_can_verify_signatures(docker_client: docker.DockerClient, image: str) -> None:
+    """TRUSTED_KEYS works in the device image: cryptography is installed."""
+    code, out = _run(docker_client, image, ["/opt/edge-agent/bin/python", "-c",
+                                            "import edge_agent.agent.trust"])
+    assert code == 0, out
+
+
 def test_image_metadata(docker_client: docker.DockerClient, image: str) -> None:
     config = docker_client.images.get(image).attrs["Config"]
     assert config["User"] == f"{AGENT_UID}:{AGENT_UID}"

@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _status(data_dir)
             return _healthcheck(data_dir, telemetry_interval_s)
         settings = load_settings()
+        if settings.trusted_keys:
+            # the keys are read at start: a missing or wrong one is a configuration error
+            from edge_agent.agent.trust import load_trusted_keys  # noqa: PLC0415 - only with keys
+
+            load_trusted_keys(settings.trusted_keys)
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -77,6 +77,9 @@ SETTINGS: tuple[Setting, ...] = (
             "path of the app's update lock: no update while this file exists"),
     Setting("UPDATE_LOCK_MAX_HOLD", str(DEFAULT_LOCK_MAX_HOLD_S),
             "seconds the lock may hold one update back before it is applied anyway; 0 = forever"),
+    Setting("TRUSTED_KEYS", "(none: signatures not checked)",
+            "comma-separated PEM public key files (ECDSA P-256 or Ed25519): run only images "
+            "with a sigstore signature by one of them (docs/SIGNING.md)"),
     Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
     Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
@@ -122,6 +125,8 @@ class Settings:
     update_window: UpdateWindow | None = None
     update_lock_file: Path | None = None
     update_lock_max_hold_s: float = float(DEFAULT_LOCK_MAX_HOLD_S)
+    # TRUSTED_KEYS: when set, only images signed by one of these keys run (docs/SIGNING.md)
+    trusted_keys: tuple[Path, ...] = ()
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -225,6 +230,11 @@ def _parse(raw: dict[str, str]) -> Settings:
     check(not lock_file or Path(lock_file).is_absolute(), "UPDATE_LOCK_FILE",
           f"{lock_file!r} must be an absolute path")
 
+    trusted_keys = tuple(Path(k.strip()) for k in raw.get("TRUSTED_KEYS", "").split(",")
+                         if k.strip())
+    for key in trusted_keys:
+        check(key.is_absolute(), "TRUSTED_KEYS", f"{str(key)!r} must be an absolute path")
+
     return Settings(
         repository=repository,
         image_tag=image_tag,
@@ -248,6 +258,7 @@ def _parse(raw: dict[str, str]) -> Settings:
         update_lock_file=Path(lock_file) if lock_file else None,
         update_lock_max_hold_s=parse_number(raw, "UPDATE_LOCK_MAX_HOLD",
                                             float(DEFAULT_LOCK_MAX_HOLD_S), minimum=0.0),
+        trusted_keys=trusted_keys,
     )
 
 

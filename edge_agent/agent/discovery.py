@@ -61,6 +61,7 @@ _ATTRIBUTES = {
     "last_check_at": "['update']['last_check_at']",
     "last_success_at": "['update']['last_success_at']",
     "last_error": "['update']['last_error']",
+    "error_code": "['update'].get('error_code')",
     "fallback_active": "['fallback']['active']",
     "fallback_requested_tag": "['fallback']['requested_tag']",
     "fallback_reason": "['fallback']['reason']",

@@ -39,3 +39,13 @@ class InsufficientSpace(EdgeAgentError):
         self.needed = needed
         self.free = free
         self.path = path
+
+
+class SignatureRefused(EdgeAgentError):
+    """TRUSTED_KEYS is set and the image about to run has no valid signature by one of
+    them: refused before anything is pulled or stopped."""
+
+    def __init__(self, message: str, *, tag: str, digest: str | None) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.digest = digest

@@ -28,6 +28,7 @@ from edge_agent.agent.errors import (
     InsufficientSpace,
     ManifestUnknown,
     RunConfigError,
+    SignatureRefused,
     StorageError,
 )
 from edge_agent.agent.reconcile import (
@@ -412,7 +413,7 @@ class Agent:
             else:
                 # An update that started and broke off, or a tag that exists nowhere (not
                 # even the fallback), is an answer for whoever asked; a registry blip is not.
-                final = (isinstance(exc, (ManifestUnknown, InsufficientSpace))
+                final = (isinstance(exc, (ManifestUnknown, InsufficientSpace, SignatureRefused))
                          or self.status.update_status in BUSY)
                 error = str(exc)
                 self._report_failure(error, event=EventName.UPDATE_FAILED if final else None,
@@ -601,7 +602,8 @@ class Agent:
         desired = self.status.desired
         tag = desired.tag if desired else None
         # A failure with a code is the same condition while its numbers move (free space)
-        key = (f"{code} {tag}" if code else error, desired.request_id if desired else None)
+        key = (f"{code} {tag} {details.get('digest') or ''}" if code else error,
+               desired.request_id if desired else None)
         if key != self._last_error:
             log.error("%s (retrying in %.0f s)", error, delay)
             if event is not None:
@@ -651,6 +653,8 @@ def _failure_details(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, InsufficientSpace):
         return {"code": FailureCode.INSUFFICIENT_SPACE, "needed_bytes": exc.needed,
                 "free_bytes": exc.free, "path": exc.path}
+    if isinstance(exc, SignatureRefused):
+        return {"code": FailureCode.SIGNATURE_INVALID, "digest": exc.digest}
     return {}
 
 

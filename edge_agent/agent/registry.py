@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import math
@@ -40,6 +41,13 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from edge_agent.agent import deadline
 from edge_agent.agent.errors import ManifestUnknown, RegistryError, StorageError
+from edge_agent.agent.signatures import (
+    MAX_PAYLOAD_BYTES,
+    BadSignature,
+    SignedPayload,
+    signature_layers,
+    signature_tag,
+)
 from edge_agent.agent.space import (
     ImageLayers,
     Platform,
@@ -76,6 +84,10 @@ MAX_DOCKER_CONFIG_BYTES = 1 << 20
 # before a pull to estimate its size; more is refused unread.
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_CONFIG_BYTES = 8 << 20
+
+
+class _NotFound(RegistryError):
+    """HTTP 404 for a manifest or blob fetched by GET."""
 
 
 @dataclass(frozen=True)
@@ -245,11 +257,58 @@ class RegistryClient:
         config = self._get_json(f"{base}/blobs/{config_digest}", MAX_CONFIG_BYTES)
         return ImageLayers(sizes, read_diff_ids(config))
 
+    def signatures(self, digest: str) -> list[SignedPayload]:
+        """The sigstore signatures the registry holds for the manifest ``digest`` (cosign's
+        ``sha256-<hex>.sig`` tag): each payload with its signature, the payloads checked
+        against their blob digests. Asked only before an update. ManifestUnknown when the
+        image is not signed at all, BadSignature when the signature manifest is not one,
+        RegistryError when the registry cannot say."""
+        what = f"signatures of {self.location.name}@{digest}"
+        try:
+            return deadline.call(lambda: self._signatures(digest), timeout_s=self.deadline_s,
+                                 what=what, cancel=self._adapter.shut_down,
+                                 should_abort=deadline.stopping)
+        except deadline.GaveUp as exc:
+            if exc.stopping:
+                raise RegistryError(f"{what} given up: the agent is stopping") from None
+            raise RegistryError(f"registry did not answer within {self.deadline_s:g} s "
+                                f"({what})") from None
+
+    def _signatures(self, digest: str) -> list[SignedPayload]:
+        base = f"{self.location.base_url}/v2/{self.location.name}"
+        tag = signature_tag(digest)
+        try:
+            manifest = self._get_json(f"{base}/manifests/{tag}", MAX_MANIFEST_BYTES)
+        except _NotFound:
+            raise ManifestUnknown(f"no signature in the registry ({self.location.name}:{tag} "
+                                  "does not exist)") from None
+        found = []
+        for layer in signature_layers(manifest):
+            status, body = self._get(f"{base}/blobs/{layer.payload_digest}", MAX_PAYLOAD_BYTES)
+            if status == HTTPStatus.UNAUTHORIZED:
+                status, body = self._get(f"{base}/blobs/{layer.payload_digest}",
+                                         MAX_PAYLOAD_BYTES, answer_challenge=False)
+            if status == HTTPStatus.NOT_FOUND:
+                continue  # a dangling layer proves nothing; another may
+            if status != HTTPStatus.OK:
+                raise RegistryError(f"registry answered HTTP {status} for the signature "
+                                    f"payload {layer.payload_digest}")
+            if len(body) > MAX_PAYLOAD_BYTES:
+                raise BadSignature(f"a signature payload is larger than {MAX_PAYLOAD_BYTES} "
+                                   "bytes")
+            if f"sha256:{hashlib.sha256(body).hexdigest()}" != layer.payload_digest:
+                raise BadSignature(f"the signature payload {layer.payload_digest} does not "
+                                   "match its digest")
+            found.append(SignedPayload(body, layer.signature))
+        return found
+
     def _get_json(self, url: str, max_bytes: int) -> dict[str, Any]:
         """GET a manifest or blob (answering an auth challenge), bounded, as a JSON object."""
         status, body = self._get(url, max_bytes)
         if status == HTTPStatus.UNAUTHORIZED:
             status, body = self._get(url, max_bytes, answer_challenge=False)
+        if status == HTTPStatus.NOT_FOUND:
+            raise _NotFound(f"registry answered HTTP {status} for {url}")
         if status != HTTPStatus.OK:
             raise RegistryError(f"registry answered HTTP {status} for {url}")
         try:

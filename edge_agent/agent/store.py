@@ -129,6 +129,8 @@ class AgentState:
     failed: list[dict[str, str]] = field(default_factory=list)
     pending: PendingUpdate | None = None
     interrupted: list[dict[str, str]] = field(default_factory=list)
+    # digests whose signature was verified ({"digest", "keys", "repository"}): TRUSTED_KEYS
+    verified: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, **asdict(self)}
@@ -160,12 +162,16 @@ class AgentState:
         interrupted = [
             {str(k): str(v) for k, v in item.items()} for item in obj.get("interrupted", [])
         ]
+        verified = [
+            {str(k): str(v) for k, v in item.items()} for item in obj.get("verified", [])
+        ]
         return cls(
             applied=image(obj.get("applied")),
             previous=image(obj.get("previous")),
             failed=failed,
             pending=pending,
             interrupted=interrupted,
+            verified=verified,
         )
 
 

@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent.agent.config import Settings
 from edge_agent.agent.deferral import Deferral
@@ -39,6 +40,7 @@ from edge_agent.agent.errors import (
     InsufficientSpace,
     ManifestUnknown,
     RegistryError,
+    SignatureRefused,
 )
 from edge_agent.agent.reconcile import (
     MAX_INTERRUPTED,
@@ -61,6 +63,7 @@ from edge_agent.agent.reconcile import (
     relevant_attempts,
 )
 from edge_agent.agent.registry import RegistryClient, in_container
+from edge_agent.agent.signatures import BadSignature
 from edge_agent.agent.space import (
     OFF,
     DataRoot,
@@ -81,9 +84,14 @@ from edge_agent.protocol.state import UpdateStatus
 from edge_agent.protocol.tags import is_digest
 from edge_agent.protocol.timestamps import utc_now
 
+if TYPE_CHECKING:
+    from edge_agent.agent.trust import TrustedKeys
+
 log = logging.getLogger(__name__)
 
 VERIFY_POLL_S = 0.2
+# Verified digests remembered in the state (the newest; current, previous and a few more)
+MAX_VERIFIED = 16
 # Fault injection for the crash tests: SIGKILL ourselves when this step is reached.
 KILL_AT_ENV = "EDGE_AGENT_TEST_KILL_AT"
 
@@ -141,6 +149,14 @@ class Updater:
         self._platform = Platform("linux", "amd64")
         self._layers: tuple[str, ImageLayers] | None = None
         self._room_unknown: str | None = None
+        # TRUSTED_KEYS: cryptography is imported only when keys are set (its RSS)
+        self._trust: TrustedKeys | None = None
+        if settings.trusted_keys:
+            from edge_agent.agent.trust import load_trusted_keys  # noqa: PLC0415
+
+            self._trust = load_trusted_keys(settings.trusted_keys)
+        # Signature refusals by (desired tag, digest): not asked again until either changes
+        self._refused: dict[tuple[str, str], str] = {}
 
     # -- check ------------------------------------------------------------------
     def check(self, desired: Desired, *, install: bool = False) -> CheckResult:
@@ -200,6 +216,9 @@ class Updater:
                 "waiting for a new digest, desired tag or docker_config.json",
             )
             return CheckResult(action, CheckOutcome.SKIPPED, target)
+        if self._trust is not None:
+            # before notify, deferral and pull: an image not signed is not even offered
+            self._check_signature(desired, target, self._trust)
         if self.settings.update_mode == "notify" and not install:
             log.info("update to %s available; waiting for install", target.tag)
             self.status.latest_version = target.tag
@@ -213,6 +232,69 @@ class Updater:
             return CheckResult(action, CheckOutcome.DEFERRED, target)
         outcome = self._update(desired, target, current, run_config)
         return CheckResult(action, outcome, target)
+
+    # -- signatures (TRUSTED_KEYS) -------------------------------------------------
+    def _check_signature(self, desired: Desired, target: Target, trust: TrustedKeys) -> None:
+        """Let ``target`` run only with a valid signature by a trusted key for exactly its
+        digest and this repository (docs/SIGNING.md); SignatureRefused otherwise. Asked
+        once per digest: a verified one is remembered in the state, a refused one until
+        the digest or the desired tag changes."""
+        self._refused = {k: v for k, v in self._refused.items() if k[0] == desired.tag}
+        digest = target.digest
+        if digest is None:
+            # decided from a local image (registry away or tag unknown): only a digest
+            # verified before may run
+            local = self._local_image(target.tag)
+            known = local.digests_for(self.settings.repository) if local else frozenset()
+            if any(self._was_verified(d, trust) for d in known):
+                return
+            raise SignatureRefused(
+                f"signature check refused {target.tag}: no registry digest to verify "
+                f"({target.registry_error or 'the image is only known locally'}); the "
+                "current container keeps running", tag=target.tag, digest=None)
+        if self._was_verified(digest, trust):
+            return
+        why = self._refused.get((desired.tag, digest))
+        if why is None:
+            why = self._signature_problem(digest, trust)
+            if why is None:
+                self._remember_verified(digest, trust)
+                return
+            self._refused[(desired.tag, digest)] = why
+        raise SignatureRefused(
+            f"signature check refused {target.tag} ({digest}): {why}; the current container "
+            "keeps running; not retried until the digest or the desired tag changes",
+            tag=target.tag, digest=digest)
+
+    def _signature_problem(self, digest: str, trust: TrustedKeys) -> str | None:
+        """None when a trusted key signed ``digest`` for this repository, else why not.
+        RegistryError (retried) when the registry cannot say."""
+        try:
+            signed = self.registry.signatures(digest)
+        except ManifestUnknown:
+            return "not signed (the registry holds no signature for this digest)"
+        except BadSignature as exc:
+            return str(exc)
+        from edge_agent.agent.trust import judge_signatures  # noqa: PLC0415 - with keys only
+
+        signer, problem = judge_signatures(signed, trust, repository=self.settings.repository,
+                                           digest=digest)
+        if signer is not None:
+            log.info("signature of %s verified: key %s (%s)", digest, signer.fingerprint,
+                     signer.path)
+        return problem
+
+    def _was_verified(self, digest: str, trust: TrustedKeys) -> bool:
+        return any(r.get("digest") == digest and r.get("keys") == trust.fingerprint
+                   and r.get("repository") == self.settings.repository
+                   for r in self.state.verified)
+
+    def _remember_verified(self, digest: str, trust: TrustedKeys) -> None:
+        record = {"digest": digest, "keys": trust.fingerprint,
+                  "repository": self.settings.repository}
+        kept = [r for r in self.state.verified if r.get("keys") == trust.fingerprint]
+        self.state.verified = [*kept, record][-MAX_VERIFIED:]
+        self.data.save_state(self.state)
 
     def _finish_check(self, *, latest: str, error: str | None = None) -> None:
         self.status.latest_version = latest
@@ -788,3 +870,4 @@ class Updater:
         if self._kill_at == step:
             log.warning("%s=%s: killing the agent now", KILL_AT_ENV, step)
             os.kill(os.getpid(), signal.SIGKILL)
+

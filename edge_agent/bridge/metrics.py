@@ -27,13 +27,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from edge_agent.bridge.fleet import DeviceSnapshot, Fleet
-from edge_agent.protocol.events import EventName
+from edge_agent.protocol.events import EventName, FailureCode
 from edge_agent.protocol.state import HEALTH_STATUSES, UpdateStatus
 from edge_agent.protocol.timestamps import parse_utc
 
 log = logging.getLogger(__name__)
 
 UPDATE_STATUSES = tuple(str(status) for status in UpdateStatus)
+FAILURE_CODES = tuple(str(code) for code in FailureCode)
 HEALTHS = tuple(sorted(HEALTH_STATUSES))
 INFO_LABELS = ("running_tag", "desired_tag", "desired_source", "installed_version",
                "agent_version")
@@ -62,6 +63,10 @@ class _Families:
         self.update_status = GaugeMetricFamily(
             "edge_agent_device_update_status", "1 for the device's current update status, "
             "0 for the others", labels=(*d, "status"))
+        self.error_code = GaugeMetricFamily(
+            "edge_agent_device_update_error_code", "1 for the code of the device's last error "
+            "(update.error_code: insufficient_space, signature_invalid), 0 for the others",
+            labels=(*d, "code"))
         self.progress = GaugeMetricFamily(
             "edge_agent_device_update_progress_percent", "Pull progress of the update under "
             "way", labels=d)
@@ -109,6 +114,7 @@ class _Families:
         if status in UPDATE_STATUSES:
             for name in UPDATE_STATUSES:
                 self.update_status.add_metric([*labels, name], 1.0 if name == status else 0.0)
+        self._add_error_code(labels, update.get("error_code"))
         progress = update.get("progress")
         if isinstance(progress, int | float) and not isinstance(progress, bool):
             self.progress.add_metric(labels, float(progress))
@@ -128,9 +134,13 @@ class _Families:
             if epoch is not None:
                 family.add_metric(labels, epoch)
 
+    def _add_error_code(self, labels: list[str], code: Any) -> None:
+        for name in FAILURE_CODES:
+            self.error_code.add_metric([*labels, name], 1.0 if name == code else 0.0)
+
     def all(self) -> list[Metric]:
-        return [self.online, self.info, self.update_status, self.progress, self.health,
-                self.running, self.fallback, self.last_check, self.last_success,
+        return [self.online, self.info, self.update_status, self.error_code, self.progress,
+                self.health, self.running, self.fallback, self.last_check, self.last_success,
                 self.last_seen, self.restarts]
 
 

@@ -19,6 +19,9 @@ Outcomes (``ok``: ``applied`` and ``updated``):
   ``update_failed``, ``tag_rejected``, ``config_error``
 - ``insufficient_space``: ``update_failed`` with that ``code``: the pull would not fit on
   the device's disk; refused before pulling, the old container serves, retried
+- ``signature_invalid``: ``update_failed`` with that ``code``: TRUSTED_KEYS is set and the
+  image has no valid signature by one of the keys; refused before pulling, the old
+  container serves, not retried until the digest or the desired tag changes
 - ``superseded``: the event ``tag_superseded``: another desired tag (or a clear) came on
   the same topic before the agent applied this one; the agent acts on the newest only,
   and the event names it (``new_tag``, ``superseded_by``: its request id)
@@ -50,6 +53,7 @@ class Outcome(enum.StrEnum):
     CONFIG_ERROR = "config_error"
     SUPERSEDED = "superseded"
     INSUFFICIENT_SPACE = "insufficient_space"
+    SIGNATURE_INVALID = "signature_invalid"
 
 
 # events that answer a request with a failure, and their outcome
@@ -154,6 +158,9 @@ def judge_event(event: dict[str, Any], request_id: str, tag: str) -> Answer | No
     if outcome is Outcome.FAILED and event.get("code") == FailureCode.INSUFFICIENT_SPACE:
         outcome = Outcome.INSUFFICIENT_SPACE
         reason = f"{FailureCode.INSUFFICIENT_SPACE}: {detail}"
+    elif outcome is Outcome.FAILED and event.get("code") == FailureCode.SIGNATURE_INVALID:
+        outcome = Outcome.SIGNATURE_INVALID
+        reason = f"{FailureCode.SIGNATURE_INVALID}: {detail}"
     elif outcome is Outcome.FAILED:
         reason += " (the agent retries at its next check)"
     return Answer(outcome, False, reason, name)

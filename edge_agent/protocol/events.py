@@ -48,6 +48,9 @@ class FailureCode(enum.StrEnum):
 
     # the pull would not fit on Docker's data root: refused before pulling, retried
     INSUFFICIENT_SPACE = "insufficient_space"
+    # TRUSTED_KEYS is set and the image has no valid signature by one of the keys: refused
+    # before pulling, not retried until the digest or the desired tag changes
+    SIGNATURE_INVALID = "signature_invalid"
 
 
 class CheckOutcome(enum.StrEnum):

@@ -154,7 +154,8 @@ def _debootstrap(rootfs_tar: Path) -> None:
 def _requirements() -> list[str]:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     build = project.get("build-system", {}).get("requires", [])
-    return [*project["project"]["dependencies"], *build, "wheel"]
+    signing = project["project"]["optional-dependencies"]["signing"]  # the image has it
+    return [*project["project"]["dependencies"], *signing, *build, "wheel"]
 
 
 def dependency_wheelhouse(arch: str) -> Path:
