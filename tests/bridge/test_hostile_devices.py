@@ -11,7 +11,7 @@ import json
 import multiprocessing
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,12 +111,15 @@ def check_fleet(api: ApiClient, good: dict[str, dict[str, Any]], hostile: list[s
     assert page.status_code == 200
 
 
-def wait_listed(api: ApiClient, ids: list[str]) -> None:
+def wait_listed(api: ApiClient, ids: list[str], online: Iterable[str] = ()) -> None:
+    """Until every device in ``ids`` is listed, and those in ``online`` shown online
+    (retained states and availabilities arrive on their own topics, in no set order)."""
     def listed() -> bool:
         response = api.get("/api/v1/devices")
         if response.status_code != 200:
             return False
-        return set(ids) <= {d["id"] for d in strict_json(response.content)["devices"]}
+        shown = {d["id"]: d for d in strict_json(response.content)["devices"]}
+        return set(ids) <= set(shown) and all(shown[i]["online"] is True for i in online)
     try:
         wait_until(listed, timeout=20, message="every device listed")
     except TimeoutError:
@@ -150,7 +153,7 @@ def test_hostile_states_break_nothing_and_a_good_state_replaces_them(
 
     # restarted: everything comes from retained messages
     with running_bridge(broker, prefix) as bridge, ApiClient(bridge.url) as api:
-        wait_listed(api, [*good, *hostile])
+        wait_listed(api, [*good, *hostile], online=good)
         check_fleet(api, good, hostile)
 
         # each hostile device now publishes a good state: shown exactly, seen just now
@@ -168,7 +171,7 @@ def test_hostile_states_break_nothing_and_a_good_state_replaces_them(
 
     # and after another restart the good states are what the bridge shows
     with running_bridge(broker, prefix) as bridge, ApiClient(bridge.url) as api:
-        wait_listed(api, [*good, *hostile])
+        wait_listed(api, [*good, *hostile], online=[*good, *fixed])
         check_fleet(api, {**good, **fixed}, [])
         for device_id in hostile:
             seen = datetime.fromisoformat(api.get(f"/api/v1/devices/{device_id}")
