@@ -29,7 +29,7 @@ pytestmark = pytest.mark.broker
 
 # every class the page may give an element (app.js and style.css)
 ALLOWED_CLASSES = {
-    "mono", "badge", "muted", "warn", "ok", "bad", "is-offline", "neutral",
+    "mono", "badge", "muted", "warn", "ok", "bad", "is-offline", "neutral", "link", "visually-hidden",
     "online", "offline", "unknown",
     "idle", "checking", "available", "pulling", "installing", "verifying", "rolling_back",
     "error", "healthy", "unhealthy", "starting", "running", "created", "restarting",
