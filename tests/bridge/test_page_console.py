@@ -77,8 +77,8 @@ def fleet(broker: Broker) -> Iterator[tuple[Bridge, list[AgentProcess]]]:
             subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
-def test_the_console_drives_real_agents_live(fleet: tuple[Bridge, list[AgentProcess]],
-                                            tmp_path: Path) -> None:
+def test_the_console_drives_real_agents_live(  # noqa: PLR0915 - one operator's session
+        fleet: tuple[Bridge, list[AgentProcess]], tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By  # noqa: PLC0415 - needs selenium
     from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: PLC0415
 
@@ -131,6 +131,8 @@ def test_the_console_drives_real_agents_live(fleet: tuple[Bridge, list[AgentProc
             assert {f"{agent.device_id}:pulling", f"{agent.device_id}:progress"} & set(seen) \
                 or f"{agent.device_id}:verifying" in seen, seen
         assert page.cell(third.device_id, "running") == "1.0"
+        driver.set_window_size(1500, 1000)
+        driver.execute_script("window.scrollTo(0, 0)")
         page.screenshot(shots / "console.png")
 
         # cleared: the group tag no longer drives them
@@ -138,10 +140,12 @@ def test_the_console_drives_real_agents_live(fleet: tuple[Bridge, list[AgentProc
         driver.find_element(By.ID, "set-clear").click()
         confirm()
         result("cleared")
-        for agent in (first, second):
-            WebDriverWait(driver, 30, poll_frequency=0.2).until(
-                lambda _d, a=agent: "group" not in (page.cell(a.device_id, "desired") or "group"),
-                "the group tag stayed")
+        def group_cleared(_driver: Any) -> bool:
+            return all("group" not in (page.cell(a.device_id, "desired") or "group")
+                       for a in (first, second))
+
+        WebDriverWait(driver, 30, poll_frequency=0.2).until(group_cleared,
+                                                             "the group tag stayed")
 
         # check now, from the device's detail: its last check moves
         driver.find_element(By.CSS_SELECTOR,
@@ -179,6 +183,7 @@ def test_the_console_drives_real_agents_live(fleet: tuple[Bridge, list[AgentProc
             By.CSS_SELECTOR, 'td[data-field="event"]').text == "rolled_back")
         assert rolled.find_element(By.CSS_SELECTOR, 'td[data-field="reason"]').text
         assert rolled.find_element(By.CSS_SELECTOR, 'td[data-field="request_id"]').text != "-"
+        driver.execute_script("document.getElementById('detail').scrollIntoView()")
         page.screenshot(shots / "console-detail.png")
 
         # acceptance 4: axe-core on the page as it stands (list, detail, forms)
