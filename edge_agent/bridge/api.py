@@ -373,6 +373,7 @@ class Api:
         view = self.fleet.device(device_id)
         if view is None:
             raise HttpError(404, f"no state or availability known for device {device_id!r}")
+        view["recent_events"] = self.fleet.recent_events(device_id)
         return json_response(200, view)
 
     def put_device_tag(self, call: Call) -> Response:

@@ -578,15 +578,17 @@ class Fleet:
             return self._cached_list
 
     def device(self, device_id: str) -> dict[str, Any] | None:
-        """One device's view, with its recent events (oldest first)."""
         with self._lock:
             device = self._devices.get(device_id)
             data = None if device is None else device.json()
-            recent = [] if device is None else [event for event, _ in device.recent]
         view: dict[str, Any] | None = None if data is None else json.loads(data)
-        if view is not None:
-            view["recent_events"] = recent
         return view
+
+    def recent_events(self, device_id: str) -> list[dict[str, Any]]:
+        """A device's last events but pull_progress, oldest first."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            return [] if device is None else [event for event, _ in device.recent]
 
     def query(self, match: DeviceFilter, sort: str = "id", descending: bool = False,
               offset: int = 0, limit: int | None = None) -> tuple[int, list[bytes]]:
