@@ -64,7 +64,7 @@ EVENT_STREAM = "text/event-stream"
 LIST_QUERY = frozenset({"q", "group", "tag", "status", "sort", "limit", "offset"})
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-PAGE_RE = re.compile(r"^[0-9]{1,7}$")
+PAGE_RE = re.compile(r"^[0-9]{1,8}$")
 # the Prometheus text format (edge_agent.bridge.metrics writes it)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
