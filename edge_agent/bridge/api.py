@@ -21,7 +21,8 @@ from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from edge_agent.bridge.fleet import Fleet, TooManyWaiters
+from edge_agent.bridge.fleet import ChangeFeed, Fleet, TooManyWaiters
+from edge_agent.bridge.fleetview import MAX_QUERY_CHARS, SORT_FIELDS, STATUSES, DeviceFilter
 from edge_agent.protocol import safejson
 from edge_agent.protocol.answers import Answer, deferred_text
 from edge_agent.protocol.errors import TagError
@@ -58,6 +59,12 @@ FORCE_VALUES = {"true": True, "1": True, "false": False, "0": False}
 FORCE_HINT = "add ?force=true"
 JSON = "application/json"
 METRICS_PATH = "/metrics"
+STREAM_PATH = "/api/v1/stream"
+EVENT_STREAM = "text/event-stream"
+LIST_QUERY = frozenset({"q", "group", "tag", "status", "sort", "limit", "offset"})
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+PAGE_RE = re.compile(r"^[0-9]{1,8}$")
 # the Prometheus text format (edge_agent.bridge.metrics writes it)
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -99,6 +106,14 @@ class Response:
     body: bytes = b""
     content_type: str = JSON
     headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StreamResponse(Response):
+    """A ``text/event-stream`` answer: the server sends the head, then ``stream``'s
+    messages until either side stops (``server.Connection``)."""
+
+    stream: LiveStream | None = None
 
 
 class HttpError(Exception):
@@ -145,7 +160,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", ("healthz",), "healthz", auth=False),
     Route("GET", ("openapi.json",), "openapi", auth=False),
     Route("GET", ("metrics",), "metrics"),
-    Route("GET", ("api", "v1", "devices"), "list_devices"),
+    Route("GET", ("api", "v1", "devices"), "list_devices", query=LIST_QUERY),
+    Route("GET", ("api", "v1", "fleet", "summary"), "fleet_summary"),
+    Route("GET", ("api", "v1", "stream"), "stream"),
+    Route("POST", ("api", "v1", "devices", "{id}", "install"), "install_device"),
     Route("GET", ("api", "v1", "devices", "{id}"), "get_device"),
     Route("PUT", ("api", "v1", "devices", "{id}", "tag"), "put_device_tag",
           query=frozenset({"wait", "force"})),
@@ -321,15 +339,41 @@ class Api:
         return Response(200, self._metrics(), METRICS_CONTENT_TYPE, {"Cache-Control": "no-store"})
 
     def list_devices(self, call: Call) -> Response:
+        """Every device (no query: the answer tools have always read), or one page of
+        the devices that match ``?q=&group=&tag=&status=``, sorted by ``?sort=``."""
         connected = b"true" if self.publisher.connected else b"false"
-        body = b'{"broker_connected":' + connected + b',"devices":' + self.fleet.list_json() + b"}"
+        if not call.query:
+            body = (b'{"broker_connected":' + connected + b',"devices":'
+                    + self.fleet.list_json() + b"}")
+            return Response(200, body, JSON)
+        match, sort, descending, offset, limit = _list_params(call.query)
+        total, page = self.fleet.query(match, sort, descending, offset, limit)
+        head = json.dumps({"total": total, "offset": offset, "limit": limit},
+                          separators=(",", ":")).encode()
+        body = (b'{"broker_connected":' + connected + b',"devices":[' + b",".join(page)
+                + b"]," + head[1:])
         return Response(200, body, JSON)
+
+    def fleet_summary(self, call: Call) -> Response:
+        return json_response(200, {"broker_connected": self.publisher.connected,
+                                   **self.fleet.summary()})
+
+    def stream(self, call: Call) -> Response:
+        """Server-sent events: the devices that change, the fleet's counts and the broker
+        connection (``LiveStream``); ``server`` keeps the connection open."""
+        return StreamResponse(200, b"", EVENT_STREAM, {"Cache-Control": "no-store"},
+                              stream=LiveStream(self.fleet, lambda: self.publisher.connected))
+
+    def install_device(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        return self._check("device", device_id, self.topics.device_install(device_id))
 
     def get_device(self, call: Call) -> Response:
         device_id = _id(call.params["id"], "device id")
         view = self.fleet.device(device_id)
         if view is None:
             raise HttpError(404, f"no state or availability known for device {device_id!r}")
+        view["recent_events"] = self.fleet.recent_events(device_id)
         return json_response(200, view)
 
     def put_device_tag(self, call: Call) -> Response:
@@ -546,6 +590,88 @@ class Api:
         body["error"] = answer.reason
         body["event"] = answer.event
         return json_response(409, body)
+
+
+def _list_params(query: Mapping[str, str]) -> tuple[DeviceFilter, str, bool, int, int]:
+    """``GET /api/v1/devices``'s filter, sort field and order, offset and limit."""
+    for name in ("q", "group", "tag"):
+        if len(query.get(name, "")) > MAX_QUERY_CHARS:
+            raise HttpError(400, f"{name} is longer than {MAX_QUERY_CHARS} characters")
+    status = query.get("status", "")
+    if status and status not in STATUSES:
+        raise HttpError(400, f"status must be one of {', '.join(STATUSES)}")
+    sort = query.get("sort", "id")
+    field_name = sort.removeprefix("-")
+    if field_name not in SORT_FIELDS:
+        raise HttpError(400, f"sort must be one of {', '.join(SORT_FIELDS)}, with - in "
+                             "front for descending order")
+    numbers = {}
+    for name, default, top in (("offset", 0, 10_000_000), ("limit", DEFAULT_PAGE, MAX_PAGE)):
+        text = query.get(name, str(default))
+        if not PAGE_RE.fullmatch(text) or int(text) > top:
+            raise HttpError(400, f"{name} must be a whole number from 0 to {top}")
+        numbers[name] = int(text)
+    match = DeviceFilter(query.get("q", "").strip(), query.get("group", ""),
+                         query.get("tag", ""), status)
+    return match, field_name, sort.startswith("-"), numbers["offset"], numbers["limit"]
+
+
+STREAM_INTERVAL_S = 0.5  # changes are sent at most this often, coalesced
+
+
+class LiveStream:
+    """The messages of one ``GET /api/v1/stream``, as text/event-stream frames.
+
+    ``hello`` first (the fleet's counts, the broker connection), then ``devices``
+    (the views of the devices that changed and the ids of those gone, with the counts)
+    at most every ``STREAM_INTERVAL_S``, ``resync`` when too many changed to list them
+    (the page fetches its view again), and ``broker`` when the bridge's broker
+    connection comes or goes.
+    """
+
+    def __init__(self, fleet: Fleet, connected: Callable[[], bool],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.fleet = fleet
+        self._connected = connected
+        self._clock = clock
+        self._feed: ChangeFeed = fleet.watch()
+        self._broker = connected()
+        self._sent_at = 0.0
+
+    def first(self) -> bytes:
+        return _frame("hello", {"broker_connected": self._broker, **self.fleet.summary()})
+
+    def poll(self, timeout_s: float) -> bytes:
+        """What to send next, waiting up to ``timeout_s``; b"" when nothing."""
+        out = b""
+        connected = self._connected()
+        if connected != self._broker:
+            self._broker = connected
+            out += _frame("broker", {"broker_connected": connected})
+        if not self._feed.ready.wait(0 if out else timeout_s):
+            return out
+        wait = self._sent_at + STREAM_INTERVAL_S - self._clock()
+        if wait > 0:
+            time.sleep(wait)  # more changes gather meanwhile
+        self._sent_at = self._clock()
+        ids = self.fleet.drain(self._feed)
+        summary = self.fleet.summary()
+        if ids is None:
+            return out + _frame("resync", {"summary": summary})
+        views, gone = self.fleet.views_json(ids)
+        body = (b'{"devices":[' + b",".join(views) + b'],"gone":'
+                + json.dumps(gone).encode() + b',"summary":'
+                + json.dumps(summary, separators=(",", ":")).encode() + b"}")
+        return out + b"event: devices\ndata: " + body + b"\n\n"
+
+    def close(self) -> None:
+        self.fleet.unwatch(self._feed)
+
+
+def _frame(name: str, data: Any) -> bytes:
+    # JSON has no raw newline, so one data: line carries it
+    return (f"event: {name}\ndata: " + json.dumps(data, separators=(",", ":"))
+            + "\n\n").encode()
 
 
 def _spread_param(query: Mapping[str, str]) -> float | None:

@@ -22,10 +22,12 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edge_agent.bridge.fleetview import DeviceFilter, sort_key, summarize
 from edge_agent.protocol import precedence, safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
@@ -57,6 +59,13 @@ BUDGET_MIN_COST = 1024
 # RESYNC_EVERY_S while it lasts.
 RESYNC_QUIET_S = 2.0
 RESYNC_EVERY_S = 30.0
+# the recent events kept per device for the page's detail view: a count and a byte
+# budget (a device's events are untrusted; each is at most a few KiB once cleaned)
+MAX_RECENT_EVENTS = 20
+MAX_RECENT_EVENT_BYTES = 16 * 1024
+# a change feed (the page's live stream) remembers this many changed devices between
+# two reads; past it, it says "everything changed" and the page fetches its view again
+MAX_FEED_IDS = 1000
 # the events the bridge counts for /metrics (progress is not an outcome)
 COUNTED_EVENTS = tuple(str(name) for name in EventName if name != EventName.PULL_PROGRESS)
 
@@ -113,6 +122,24 @@ class Waiter:
         return answer
 
 
+@dataclass(eq=False)
+class ChangeFeed:
+    """The devices changed since a reader last looked (guarded by the fleet's lock)."""
+
+    ids: set[str] = field(default_factory=set)
+    overflow: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def add(self, device_id: str) -> None:
+        if not self.overflow:
+            if len(self.ids) >= MAX_FEED_IDS:
+                self.overflow = True
+                self.ids = set()
+            else:
+                self.ids.add(device_id)
+        self.ready.set()
+
+
 class TooManyWaiters(Exception):
     """More ``?wait`` requests are pending than the bridge accepts at once."""
 
@@ -158,7 +185,11 @@ class Device:
     state_seq: int = 0  # arrival order of the state shown
     # the group or fleet tag its own tag overrides (protocol.precedence.shadowed)
     shadows: dict[str, Any] | None = None
+    # the last events but pull_progress, oldest first, with their sizes in bytes
+    recent: deque[tuple[dict[str, Any], int]] = field(default_factory=deque)
+    recent_bytes: int = 0
     _json: bytes | None = None  # the view, serialised once per change
+    _view: dict[str, Any] | None = None  # and parsed back, for filtering and counting
 
     def seen(self, when: float | None) -> None:
         if when is not None and (self.last_seen is None or when > self.last_seen):
@@ -166,6 +197,22 @@ class Device:
 
     def changed(self) -> None:
         self._json = None
+        self._view = None
+
+    def remember(self, event: dict[str, Any]) -> None:
+        """Keep ``event`` among the recent ones, within the count and the byte budget."""
+        size = len(_dumps(event))
+        self.recent.append((event, size))
+        self.recent_bytes += size
+        while self.recent and (len(self.recent) > MAX_RECENT_EVENTS
+                               or self.recent_bytes > MAX_RECENT_EVENT_BYTES):
+            self.recent_bytes -= self.recent.popleft()[1]
+
+    def checked_view(self) -> dict[str, Any]:
+        """The view as the list shows it (what ``json`` holds), cached until a change."""
+        if self._view is None:
+            self._view = json.loads(self.json())
+        return self._view
 
     def view(self) -> dict[str, Any]:
         """The JSON shown by ``GET /api/v1/devices/<id>`` and in the list."""
@@ -191,6 +238,8 @@ class Device:
                           self.device_id, exc)
                 self.state = self.last_event = None
                 self.last_seen = None
+                self.recent.clear()
+                self.recent_bytes = 0
                 self._json = _dumps(self.view())
         return self._json
 
@@ -253,6 +302,9 @@ class Fleet:
         # the retained group and fleet tags, to show which ones a device tag shadows
         self._group_tags: dict[str, str] = {}
         self._fleet_tag: str | None = None
+        self._feeds: set[ChangeFeed] = set()
+        self._summary_version = -1
+        self._summary: dict[str, Any] = {}
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -467,6 +519,7 @@ class Fleet:
                 device.seen(self._clock())
                 if event["event"] != "pull_progress":
                     device.last_event = event
+                    device.remember(event)
                 if event["event"] in self._event_counts:
                     self._event_counts[event["event"]] += 1
                 self._changed(device)
@@ -492,6 +545,8 @@ class Fleet:
     def _changed(self, device: Device) -> None:
         device.changed()
         self._version += 1
+        for feed in self._feeds:
+            feed.add(device.device_id)
 
     def _device(self, device_id: str) -> Device | None:
         """The device, created if there is room (caller holds the lock)."""
@@ -528,6 +583,58 @@ class Fleet:
             data = None if device is None else device.json()
         view: dict[str, Any] | None = None if data is None else json.loads(data)
         return view
+
+    def recent_events(self, device_id: str) -> list[dict[str, Any]]:
+        """A device's last events but pull_progress, oldest first."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            return [] if device is None else [event for event, _ in device.recent]
+
+    def query(self, match: DeviceFilter, sort: str = "id", descending: bool = False,
+              offset: int = 0, limit: int | None = None) -> tuple[int, list[bytes]]:
+        """The devices that match, sorted, one page of them: (how many match, their
+        views as JSON)."""
+        with self._lock:
+            devices = [d for d in self._devices.values()
+                       if match.empty or match.matches(d.checked_view())]
+            devices.sort(key=lambda d: sort_key(sort, d.checked_view()), reverse=descending)
+            end = None if limit is None else offset + limit
+            return len(devices), [d.json() for d in devices[offset:end]]
+
+    def views_json(self, device_ids: set[str]) -> tuple[list[bytes], list[str]]:
+        """The views of those of ``device_ids`` still known, and the ids now gone."""
+        with self._lock:
+            found = [self._devices[d].json() for d in sorted(device_ids) if d in self._devices]
+            gone = sorted(d for d in device_ids if d not in self._devices)
+            return found, gone
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per status and per running version (``fleetview.summarize``), computed
+        once per change of the fleet."""
+        with self._lock:
+            if self._summary_version != self._version:
+                self._summary = summarize([d.checked_view() for d in self._devices.values()])
+                self._summary_version = self._version
+            return self._summary
+
+    # -- change feeds (the page's live stream) -----------------------------------------
+    def watch(self) -> ChangeFeed:
+        feed = ChangeFeed()
+        with self._lock:
+            self._feeds.add(feed)
+        return feed
+
+    def unwatch(self, feed: ChangeFeed) -> None:
+        with self._lock:
+            self._feeds.discard(feed)
+
+    def drain(self, feed: ChangeFeed) -> set[str] | None:
+        """The devices changed since the last drain; None when too many did to say."""
+        with self._lock:
+            feed.ready.clear()
+            ids, overflow = feed.ids, feed.overflow
+            feed.ids, feed.overflow = set(), False
+        return None if overflow else ids
 
     def repositories(self, *, device_id: str | None = None, group: str | None = None
                      ) -> list[str]:

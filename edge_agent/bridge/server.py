@@ -15,7 +15,11 @@ What a client cannot do:
   is idle, still sending its head, or not authenticated is closed for the new one;
   only when every connection is busy with an authenticated request is the answer 503;
 - send a body to an /api route or /metrics without the token: 401 before the body is
-  read.
+  read;
+- hold more than ``max_streams`` event streams (``GET /api/v1/stream``) at once: a
+  stream has no read deadline (it is the bridge that talks), but each write has the
+  write deadline, a comment goes out every ``heartbeat_s`` so a vanished client is
+  noticed, and the streams end when the server stops.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 import socketserver
 import threading
@@ -37,6 +42,7 @@ from edge_agent.bridge.api import (
     Api,
     Request,
     Response,
+    StreamResponse,
     error_response,
     max_body_bytes,
 )
@@ -65,6 +71,8 @@ class ServerLimits:
     idle_s: float = 15.0
     body_deadline_s: float = 10.0
     write_deadline_s: float = 60.0
+    max_streams: int = 64
+    heartbeat_s: float = 15.0
 
 
 def client_key(host: str) -> str:
@@ -161,8 +169,75 @@ class Connection:
             response = error_response(500, "internal error; see the bridge's log")
         log.debug("%s %s %s -> %d", self.slot.address[0], head.method, head.target[:200],
                   response.status)
-        self._send(head, response, close=not head.keep_alive)
-        return head.keep_alive
+        streaming = isinstance(response, StreamResponse) and response.stream is not None
+        if streaming:
+            self._stream(head, response)  # type: ignore[arg-type]
+        else:
+            self._send(head, response, close=not head.keep_alive)
+        return head.keep_alive and not streaming
+
+    # -- an event stream ----------------------------------------------------------------
+    def _stream(self, head: RequestHead, response: StreamResponse) -> None:
+        """Send the stream's messages until the client goes or the server stops; the
+        body ends with the connection (no length, no chunks)."""
+        stream = response.stream
+        assert stream is not None
+        if not self.server.open_stream():
+            stream.close()
+            self._send(head, error_response(503, "too many event streams; retry later",
+                                            {"Retry-After": "5", **SECURITY_HEADERS}),
+                       close=True)
+            return
+        try:
+            lines = [f"HTTP/1.1 200 {_phrase(200)}", f"Server: {SERVER_NAME}",
+                     f"Date: {formatdate(usegmt=True)}", f"Content-Type: {response.content_type}",
+                     "Connection: close", "X-Accel-Buffering: no"]
+            lines += [f"{name}: {value}" for name, value in response.headers.items()]
+            data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            if head.method == "HEAD":
+                self._write(data)
+                return
+            if not self._write_all(data + b"retry: 2000\n\n" + stream.first()):
+                return
+            sent_at = time.monotonic()
+            while not self.server.stopping.is_set() and not self._client_gone():
+                chunk = stream.poll(1.0)
+                if not chunk and time.monotonic() - sent_at >= self.limits.heartbeat_s:
+                    chunk = b": keepalive\n\n"
+                if chunk:
+                    if not self._write_all(chunk):
+                        return
+                    sent_at = time.monotonic()
+        finally:
+            stream.close()
+            self.server.close_stream()
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its side (it has nothing to send on a stream)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            self.sock.settimeout(0)
+            return not self.sock.recv(4096)
+        except (OSError, ValueError):
+            return True
+
+    def _write_all(self, data: bytes) -> bool:
+        """Send ``data`` within the write deadline; False when the client is gone or
+        too slow."""
+        deadline = time.monotonic() + self.limits.write_deadline_s
+        view = memoryview(data)
+        try:
+            while view:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.sock.settimeout(remaining)
+                view = view[self.sock.send(view):]
+        except OSError:
+            return False
+        return True
 
     # -- reading ----------------------------------------------------------------------
     def _read_head(self, first: bool) -> RequestHead | None:
@@ -297,6 +372,9 @@ class BridgeServer(socketserver.TCPServer):
         self._slots: set[Slot] = set()
         self._per_client: dict[str, int] = {}
         self._full_logged = False
+        self._streams = 0
+        self._streams_full_logged = False
+        self.stopping = threading.Event()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, socketserver.BaseRequestHandler)
@@ -355,6 +433,28 @@ class BridgeServer(socketserver.TCPServer):
             self._per_client[key] = self._per_client.get(key, 0) + 1
             return slot, b""
 
+    def open_stream(self) -> bool:
+        """Count one more event stream; False when ``max_streams`` are open."""
+        with self._lock:
+            if self._streams >= self.limits.max_streams:
+                if not self._streams_full_logged:
+                    log.warning("%d event streams are open; answering 503 to new ones",
+                                self.limits.max_streams)
+                    self._streams_full_logged = True
+                return False
+            self._streams += 1
+            self._streams_full_logged = False
+            return True
+
+    def close_stream(self) -> None:
+        with self._lock:
+            self._streams -= 1
+
+    @property
+    def streams(self) -> int:
+        with self._lock:
+            return self._streams
+
     def set_evictable(self, slot: Slot, evictable: bool) -> bool:
         """Mark a connection idle or busy; False when it was already closed."""
         with self._lock:
@@ -385,6 +485,7 @@ class BridgeServer(socketserver.TCPServer):
             self._close(slot)
 
     def server_close(self) -> None:
+        self.stopping.set()
         super().server_close()
         with self._lock:
             for slot in list(self._slots):
