@@ -52,7 +52,10 @@ def bridge(broker: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
 
 def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
         bridge: BridgeProcess, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By  # noqa: PLC0415 - needs selenium
+    from selenium.common.exceptions import (  # noqa: PLC0415 - needs selenium
+        StaleElementReferenceException,
+    )
+    from selenium.webdriver.common.by import By  # noqa: PLC0415
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     from tests.bridge.browser import FleetPage, chromium  # noqa: PLC0415 - needs selenium
@@ -83,6 +86,16 @@ def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
         def button(action: str) -> Any:
             return driver.find_element(By.CSS_SELECTOR, f'{article} button[data-action="{action}"]')
 
+        def on_button(action: str, use: Any) -> Any:
+            """``use(button)``, found again if the section was redrawn in between (the
+            page redraws a rollout whenever its document changes)."""
+            return WebDriverWait(driver, 10, poll_frequency=0.1,
+                                 ignored_exceptions=[StaleElementReferenceException]).until(
+                lambda _d: [use(button(action))])[0]
+
+        def press(action: str) -> None:
+            on_button(action, lambda b: b.click())
+
         wait_state("running")
         assert rollout_id in (text("h3") or "")
         assert "tag 2.0 to 2 devices" in (text('[data-field="summary"]') or "")
@@ -97,22 +110,23 @@ def test_the_rollouts_section_shows_a_rollout_and_its_buttons_work(
             By.CSS_SELECTOR, f'{article} tr[data-rollout-device] td[data-field="outcome"]')
         assert len(outcomes) == len(DEVICES)
         # the buttons have names that say which rollout they act on
-        assert button("pause").get_attribute("aria-label") == f"Pause rollout {rollout_id}"
-        assert not button("resume").is_enabled()
+        assert on_button("pause", lambda b: b.get_attribute("aria-label")) == (
+            f"Pause rollout {rollout_id}")
+        assert not on_button("resume", lambda b: b.is_enabled())
 
-        button("pause").click()
+        press("pause")
         wait_state("paused")
         assert api.get(f"{bridge.url}/api/v1/rollouts/{rollout_id}",
                        timeout=30).json()["state"] == "paused"
         assert "is paused" in driver.find_element(By.ID, "rollout-result").text
-        button("resume").click()
+        press("resume")
         wait_state("running")
-        button("abort").click()
+        press("abort")
         driver.switch_to.alert.accept()  # abort asks first
         wait_state("aborted")
         assert api.get(f"{bridge.url}/api/v1/rollouts/{rollout_id}",
                        timeout=30).json()["state"] == "aborted"
-        assert not any(button(a).is_enabled() for a in ("pause", "resume", "abort"))
+        assert not any(on_button(a, lambda b: b.is_enabled()) for a in ("pause", "resume", "abort"))
         page.screenshot(tmp_path / "rollouts.png")
 
 

@@ -494,6 +494,7 @@ function openDetail(id) {
   selected = id;
   $("detail").hidden = false;
   $("set-scope").value = "device";
+  scopeButtons();
   $("set-device").value = id;
   loadDetail().then(() => $("detail-title").focus());
 }
@@ -563,8 +564,17 @@ async function act(action, scope, target, tag) {
   } catch (e) {
     show(result, "Request failed: " + e, "bad");
   } finally {
-    for (const id of ["set-submit", "set-clear", "set-check", "set-install"]) $(id).disabled = false;
+    for (const id of ["set-submit", "set-clear"]) $(id).disabled = false;
+    scopeButtons();
   }
+}
+
+// The bridge checks one device or the whole fleet, and installs on one device only
+// (notify mode is a device's choice): the buttons follow the chosen scope.
+function scopeButtons() {
+  const scope = $("set-scope").value;
+  $("set-check").disabled = scope === "group";
+  $("set-install").disabled = scope !== "device";
 }
 
 function formAct(action) {
@@ -851,6 +861,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("set-clear").addEventListener("click", () => formAct("clear"));
   $("set-check").addEventListener("click", () => formAct("check"));
   $("set-install").addEventListener("click", () => formAct("install"));
+  $("set-scope").addEventListener("change", scopeButtons);
+  scopeButtons();
   $("filter-form").addEventListener("submit", applyFilter);
   $("filter-status").addEventListener("change", applyFilter);
   $("filter-clear").addEventListener("click", () => {
