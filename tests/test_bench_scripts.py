@@ -25,7 +25,8 @@ def touches_sys_path(path: Path) -> bool:
 
 def test_the_bench_list_is_read() -> None:
     """Guards the tests below against passing on an empty list."""
-    assert {"bench_idle", "bench_mqtt_update", "bench_soak", "bench_rollout"} <= set(BENCHES)
+    assert {"bench_idle", "bench_mqtt_update", "bench_soak", "bench_rollout",
+            "bench_wire"} <= set(BENCHES)
 
 
 @pytest.mark.parametrize("name", BENCHES)

@@ -22,6 +22,7 @@ from edge_agent.protocol.settings import (
     check,
     mqtt_settings_from,
     parse_bool,
+    parse_int,
     parse_number,
     topic_prefix,
 )
@@ -42,6 +43,14 @@ MAX_SHOWN_ZONE_CHARS = 60  # of an unknown TZ, quoted in its error
 # An hour: far beyond any critical operation an app should hold updates off for (a job,
 # a transfer, a calibration), short enough that a stuck app misses at most one rollout wave.
 DEFAULT_LOCK_MAX_HOLD_S = 3600
+# Cellular links: carrier NATs drop idle TCP flows after a few minutes to hours; 5 min
+# keeps the flow open under most of them at ~290 pings a day, and the broker's will
+# reports a silent loss within 1.5 x this (docs/BENCHMARKS.md, "Wire cost").
+DEFAULT_MQTT_KEEPALIVE_S = 300
+MAX_MQTT_KEEPALIVE_S = 65535  # the protocol's limit (a 16-bit field)
+# An unchanged state is sent again after an hour: its ts (the bridge's "last seen") is
+# never older; with the default POLL_INTERVAL each check's last_check_at is a change anyway.
+DEFAULT_HEARTBEAT_INTERVAL_S = 3600
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MQTT_KEY_FILE", "(none)", "client key for TLS client auth"),
     Setting("MQTT_PROTOCOL", "5", "MQTT protocol version: 5 or 3.1.1"),
     Setting("MQTT_TOPIC_PREFIX", "edge", "root of every topic"),
-    Setting("TELEMETRY_INTERVAL", "60", "seconds between heartbeat state publishes"),
+    Setting("MQTT_KEEPALIVE", str(DEFAULT_MQTT_KEEPALIVE_S),
+            "seconds of MQTT keepalive: a ping when the link is otherwise idle; the broker "
+            "says offline (the will) within 1.5 x this after a silent loss"),
+    Setting("TELEMETRY_INTERVAL", "60",
+            "seconds between looks at the container and status.json refreshes; "
+            "a change is published over MQTT at once"),
+    Setting("HEARTBEAT_INTERVAL", str(DEFAULT_HEARTBEAT_INTERVAL_S),
+            "seconds after which an unchanged state is published over MQTT again "
+            "(its ts refreshed)"),
     Setting("HA_DISCOVERY", "false", "publish Home Assistant MQTT discovery for an update entity"),
     Setting("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("LOG_FORMAT", "text", "text, or json for one JSON object per line"),
@@ -127,6 +144,8 @@ class Settings:
     update_lock_max_hold_s: float = float(DEFAULT_LOCK_MAX_HOLD_S)
     # TRUSTED_KEYS: when set, only images signed by one of these keys run (docs/SIGNING.md)
     trusted_keys: tuple[Path, ...] = ()
+    mqtt_keepalive_s: int = DEFAULT_MQTT_KEEPALIVE_S
+    heartbeat_interval_s: float = float(DEFAULT_HEARTBEAT_INTERVAL_S)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -259,6 +278,10 @@ def _parse(raw: dict[str, str]) -> Settings:
         update_lock_max_hold_s=parse_number(raw, "UPDATE_LOCK_MAX_HOLD",
                                             float(DEFAULT_LOCK_MAX_HOLD_S), minimum=0.0),
         trusted_keys=trusted_keys,
+        mqtt_keepalive_s=parse_int(raw, "MQTT_KEEPALIVE", DEFAULT_MQTT_KEEPALIVE_S,
+                                   minimum=5, maximum=MAX_MQTT_KEEPALIVE_S),
+        heartbeat_interval_s=parse_number(raw, "HEARTBEAT_INTERVAL",
+                                          float(DEFAULT_HEARTBEAT_INTERVAL_S), minimum=0.1),
     )
 
 

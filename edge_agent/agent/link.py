@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import queue
+import time
 from typing import Any
 
 from paho.mqtt.packettypes import PacketTypes
@@ -20,6 +21,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.agent.config import Settings
 from edge_agent.agent.discovery import discovery_config
+from edge_agent.agent.heartbeat import StateGate
 from edge_agent.agent.loop import Message
 from edge_agent.protocol.events import EventName
 from edge_agent.protocol.messages import RemoteReady, RemoteReset, Reply, route
@@ -50,6 +52,7 @@ class AgentLink:
         self._events_topic = self.topics.events(self.device_id)
         self._discovery = discovery_config(settings) if settings.ha_discovery else None
         self._refused_reply_topics: set[str] = set()
+        self._state_gate = StateGate(settings.heartbeat_interval_s)
         if self.mqtt.tls:
             tls_context(self.mqtt)  # unreadable TLS files stop the agent at start
         self.broker = BrokerClient(
@@ -57,6 +60,7 @@ class AgentLink:
             will=(self._availability, Availability.OFFLINE),
             subscriptions=self.subscriptions, on_message=self._on_message,
             on_connect=self._on_connect, on_subscribed=self._on_subscribed,
+            keepalive_s=settings.mqtt_keepalive_s,
         )
 
     @property
@@ -87,10 +91,14 @@ class AgentLink:
 
     # -- agent -> broker (agent thread; paho's publish is thread-safe) ------------------
     def publish_state(self, document: dict[str, Any]) -> None:
-        """State sink. While disconnected it is dropped: a stale retained state queued
-        now would land after the fresh one published on reconnect."""
-        if self.connected:
+        """State sink: a change is sent at once, an unchanged state only every
+        HEARTBEAT_INTERVAL (``heartbeat.StateGate``). While disconnected it is dropped: a
+        stale retained state queued now would land after the fresh one published on
+        reconnect."""
+        now = time.monotonic()
+        if self.connected and self._state_gate.due(document, now):
             self.broker.publish(self._state_topic, _json(document), retain=True)
+            self._state_gate.sent(document, now)
 
     def publish_event(self, event: dict[str, Any]) -> None:
         """Event sink. Progress is dropped while disconnected; the rest waits in paho's
@@ -107,6 +115,7 @@ class AgentLink:
 
     # -- broker -> agent (paho's network thread: enqueue and return) --------------------
     def _on_connect(self, broker: BrokerClient) -> None:
+        self._state_gate.reset()
         self._inbox.put(RemoteReset())  # before any retained tag of this session
         broker.publish(self._availability, Availability.ONLINE, retain=True)
         if self._discovery is not None:

@@ -34,6 +34,8 @@ from edge_agent.protocol.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
+# The operator side's keepalive (bridge, edge-ctl: wired links); the agent has its own
+# setting, MQTT_KEEPALIVE, longer by default for cellular links (docs/BENCHMARKS.md).
 KEEPALIVE_S = 30
 RECONNECT_MIN_S = 1
 # Every device loses the broker at the same moment when it restarts; a cap that
@@ -86,10 +88,11 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
     on_connect: ClientHook | None = None,
     on_subscribed: ClientHook | None = None,
     wait_s: float | None = 10.0,
+    keepalive_s: int = KEEPALIVE_S,
 ) -> Client:
     """A paho client connected (or connecting) to the broker in ``mqtt``; stable API.
 
-    - Protocol MQTT 5 or 3.1.1 (``mqtt.protocol``), clean session, keepalive 30 s;
+    - Protocol MQTT 5 or 3.1.1 (``mqtt.protocol``), clean session, keepalive ``keepalive_s``;
       username/password; TLS with server verification (``mqtt.ca_file`` or the system
       CAs, hostname checked) and an optional client certificate.
     - ``will``: (topic, payload) published retained, QoS 1 by the broker if we vanish.
@@ -119,7 +122,7 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
     if mqtt.protocol == "5":
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
-    client.connect_async(mqtt.host, mqtt.port, keepalive=KEEPALIVE_S, clean_start=True,
+    client.connect_async(mqtt.host, mqtt.port, keepalive=keepalive_s, clean_start=True,
                          properties=properties)
     client.loop_start()
     if wait_s is None:
@@ -438,8 +441,10 @@ class BrokerClient:
         on_connect: Callable[[BrokerClient], None] | None = None,
         on_subscribed: Callable[[BrokerClient], None] | None = None,
         publish_timeout_s: float = PUBLISH_TIMEOUT_S,
+        keepalive_s: int = KEEPALIVE_S,
     ) -> None:
         self.settings = settings
+        self.keepalive_s = keepalive_s
         self.client_id = client_id or f"edge-{uuid.uuid4().hex[:12]}"
         self.will = will
         self.subscriptions = tuple(subscriptions)
@@ -458,7 +463,7 @@ class BrokerClient:
             on_message=self._handle if self._on_message is not None else None,
             on_connect=self._connected if self._on_connect is not None else None,
             on_subscribed=self._subscribed if self._on_subscribed is not None else None,
-            wait_s=wait_s,
+            wait_s=wait_s, keepalive_s=self.keepalive_s,
         )
 
     def stop(self, final: tuple[str, str] | None = None) -> None:
