@@ -98,8 +98,15 @@ def check_clean_end(rig: Rig, tag: str) -> None:
     for name in rig.fleet.names:  # every override of the rollout cleared
         last = rig.watcher.last(rig.fleet.topics.device_tag(name))
         assert last is not None and last.payload == b"", name
-        state = rig.fleet.state(rig.watcher, name)
-        assert state is not None and state["running"]["tag"] == tag, name
+        # and each device follows the group's tag now, not a leftover of the rollout
+        state = wait_until(lambda n=name: follows_group(rig.fleet.state(rig.watcher, n)),
+                           timeout=20, message=f"{name} to follow the group's tag")
+        assert state["running"]["tag"] == tag, name
+
+
+def follows_group(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    desired = (state or {}).get("desired") or {}
+    return state if desired.get("source") == "group" and desired.get("group") == GROUP else None
 
 
 def test_bad_specs_are_refused_and_publish_nothing(rig: Rig) -> None:
