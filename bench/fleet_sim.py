@@ -35,10 +35,8 @@ import logging
 import os
 import random
 import signal
-import socket
 import sys
 import threading
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -173,7 +171,7 @@ class SimDevice:
         client.on_socket_open = lambda _c, _u, sock: loop.add_reader(sock, self._read)
         client.on_socket_close = lambda _c, _u, sock: self._forget(sock)
         client.on_socket_register_write = lambda _c, _u, sock: loop.add_writer(sock, self._write)
-        client.on_socket_unregister_write = lambda _c, _u, sock: loop.remove_writer(sock)
+        client.on_socket_unregister_write = lambda _c, _u, sock: self._unwatch_write(sock)
         return client
 
     def open(self) -> None:
@@ -203,6 +201,9 @@ class SimDevice:
 
     def _forget(self, sock: Any) -> None:
         self.sim.loop.remove_reader(sock)
+        self.sim.loop.remove_writer(sock)
+
+    def _unwatch_write(self, sock: Any) -> None:
         self.sim.loop.remove_writer(sock)
 
     def _read(self) -> None:
@@ -465,9 +466,13 @@ class FleetSim:
         ready.wait(30)
         return self
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """End ``main`` (on the simulator's loop)."""
         if self._done is not None:
-            self.loop.call_soon_threadsafe(self._done.set)
+            self._done.set()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.request_stop)
         if self._thread is not None:
             self._thread.join(30)
             self.loop.close()
@@ -512,7 +517,7 @@ async def _report(sim: FleetSim, total: int, every_s: float) -> None:
     while not sim.stopping:
         line = _status_line(sim, total)
         if line != last:
-            print(line, flush=True)  # noqa: T201 - the CLI's status line, read by benches
+            print(line, flush=True)
             last = line
         await asyncio.sleep(every_s)
 
@@ -558,12 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reporter.cancel()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        sim.loop.add_signal_handler(sig, lambda: sim._done.set() if sim._done else None)
+        sim.loop.add_signal_handler(sig, sim.request_stop)
     sim.loop.run_until_complete(run())
-    print(_status_line(sim, args.devices), flush=True)  # noqa: T201 - the last status line
+    print(_status_line(sim, args.devices), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    socket.setdefaulttimeout(None)
     raise SystemExit(main())
