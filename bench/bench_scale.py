@@ -152,9 +152,11 @@ def page_load(url: str, last_device: str, work: Path) -> dict[str, float]:
     return {"token_to_last_row_s": first, "reload_to_last_row_s": reload}
 
 
-def wave_sizes(waves: list[Any], devices: int) -> list[int]:
-    """How many devices each wave adds (the bridge's reading of counts and shares)."""
-    sizes, reached = [], 0
+def nonempty_waves(waves: list[Any], devices: int) -> list[tuple[Any, int]]:
+    """Each wave with the number of devices it adds (the bridge's reading of counts and
+    shares); waves a small fleet has already reached are left out (the bridge refuses
+    an empty wave)."""
+    kept, reached = [], 0
     for wave in waves:
         if isinstance(wave, str) and wave.endswith("%"):
             upto = math.ceil(float(wave[:-1]) * devices / 100)
@@ -162,16 +164,15 @@ def wave_sizes(waves: list[Any], devices: int) -> list[int]:
             upto = reached + int(wave)
         upto = min(upto, devices)
         if upto > reached:
-            sizes.append(upto - reached)
+            kept.append((wave, upto - reached))
             reached = upto
-    return sizes
+    return kept
 
 
 def rollout(bridge: BridgeProcess, sim: SimProcess, args: argparse.Namespace,
             ids: set[str], pids: list[int]) -> dict[str, Any]:
-    waves = json.loads(args.waves)
-    sizes = wave_sizes(waves, len(ids))
-    waves = waves[:len(sizes)]  # shares a small fleet has already reached are left out
+    kept = nonempty_waves(json.loads(args.waves), len(ids))
+    waves, sizes = [wave for wave, _ in kept], [size for _, size in kept]
     ideal = sum(math.ceil(size / args.max_updating) for size in sizes) * args.update_s
     window = CpuWindow(pids).start()
     start = time.monotonic()
