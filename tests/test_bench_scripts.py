@@ -4,6 +4,7 @@ without editing ``sys.path``, and every page that shows how to run one shows tha
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -48,3 +49,27 @@ def test_the_docs_run_the_benches_as_modules() -> None:
              if page.is_file()
              for match in old_form.finditer(page.read_text(encoding="utf-8", errors="replace"))]
     assert found == []
+
+
+def test_the_fleet_simulator_runs_as_a_module() -> None:
+    """bench/fleet_sim.py is a CLI too (not a bench_* script): ``--help`` as a module."""
+    done = subprocess.run([sys.executable, "-m", "bench.fleet_sim", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:"), done.stdout
+
+
+def test_the_scale_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench_scale end to end with 20 simulated devices (broker, bridge, page, rollout,
+    broker restart): every figure of the table is there. Figures only, no timing."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_scale", "--devices", "20", "--update-s", "0.5",
+         "--max-updating", "5", "--idle", "1", "--requests", "3", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rollout"]["state"] == "succeeded"
+    assert report["rollout"]["peak_updating"] <= 5
+    assert set(report) >= {"connect", "idle", "devices_api", "metrics", "page", "rollout",
+                           "restart"}
