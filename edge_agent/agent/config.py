@@ -77,6 +77,10 @@ SETTINGS: tuple[Setting, ...] = (
             "path of the app's update lock: no update while this file exists"),
     Setting("UPDATE_LOCK_MAX_HOLD", str(DEFAULT_LOCK_MAX_HOLD_S),
             "seconds the lock may hold one update back before it is applied anyway; 0 = forever"),
+    Setting("AGENT_IMAGE", "the agent container's own image repository",
+            "repository the agent pulls its own new versions from (docs/SELF-UPDATE.md)"),
+    Setting("AGENT_UPDATE_TIMEOUT", "120",
+            "seconds a new agent gets to prove itself before the old one takes over again"),
     Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
     Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
@@ -122,6 +126,8 @@ class Settings:
     update_window: UpdateWindow | None = None
     update_lock_file: Path | None = None
     update_lock_max_hold_s: float = float(DEFAULT_LOCK_MAX_HOLD_S)
+    agent_image: str = ""  # "": the repository of the agent container's own image
+    agent_update_timeout_s: float = 120.0
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -225,6 +231,9 @@ def _parse(raw: dict[str, str]) -> Settings:
     check(not lock_file or Path(lock_file).is_absolute(), "UPDATE_LOCK_FILE",
           f"{lock_file!r} must be an absolute path")
 
+    agent_image = raw.get("AGENT_IMAGE", "").strip()
+    check(not agent_image or REPOSITORY_RE.fullmatch(agent_image), "AGENT_IMAGE",
+          f"{agent_image!r} must be an image repository without a tag")
     return Settings(
         repository=repository,
         image_tag=image_tag,
@@ -248,6 +257,8 @@ def _parse(raw: dict[str, str]) -> Settings:
         update_lock_file=Path(lock_file) if lock_file else None,
         update_lock_max_hold_s=parse_number(raw, "UPDATE_LOCK_MAX_HOLD",
                                             float(DEFAULT_LOCK_MAX_HOLD_S), minimum=0.0),
+        agent_image=agent_image,
+        agent_update_timeout_s=parse_number(raw, "AGENT_UPDATE_TIMEOUT", 120.0, minimum=1.0),
     )
 
 
