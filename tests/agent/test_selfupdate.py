@@ -244,7 +244,7 @@ def test_app_update_and_agent_update_requested_together_do_not_interleave(
     _event(device, "agent_update_succeeded", "up-0.2")
     _event(device, "update_succeeded", "app-2.0")
     names = [e["event"] for e in device.events()
-             if e.get("event") in ("update_started", "update_succeeded", "agent_update_started",
+             if e.get("request_id") in ("app-2.0", "up-0.2") and e.get("event") in ("update_started", "update_succeeded", "agent_update_started",
                                    "agent_update_succeeded")]
     # one at a time: each update's start is followed by its own end
     assert names in (
