@@ -147,7 +147,7 @@ def test_satisfied_by_version_or_image_tag() -> None:
 
 
 def test_candidate_config_carries_what_was_set_for_the_container() -> None:
-    container = {
+    container: dict[str, Any] = {
         "Id": "c" * 64,
         "Name": "/edge-agent",
         "Config": {

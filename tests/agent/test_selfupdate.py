@@ -73,7 +73,7 @@ class Device:
                                    [TOPICS.state(name), TOPICS.events(name)]).start()
 
     def run_agent(self, image: str, **env: str) -> Any:
-        return self.client.containers.run(
+        return self.client.containers.run(  # type: ignore[call-overload]
             image, name=self.agent_name, detach=True,
             environment={"CONTAINER_IMAGE": f"{self.app_repo}:1.0", "CONTAINER_NAME": self.name,
                          "DEVICE_ID": self.name, "TELEMETRY_INTERVAL": "2",
@@ -99,7 +99,7 @@ class Device:
 
     def app(self) -> tuple[str, str]:
         app = self.client.containers.get(self.name)
-        return app.id, app.attrs["State"]["StartedAt"]
+        return str(app.id), str(app.attrs["State"]["StartedAt"])
 
     def set_agent(self, version: str, request_id: str) -> None:
         self.watcher.publish(TOPICS.device_agent(self.name),
