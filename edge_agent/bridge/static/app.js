@@ -94,12 +94,10 @@ function renderDevice(device) {
   row.dataset.device = text(device.id, "");
   if (device.availability === "offline") row.className = "is-offline";
 
-  const idCell = cell(row, "id", text(device.id, "?"), "mono", text(state.image, ""));
-  if (text(state.agent_version, "")) {
-    // the agent's own version (docs/SELF-UPDATE.md), small under the device id
-    idCell.appendChild(el("br"));
-    idCell.appendChild(el("small", "agent " + text(state.agent_version, ""), "muted agent-version"));
-  }
+  // the image, and the agent's own version (docs/SELF-UPDATE.md), on the device id
+  const agentVersion = text(state.agent_version, "");
+  cell(row, "id", text(device.id, "?"), "mono",
+       text(state.image, "") + (agentVersion ? " · agent " + agentVersion : ""));
   const avail = cell(row, "availability", "");
   avail.appendChild(el("span", text(device.availability, "unknown"),
                        "badge " + classFor(AVAILABILITY_CLASS, device.availability)));
