@@ -89,6 +89,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("TRUSTED_KEYS", "(none: signatures not checked)",
             "comma-separated PEM public key files (ECDSA P-256 or Ed25519): run only images "
             "with a sigstore signature by one of them (docs/SIGNING.md)"),
+    Setting("AGENT_IMAGE", "the agent container's own image repository",
+            "repository the agent pulls its own new versions from (docs/SELF-UPDATE.md)"),
+    Setting("AGENT_UPDATE_TIMEOUT", "120",
+            "seconds a new agent gets to prove itself before the old one takes over again"),
     Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
     Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
@@ -146,6 +150,8 @@ class Settings:
     trusted_keys: tuple[Path, ...] = ()
     mqtt_keepalive_s: int = DEFAULT_MQTT_KEEPALIVE_S
     heartbeat_interval_s: float = float(DEFAULT_HEARTBEAT_INTERVAL_S)
+    agent_image: str = ""  # "": the repository of the agent container's own image
+    agent_update_timeout_s: float = 120.0
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -254,6 +260,9 @@ def _parse(raw: dict[str, str]) -> Settings:
     for key in trusted_keys:
         check(key.is_absolute(), "TRUSTED_KEYS", f"{str(key)!r} must be an absolute path")
 
+    agent_image = raw.get("AGENT_IMAGE", "").strip()
+    check(not agent_image or REPOSITORY_RE.fullmatch(agent_image), "AGENT_IMAGE",
+          f"{agent_image!r} must be an image repository without a tag")
     return Settings(
         repository=repository,
         image_tag=image_tag,
@@ -282,6 +291,8 @@ def _parse(raw: dict[str, str]) -> Settings:
                                    minimum=5, maximum=MAX_MQTT_KEEPALIVE_S),
         heartbeat_interval_s=parse_number(raw, "HEARTBEAT_INTERVAL",
                                           float(DEFAULT_HEARTBEAT_INTERVAL_S), minimum=0.1),
+        agent_image=agent_image,
+        agent_update_timeout_s=parse_number(raw, "AGENT_UPDATE_TIMEOUT", 120.0, minimum=1.0),
     )
 
 

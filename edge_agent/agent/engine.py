@@ -298,6 +298,43 @@ class Engine:
 
         self._call(f"remove container {container_id[:12]}", remove, changes=True)
 
+    # -- the agent's own container (agent/selfupdate.py) -------------------------
+    def container_attrs(self, name_or_id: str) -> dict[str, Any] | None:
+        """A container's full inspect document (Config, HostConfig, State); None when
+        it does not exist. For carrying the agent's own configuration over."""
+
+        def inspect() -> dict[str, Any] | None:
+            try:
+                attrs: dict[str, Any] = self._client.api.inspect_container(name_or_id)
+            except NotFound:
+                return None
+            return attrs
+
+        return self._call(f"inspect container {name_or_id[:64]}", inspect)
+
+    def image_attrs(self, reference: str) -> dict[str, Any] | None:
+        """An image's full inspect document; None when it is not here."""
+
+        def inspect() -> dict[str, Any] | None:
+            try:
+                attrs: dict[str, Any] = self._client.api.inspect_image(  # type: ignore[no-untyped-call]
+                    reference)
+            except (ImageNotFound, NotFound):
+                return None
+            return attrs
+
+        return self._call(f"inspect image {reference}", inspect)
+
+    def create_from_config(self, name: str, config: dict[str, Any]) -> str:
+        """Create (not start) a container from a Docker API create request as is
+        (``Config`` with ``HostConfig``): the handover's candidate."""
+        container: dict[str, Any] = self._call(
+            f"create container {name}",
+            lambda: self._client.api.create_container_from_config(  # type: ignore[no-untyped-call]
+                config, name),
+            changes=True)
+        return str(container["Id"])
+
     # -- images -----------------------------------------------------------------
     def registry_is_insecure(self, registry: str) -> bool:
         """True when the daemon pulls from ``registry`` (``host[:port]``) over plain HTTP:

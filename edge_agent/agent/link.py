@@ -73,6 +73,9 @@ class AgentLink:
             t.device_check(self.device_id),
             t.device_install(self.device_id),
             t.fleet_check,
+            t.device_agent(self.device_id),
+            *(t.group_agent(group) for group in self.groups),
+            t.fleet_agent,
         ]
 
     @property
@@ -88,6 +91,12 @@ class AgentLink:
     def stop(self) -> None:
         """Say ``offline`` ourselves (a clean stop fires no will), then disconnect."""
         self.broker.stop(final=(self._availability, Availability.OFFLINE))
+
+    def pause(self) -> None:
+        """Disconnect cleanly without saying ``offline`` (no will either): another agent
+        of this device (a handover's candidate, docs/SELF-UPDATE.md) takes the client id
+        over. ``start()`` connects again."""
+        self.broker.stop(final=None)
 
     # -- agent -> broker (agent thread; paho's publish is thread-safe) ------------------
     def publish_state(self, document: dict[str, Any]) -> None:

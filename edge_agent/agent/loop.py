@@ -40,6 +40,7 @@ from edge_agent.agent.reconcile import (
     resolve_desired,
 )
 from edge_agent.agent.registry import RegistryClient
+from edge_agent.agent.selfupdate import SelfUpdate
 from edge_agent.agent.status import Status
 from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
@@ -48,6 +49,7 @@ from edge_agent.protocol.errors import EdgeAgentError, TagError
 from edge_agent.protocol.events import CheckOutcome, EventName, FailureCode
 from edge_agent.protocol.messages import (
     CheckRequest,
+    RemoteAgentMessage,
     RemoteReady,
     RemoteReset,
     RemoteTagMessage,
@@ -91,7 +93,8 @@ class Wake:
     """Nothing to do; makes ``step()`` look at ``should_exit`` and the clock again."""
 
 
-Message = CheckRequest | RemoteTagMessage | ContainerEvent | Wake | RemoteReset | RemoteReady
+Message = (CheckRequest | RemoteTagMessage | RemoteAgentMessage | ContainerEvent | Wake
+           | RemoteReset | RemoteReady)
 RemoteKey = tuple[Source, str | None]
 
 
@@ -134,6 +137,11 @@ class Agent:
         self.state = self.data.load_state()
         self.registry = RegistryClient(settings.repository)
         self.remote: dict[RemoteKey, RemoteTag] = {}
+        # desired agent versions by topic (docs/SELF-UPDATE.md); the handover, when run
+        # by ``edge-agent run`` (runtime.py sets it)
+        self.remote_agent: dict[RemoteKey, RemoteTag] = {}
+        self.selfupdate: SelfUpdate | None = None
+        self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
         self._updater: Updater | None = None
         self._failures = 0
@@ -219,6 +227,35 @@ class Agent:
             self.check()
         elif now - self.status.last_published >= self.settings.telemetry_interval_s:
             self._heartbeat()
+        self._agent_step()
+
+    def _agent_step(self) -> None:
+        """The agent's own update, only between checks: an app update in flight (or due,
+        or a desired tag still settling) goes first; the handover then blocks the loop."""
+        selfupdate = self.selfupdate
+        now = time.monotonic()
+        if (selfupdate is None or self.should_exit or now >= self._next_check
+                or now < self._agent_settle_until or self.status.update_status in BUSY
+                or (self._updater is None and not selfupdate.resume_wait)):
+            return
+        before = self.status.agent.to_json()
+        try:
+            selfupdate.step(self.resolve_agent())
+        except EdgeAgentError as exc:
+            log.error("agent update: %s", exc)
+            self.status.agent.last_error = str(exc)
+        except Exception:  # the loop boundary: a bug here must not end the agent
+            log.exception("unexpected error during the agent's own update")
+        if self.status.agent.to_json() != before:
+            self._heartbeat()
+
+    def resolve_agent(self) -> Desired | None:
+        """The desired agent version: device, then groups, then fleet (as tags)."""
+        groups = [(g, self.remote_agent.get((Source.GROUP, g)))
+                  for g in self.settings.device_groups]
+        return resolve_desired(device=self.remote_agent.get((Source.DEVICE, None)),
+                               groups=groups, fleet=self.remote_agent.get((Source.FLEET, None)),
+                               file_tag=None, image_tag=None, fallback_tag=None)
 
     # -- messages ---------------------------------------------------------------
     def handle(self, message: Message) -> None:
@@ -258,10 +295,13 @@ class Agent:
             self._next_check = 0.0
         elif isinstance(message, RemoteTagMessage):
             self._handle_remote_tag(message)
+        elif isinstance(message, RemoteAgentMessage):
+            self._handle_remote_agent(message)
         elif isinstance(message, ContainerEvent):
             self._handle_container_event(message)
         elif isinstance(message, RemoteReset):
             self.remote.clear()
+            self.remote_agent.clear()
         elif isinstance(message, RemoteReady):
             self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
             if self._updater is not None:  # before the first check there is nothing to show
@@ -306,6 +346,23 @@ class Agent:
         # A live publish is acted on at once; a retained replay waits for its siblings.
         settle = REMOTE_SETTLE_S if message.retained else 0.0
         self._next_check = min(self._next_check, now + settle)
+
+    def _handle_remote_agent(self, message: RemoteAgentMessage) -> None:
+        try:
+            parsed = parse_tag_payload(message.payload)
+        except TagError as exc:
+            log.warning("rejected desired agent version on %s: %s", message.topic, exc)
+            request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
+            self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
+                                   reason=str(exc))
+            return
+        key = (message.scope, message.group)
+        if parsed.tag is None:
+            self.remote_agent.pop(key, None)
+        else:
+            self.remote_agent[key] = RemoteTag(parsed.tag, parsed.request_id)
+        # an app tag published with it is taken first (the check runs before the handover)
+        self._agent_settle_until = time.monotonic() + REMOTE_SETTLE_S
 
     def _handle_container_event(self, message: ContainerEvent) -> None:
         # A container the agent itself removed (rollback, recovery) is no longer the one

@@ -13,6 +13,7 @@ from edge_agent.agent import deadline
 from edge_agent.agent.config import Settings
 from edge_agent.agent.loop import Agent
 from edge_agent.agent.registry import in_container
+from edge_agent.agent.selfupdate import SelfUpdate
 from edge_agent.agent.watcher import ContainerWatcher
 from edge_agent.protocol.errors import ConfigError
 from edge_agent.protocol.settings import EXIT_CONFIG
@@ -55,14 +56,29 @@ def run_agent(settings: Settings, install_signals: Callable[[Callable[[], None]]
         agent.defer_first_check(FIRST_CHECK_HOLD_S)
     else:
         log.info("MQTT_HOST is not set: standalone (tag file and polling only)")
+    selfupdate = SelfUpdate(settings, agent.status.agent, agent.status.event,
+                            should_exit=lambda: agent.should_exit)
+    agent.selfupdate = selfupdate
+    if link is not None:
+        selfupdate.pause_link = link.pause
+        selfupdate.resume_link = link.start
     watcher = ContainerWatcher(settings.container_name, agent.inbox)
     install_signals(_stop_handler(agent))
+    # Only the agent holding the management lock touches the app (docs/SELF-UPDATE.md);
+    # a handover's candidate proves itself first.
+    if not selfupdate.startup():
+        selfupdate.close()
+        return 0
     watcher.start()
     if link is not None:
         link.start()
+    if selfupdate.announce is not None:
+        name, fields = selfupdate.announce
+        agent.status.event(name, **fields)
     try:
         agent.run()
     finally:
+        selfupdate.close()
         watcher.stop(WATCHER_STOP_S)
         if link is not None:
             _say_goodbye(link)

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent import __version__
 from edge_agent.agent.deferral import Deferral
 from edge_agent.agent.discovery import update_payload
 from edge_agent.agent.reconcile import Desired
+from edge_agent.agent.selfupdate import AgentView, running_agent_version
 from edge_agent.protocol.events import EventName, FailureCode, bounded_text, event_body
 from edge_agent.protocol.state import BUSY, UpdateStatus
 from edge_agent.protocol.timestamps import utc_now
@@ -79,6 +79,8 @@ class Status:
     # When the registry last answered a digest question (found or not): the healthcheck's
     # proof that the agent can do its job. Kept out of the MQTT state, in status.json only.
     registry_answered_at: str | None = None
+    # the agent's own update (docs/SELF-UPDATE.md)
+    agent: AgentView = field(default_factory=AgentView)
     state_sinks: list[StateSink] = field(default_factory=list)
     event_sinks: list[EventSink] = field(default_factory=list)
     last_published: float = 0.0
@@ -143,7 +145,8 @@ class Status:
             latest = installed
         return {
             "device_id": self.device_id,
-            "agent_version": __version__,
+            "agent_version": running_agent_version(),
+            "agent": {**self.agent.to_json(), "last_error": _bounded(self.agent.last_error)},
             "ts": utc_now(),
             "image": self.image,
             "groups": list(self.groups),

@@ -176,6 +176,13 @@ ROUTES: tuple[Route, ...] = (
           query=frozenset({"wait", "spread", "force"})),
     Route("DELETE", ("api", "v1", "fleet", "tag"), "delete_fleet_tag"),
     Route("POST", ("api", "v1", "fleet", "check"), "check_fleet", query=frozenset({"spread"})),
+    # the desired agent version (docs/SELF-UPDATE.md)
+    Route("PUT", ("api", "v1", "devices", "{id}", "agent"), "put_device_agent"),
+    Route("DELETE", ("api", "v1", "devices", "{id}", "agent"), "delete_device_agent"),
+    Route("PUT", ("api", "v1", "groups", "{group}", "agent"), "put_group_agent"),
+    Route("DELETE", ("api", "v1", "groups", "{group}", "agent"), "delete_group_agent"),
+    Route("PUT", ("api", "v1", "fleet", "agent"), "put_fleet_agent"),
+    Route("DELETE", ("api", "v1", "fleet", "agent"), "delete_fleet_agent"),
     Route("GET", ("api", "v1", "rollouts"), "list_rollouts"),
     Route("POST", ("api", "v1", "rollouts"), "create_rollout"),
     Route("GET", ("api", "v1", "rollouts", "{id}"), "get_rollout"),
@@ -429,6 +436,38 @@ class Api:
     def delete_fleet_tag(self, call: Call) -> Response:
         return self._clear("fleet", None, self.topics.fleet_tag)
 
+    # -- the desired agent version (docs/SELF-UPDATE.md) ----------------------------
+    def put_device_agent(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        return self._put_agent("device", device_id, self.topics.device_agent(device_id), call)
+
+    def put_group_agent(self, call: Call) -> Response:
+        group = _id(call.params["group"], "group")
+        return self._put_agent("group", group, self.topics.group_agent(group), call)
+
+    def put_fleet_agent(self, call: Call) -> Response:
+        return self._put_agent("fleet", None, self.topics.fleet_agent, call)
+
+    def delete_device_agent(self, call: Call) -> Response:
+        device_id = _id(call.params["id"], "device id")
+        return self._clear("device", device_id, self.topics.device_agent(device_id),
+                           "agent version")
+
+    def delete_group_agent(self, call: Call) -> Response:
+        group = _id(call.params["group"], "group")
+        return self._clear("group", group, self.topics.group_agent(group), "agent version")
+
+    def delete_fleet_agent(self, call: Call) -> Response:
+        return self._clear("fleet", None, self.topics.fleet_agent, "agent version")
+
+    def _put_agent(self, scope: str, target: str | None, topic: str, call: Call) -> Response:
+        tag, request_id = self._tag_body(call.request.body)
+        self._publish(topic, desired_tag_payload(tag, request_id, self._issued_at()))
+        log.info("published desired agent version %s on %s (request %s)", tag, topic,
+                 request_id)
+        return json_response(202, {"request_id": request_id, "scope": scope, "target": target,
+                                   "tag": tag})
+
     def check_device(self, call: Call) -> Response:
         device_id = _id(call.params["id"], "device id")
         return self._check("device", device_id, self.topics.device_check(device_id))
@@ -500,9 +539,9 @@ class Api:
             body["warnings"] = warnings
         return json_response(202, body)
 
-    def _clear(self, scope: str, target: str | None, topic: str) -> Response:
+    def _clear(self, scope: str, target: str | None, topic: str, what: str = "tag") -> Response:
         self._publish(topic, b"")
-        log.info("cleared the %s desired tag%s", scope, f" of {target}" if target else "")
+        log.info("cleared the %s desired %s%s", scope, what, f" of {target}" if target else "")
         return json_response(200, {"scope": scope, "target": target, "cleared": True})
 
     def _check(self, scope: str, target: str | None, topic: str,

@@ -4,6 +4,7 @@
     edge-ctl set-tag 2.0 --device dev1 --wait  set a desired tag, wait for the device
     edge-ctl set-tag 2.0 --group lab           ... or for a group, or --fleet
     edge-ctl clear-tag --device dev1           remove an override
+    edge-ctl set-agent-version 0.2 --group lab the agent version (docs/SELF-UPDATE.md)
     edge-ctl check --device dev1 --wait        ask for a registry check now
     edge-ctl install --device dev1 --wait      apply a pending update (UPDATE_MODE=notify)
     edge-ctl watch                             live events, with pull progress
@@ -29,6 +30,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from edge_agent import __version__
 from edge_agent.ctl.bridge_client import load_bridge_settings
@@ -44,7 +46,20 @@ from edge_agent.protocol.topics import ID_PATTERN, ID_RE
 DEFAULT_WAIT_S = 300.0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _set_agent_version_parser(commands: Any, common: argparse.ArgumentParser
+                              ) -> argparse.ArgumentParser:
+    """``set-agent-version`` (docs/SELF-UPDATE.md); its scope is added by the caller."""
+    set_agent: argparse.ArgumentParser = commands.add_parser(
+        "set-agent-version", parents=[common],
+        help="set the desired agent version (agent image tag) of a device, a group or the "
+        "fleet; --clear removes it")
+    set_agent.add_argument("version", nargs="?", help="the agent image's tag")
+    set_agent.add_argument("--clear", action="store_true", help="remove the desired version")
+    set_agent.add_argument("--request-id", help="request id to send (default: a random one)")
+    return set_agent
+
+
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per subcommand
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group(
         "common options (the broker options override the MQTT_* environment)")
@@ -113,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     clear_tag = commands.add_parser("clear-tag", parents=[common],
                                     help="remove the desired tag of a device, group or fleet")
     scope(clear_tag)
+
+    scope(_set_agent_version_parser(commands, common))
 
     check = commands.add_parser("check", parents=[common],
                                 help="ask a device (or the fleet) to check the registry now")

@@ -210,6 +210,44 @@ def cmd_clear_tag(args: argparse.Namespace, settings: MqttSettings, printer: Pri
     return EXIT_OK
 
 
+def cmd_set_agent_version(args: argparse.Namespace, settings: MqttSettings,
+                          printer: Printer) -> int:
+    """The desired agent version (docs/SELF-UPDATE.md): the desired-tag payload on the
+    ``…/agent`` topic of the device, group or fleet."""
+    if args.clear == (args.version is not None):
+        raise CtlError("give a version, or --clear", EXIT_USAGE)
+    topics = Topics(settings.topic_prefix)
+    what, _ = _target(args, topics)
+    if args.device:
+        topic = topics.device_agent(args.device)
+    elif args.group:
+        topic = topics.group_agent(args.group)
+    else:
+        topic = topics.fleet_agent
+    payload = b""
+    request_id = None
+    if not args.clear:
+        try:
+            version = validate_tag(args.version)
+        except TagError as exc:
+            raise CtlError(f"invalid version: {exc}", EXIT_USAGE) from None
+        request_id = args.request_id or new_request_id()
+        payload = desired_tag_payload(version, request_id, utc_now())
+    session = Session(settings, [])
+    try:
+        session.publish(topic, payload, retain=True)
+    finally:
+        session.close()
+    if args.clear:
+        printer.result({"topic": topic, "cleared": True},
+                       f"desired agent version of {what} cleared")
+    else:
+        printer.result({"version": args.version, "topic": topic, "request_id": request_id},
+                       f"desired agent version of {what} set to {args.version} "
+                       f"(request {request_id})")
+    return EXIT_OK
+
+
 # -- check and install --------------------------------------------------------------------
 def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
     """``check`` and ``install``: a command, answered on an MQTT 5 response topic."""
@@ -340,6 +378,7 @@ COMMANDS: dict[str, Command] = {
     "devices": cmd_devices,
     "set-tag": cmd_set_tag,
     "clear-tag": cmd_clear_tag,
+    "set-agent-version": cmd_set_agent_version,
     "check": cmd_request,
     "install": cmd_request,
     "watch": cmd_watch,

@@ -20,6 +20,7 @@ from edge_agent.protocol.events import MAX_TEXT_CHARS, TRUNCATED, FailureCode
 from edge_agent.protocol.state import (
     CONTAINER_STATUSES,
     HEALTH_STATUSES,
+    AgentUpdateStatus,
     DeferReason,
     Source,
     UpdateStatus,
@@ -160,6 +161,13 @@ STATE_FIELDS: dict[str, Check] = {
         "source": _nullable(_one_of(DESIRED_SOURCES)),
         "group": _nullable(_pattern(ID_RE)),
         "request_id": _nullable(_request_id),
+    }),
+    "agent": _object({
+        "desired": _nullable(TAG),
+        "source": _nullable(_one_of(DESIRED_SOURCES)),
+        "request_id": _nullable(_request_id),
+        "status": _one_of(frozenset(AgentUpdateStatus)),
+        "last_error": _nullable(_text(LONG_TEXT)),
     }),
     "running": _object({
         "tag": _nullable(TAG),

@@ -40,6 +40,10 @@ class EventName(enum.StrEnum):
     TAG_SUPERSEDED = "tag_superseded"
     # an update to the desired tag is pending but held back (window, lock, spread)
     UPDATE_DEFERRED = "update_deferred"
+    # the agent's own update (docs/SELF-UPDATE.md): a handover to another agent image
+    AGENT_UPDATE_STARTED = "agent_update_started"
+    AGENT_UPDATE_SUCCEEDED = "agent_update_succeeded"
+    AGENT_UPDATE_FAILED = "agent_update_failed"
 
 
 class FailureCode(enum.StrEnum):

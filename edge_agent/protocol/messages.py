@@ -64,6 +64,18 @@ class RemoteTagMessage:
 
 
 @dataclass(frozen=True)
+class RemoteAgentMessage:
+    """A desired agent version from MQTT (payload as a desired tag's): device, group or
+    fleet scope, like ``RemoteTagMessage``."""
+
+    scope: Source
+    payload: bytes
+    topic: str = ""
+    group: str | None = None
+    retained: bool = True
+
+
+@dataclass(frozen=True)
 class RemoteReset:
     """The MQTT session (re)started: forget the remote desired tags. The broker replays
     the retained ones; a tag cleared while we were away must not linger."""
@@ -75,7 +87,8 @@ class RemoteReady:
     once the retained tags that follow have settled."""
 
 
-WireMessage = CheckRequest | RemoteTagMessage | RemoteReset | RemoteReady
+WireMessage = (CheckRequest | RemoteTagMessage | RemoteAgentMessage | RemoteReset
+               | RemoteReady)
 
 
 def parse_command(payload: bytes) -> CommandBody:
@@ -117,7 +130,7 @@ def parse_request_id(payload: bytes) -> str | None:
     return request_id if is_request_id(request_id) else None
 
 
-def route(  # noqa: PLR0913 - a message and its context; extras keyword-only
+def route(  # noqa: PLR0911, PLR0913 - a message and its context; one return per topic
     topics: Topics,
     device_id: str,
     groups: Sequence[str],
@@ -135,6 +148,13 @@ def route(  # noqa: PLR0913 - a message and its context; extras keyword-only
     for group in groups:
         if topic == topics.group_tag(group):
             return RemoteTagMessage(Source.GROUP, payload, topic, group, retained=retained)
+    if topic == topics.device_agent(device_id):
+        return RemoteAgentMessage(Source.DEVICE, payload, topic, retained=retained)
+    if topic == topics.fleet_agent:
+        return RemoteAgentMessage(Source.FLEET, payload, topic, retained=retained)
+    for group in groups:
+        if topic == topics.group_agent(group):
+            return RemoteAgentMessage(Source.GROUP, payload, topic, group, retained=retained)
     install = topic == topics.device_install(device_id)
     if install or topic in (topics.device_check(device_id), topics.fleet_check):
         if retained:

@@ -60,3 +60,12 @@ CONTAINER_STATUSES = frozenset({"created", "restarting", "running", "removing", 
                                 "exited", "dead", "missing", "unknown"})
 # ``running.health``: Docker's health states (null without a HEALTHCHECK)
 HEALTH_STATUSES = frozenset({"starting", "healthy", "unhealthy", "none"})
+
+
+class AgentUpdateStatus(enum.StrEnum):
+    """``agent.status``: where the agent's own update is (docs/SELF-UPDATE.md)."""
+
+    IDLE = "idle"  # runs the desired agent version, or none is set
+    UPDATING = "updating"  # a handover is under way
+    FAILED = "failed"  # the desired version failed; not retried until it changes
+    UNAVAILABLE = "unavailable"  # not in a container (or it cannot see its own): no handover

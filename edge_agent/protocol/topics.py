@@ -33,6 +33,17 @@ class Topics:
     def device_tag(self, device_id: str) -> str:
         return f"{self.prefix}/devices/{device_id}/tag"
 
+    # desired agent version (retained): the agent image tag this device's agent runs
+    @property
+    def fleet_agent(self) -> str:
+        return f"{self.prefix}/fleet/agent"
+
+    def group_agent(self, group: str) -> str:
+        return f"{self.prefix}/groups/{group}/agent"
+
+    def device_agent(self, device_id: str) -> str:
+        return f"{self.prefix}/devices/{device_id}/agent"
+
     # commands (not retained)
     @property
     def fleet_check(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import docker
 import pytest
 
+from edge_agent import __version__
 from edge_agent.bridge.server import Bridge
 from tests.bridge.support import (
     TOKEN,
@@ -185,6 +186,10 @@ def test_fleet_page_sets_a_tag_in_chromium(fleet: Fleet, tmp_path: Path) -> None
             page.wait_for_row(other.device_id)
         assert page.cell(agent.device_id, "running") == "3.0"
         assert page.cell(agent.device_id, "availability") == "online"
+        # the agent's own version on the device id (docs/SELF-UPDATE.md)
+        id_cell = driver.find_element(
+            "css selector", f'tr[data-device="{agent.device_id}"] td[data-field="id"]')
+        assert f"agent {__version__}" in (id_cell.get_attribute("title") or "")
         page.set_tag(agent.device_id, "1.0")
         page.wait_for_cell(agent.device_id, "running", "1.0", timeout=UPDATE_TIMEOUT_S)
         assert "1.0" in page.result_text()

@@ -243,3 +243,19 @@ def test_cli_serves_with_a_token_file(broker: Broker, tmp_path: Path) -> None:
         stderr = proc.stderr.read() if proc.stderr else ""
     assert TOKEN not in stderr
     assert json.dumps(TOKEN) not in stderr
+
+
+def test_desired_agent_version_routes_publish_and_clear_retained(
+    api: ApiClient, watcher: MqttWatcher, prefix: str
+) -> None:
+    """docs/SELF-UPDATE.md: PUT/DELETE …/agent for a device, a group and the fleet."""
+    for path, topic in (("devices/dev3", "devices/dev3"), ("groups/lab", "groups/lab"),
+                        ("fleet", "fleet")):
+        response = api.put(f"/api/v1/{path}/agent", json={"tag": "0.2"})
+        assert response.status_code == 202, response.text
+        message = watcher.wait_for(f"{prefix}/{topic}/agent", timeout=10)
+        assert message.json()["tag"] == "0.2"
+        assert message.json()["request_id"] == response.json()["request_id"]
+        assert api.delete(f"/api/v1/{path}/agent").status_code == 200
+        watcher.wait_for(f"{prefix}/{topic}/agent", lambda m: m.payload == b"", timeout=10)
+    assert api.put("/api/v1/fleet/agent", json={"tag": "bad tag"}).status_code == 400

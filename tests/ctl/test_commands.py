@@ -766,3 +766,33 @@ def test_set_tag_warns_when_the_registry_cannot_be_asked(broker: Broker) -> None
             cleaner.publish(topic, b"", retain=True)
         cleaner.close()
         device.close()
+
+
+def test_set_agent_version_reaches_a_plain_process_agent_that_reports_it_unavailable(
+        broker: Broker, fleet: Fleet) -> None:
+    """docs/SELF-UPDATE.md: edge-ctl sets the desired agent version (device topic, payload
+    of a desired tag); an agent run as a plain process says it cannot update itself."""
+    topics = Topics("edge")
+    watcher = MqttWatcher(broker.settings(OPERATOR), [topics.state(fleet.name),
+                                                      topics.events(fleet.name)]).start()
+    try:
+        result = ctl(broker, "set-agent-version", "0.9", "--device", fleet.name, "--json")
+        assert result.returncode == EXIT_OK, result.stderr
+        request_id = json.loads(result.stdout)["request_id"]
+        failed = watcher.wait_for(
+            topics.events(fleet.name),
+            lambda m: m.json().get("event") == "agent_update_failed", timeout=60)
+        assert failed.json()["request_id"] == request_id
+        assert "does not run in a Docker container" in failed.json()["reason"]
+        state = watcher.wait_for(
+            topics.state(fleet.name),
+            lambda m: m.json()["agent"]["status"] == "unavailable", timeout=60).json()
+        assert state["agent"]["desired"] == "0.9"
+        assert state["agent"]["source"] == "device"
+        assert ctl(broker, "set-agent-version", "--clear", "--device",
+                   fleet.name).returncode == EXIT_OK
+        watcher.wait_for(topics.state(fleet.name),
+                         lambda m: m.json()["agent"]["desired"] is None, timeout=60)
+        assert ctl(broker, "set-agent-version", "--device", fleet.name).returncode == 2
+    finally:
+        watcher.close()

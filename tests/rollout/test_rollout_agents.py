@@ -4,6 +4,7 @@ process, watched through the agents' own events."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -99,12 +100,14 @@ def check_clean_end(rig: Rig, tag: str) -> None:
         last = rig.watcher.last(rig.fleet.topics.device_tag(name))
         assert last is not None and last.payload == b"", name
         # and each device follows the group's tag now, not a leftover of the rollout
-        state = wait_until(lambda n=name: follows_group(rig.fleet.state(rig.watcher, n)),
+        state = wait_until(functools.partial(follows_group, rig, name),
                            timeout=20, message=f"{name} to follow the group's tag")
         assert state["running"]["tag"] == tag, name
 
 
-def follows_group(state: dict[str, Any] | None) -> dict[str, Any] | None:
+def follows_group(rig: Rig, name: str) -> dict[str, Any] | None:
+    """The device's state once its desired tag comes from the rollout's group."""
+    state = rig.fleet.state(rig.watcher, name)
     desired = (state or {}).get("desired") or {}
     return state if desired.get("source") == "group" and desired.get("group") == GROUP else None
 

@@ -140,7 +140,10 @@ function renderDevice(device) {
   row.dataset.device = id;
   if (device.availability === "offline") row.className = "is-offline";
 
-  const idCell = cell(row, "id", "", "mono", text(state.image, ""));
+  // the image, and the agent's own version (docs/SELF-UPDATE.md), on the device id
+  const agentVersion = text(state.agent_version, "");
+  const idCell = cell(row, "id", "", "mono",
+                      text(state.image, "") + (agentVersion ? " · agent " + agentVersion : ""));
   const open = el("button", text(device.id, "?"), "link mono");
   open.type = "button";
   open.setAttribute("aria-label", "Details of " + text(device.id, "?"));
