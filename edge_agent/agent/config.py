@@ -77,8 +77,9 @@ SETTINGS: tuple[Setting, ...] = (
             "path of the app's update lock: no update while this file exists"),
     Setting("UPDATE_LOCK_MAX_HOLD", str(DEFAULT_LOCK_MAX_HOLD_S),
             "seconds the lock may hold one update back before it is applied anyway; 0 = forever"),
-    Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
-    Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
+    Setting("MQTT_HOST", "(none)", "broker host, or a comma-separated list host[:port],... "
+            "tried in turn (docs/BROKERS.md); unset = standalone (tag file + polling)"),
+    Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port (of MQTT_HOST entries without one)"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
     Setting("MQTT_PASSWORD", "(none)", "broker password"),
     Setting("MQTT_PASSWORD_FILE", "(none)", "file holding the broker password"),
