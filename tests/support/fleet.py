@@ -27,6 +27,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.containers import remove_test_containers
 from tests.support.device import Device
+from tests.support.nats_cluster import NatsCluster
 
 BRIDGE_TOKEN = "rollout-test-token-" + "y" * 20
 
@@ -41,7 +42,8 @@ def settled_on(state: dict[str, Any] | None, tag: str) -> bool:
 class AgentFleet:
     """``count`` agents named ``<name_prefix>-NN`` on ``repo``, starting on ``tag``."""
 
-    def __init__(self, broker: Broker, prefix: str, repo: str, name_prefix: str,  # noqa: PLR0913
+    def __init__(self, broker: Broker | NatsCluster, prefix: str, repo: str,  # noqa: PLR0913
+                 name_prefix: str,
                  directory: Path, *, count: int = 12, groups: Sequence[str] = (),
                  **env: str) -> None:
         self.broker = broker
@@ -100,7 +102,8 @@ class AgentFleet:
 class BridgeProcess:
     """edge-bridge as its own process, its output in a log file."""
 
-    def __init__(self, broker: Broker, prefix: str, data_dir: Path | None, log_path: Path,
+    def __init__(self, broker: Broker | NatsCluster, prefix: str, data_dir: Path | None,
+                 log_path: Path,
                  user: str = "bridge") -> None:
         settings = broker.settings(user, prefix=prefix)
         self.env = {

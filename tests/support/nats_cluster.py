@@ -99,7 +99,8 @@ class NatsCluster:
         self.reload()
         for node in self.nodes:
             if node.running:
-                wait_until(lambda n=node: self._can_login(name, n.index), timeout=15,
+                index = node.index
+                wait_until(lambda: self._can_login(name, index), timeout=15,  # noqa: B023
                            message=f"node {node.name} to accept {name}")
         return password
 
