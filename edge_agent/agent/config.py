@@ -93,8 +93,9 @@ SETTINGS: tuple[Setting, ...] = (
             "repository the agent pulls its own new versions from (docs/SELF-UPDATE.md)"),
     Setting("AGENT_UPDATE_TIMEOUT", "120",
             "seconds a new agent gets to prove itself before the old one takes over again"),
-    Setting("MQTT_HOST", "(none)", "broker host; unset = standalone (tag file + polling)"),
-    Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port"),
+    Setting("MQTT_HOST", "(none)", "broker host, or a comma-separated list host[:port],... "
+            "tried in turn (docs/BROKERS.md); unset = standalone (tag file + polling)"),
+    Setting("MQTT_PORT", "1883 (8883 with TLS)", "broker port (of MQTT_HOST entries without one)"),
     Setting("MQTT_USERNAME", "(none)", "broker user name"),
     Setting("MQTT_PASSWORD", "(none)", "broker password"),
     Setting("MQTT_PASSWORD_FILE", "(none)", "file holding the broker password"),

@@ -84,8 +84,8 @@ class AgentLink:
 
     def start(self) -> None:
         """Connect in the background; a broker that is down is retried, never waited for."""
-        log.info("MQTT: connecting to %s:%d as %s (topics under %s/)", self.mqtt.host,
-                 self.mqtt.port, self.mqtt.username or "anonymous", self.topics.prefix)
+        log.info("MQTT: connecting to %s as %s (topics under %s/)", self.mqtt.where,
+                 self.mqtt.username or "anonymous", self.topics.prefix)
         self.broker.start(wait_s=None)
 
     def stop(self) -> None:

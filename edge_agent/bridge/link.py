@@ -43,8 +43,8 @@ class BridgeLink:
 
     def start(self) -> None:
         """Connect in the background; the bridge serves (and answers 503) meanwhile."""
-        log.info("MQTT: connecting to %s:%d as %s (topics under %s/)", self.settings.host,
-                 self.settings.port, self.settings.username or "anonymous",
+        log.info("MQTT: connecting to %s as %s (topics under %s/)", self.settings.where,
+                 self.settings.username or "anonymous",
                  self.settings.topic_prefix)
         self.broker.start(wait_s=None)
 

@@ -65,7 +65,7 @@ class BridgeSettings:
 
     def __repr__(self) -> str:  # keep the token out of tracebacks and logs
         return (f"BridgeSettings(host={self.host!r}, port={self.port}, "
-                f"max_wait_s={self.max_wait_s:g}, mqtt={self.mqtt.host}:{self.mqtt.port})")
+                f"max_wait_s={self.max_wait_s:g}, mqtt={self.mqtt.where})")
 
 
 def load_bridge_settings(environ: Mapping[str, str] | None = None) -> BridgeSettings:

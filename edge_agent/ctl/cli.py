@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one block per 
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="machine-readable output (JSON; one object per line for watch)")
     group.add_argument("-H", "--host", default=argparse.SUPPRESS,
-                       help="broker host (MQTT_HOST; default localhost)")
+                       help="broker host, or host[:port],... tried in turn (MQTT_HOST; "
+                            "default localhost)")
     group.add_argument("-p", "--port", default=argparse.SUPPRESS, help="broker port (MQTT_PORT)")
     group.add_argument("-u", "--username", default=argparse.SUPPRESS,
                        help="user with the operator ACL (MQTT_USERNAME)")

@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.protocol.errors import ConfigError, EdgeAgentError
-from edge_agent.protocol.settings import MqttSettings
+from edge_agent.protocol.settings import BrokerAddress, MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
       logged). ``on_message`` runs on paho's network thread: hand work off, never block.
     - Reconnects by itself with a backoff from 1 s to a cap of 10-20 s; every failure
       is logged once with its cause (TLS verification, refused, unreachable).
+    - Several brokers (``mqtt.addresses``, MQTT_HOST as a list): the first attempt goes to
+      the first, every later attempt (after a failure or a lost connection) to the next
+      one, round the list, with the same backoff.
     - ``wait_s``: wait that long for the first connection and raise MqttConnectError
       with the reason if there is none (at once for bad credentials or an untrusted
       certificate); ``None`` returns at once and keeps trying in the background.
@@ -111,6 +114,7 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     tracker = _Tracker(mqtt, tuple(subscriptions), on_connect, on_subscribed)
+    client.on_pre_connect = tracker.on_pre_connect
     client.on_connect = tracker.on_connect
     client.on_connect_fail = tracker.on_connect_fail
     client.on_disconnect = tracker.on_disconnect
@@ -122,7 +126,8 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
     if mqtt.protocol == "5":
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
-    client.connect_async(mqtt.host, mqtt.port, keepalive=keepalive_s, clean_start=True,
+    first = mqtt.addresses[0]
+    client.connect_async(first.host, first.port, keepalive=keepalive_s, clean_start=True,
                          properties=properties)
     client.loop_start()
     if wait_s is None:
@@ -131,7 +136,7 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
         client.disconnect()
         client.loop_stop()
         raise MqttConnectError(tracker.error or
-                               f"no answer from the broker at {mqtt.host}:{mqtt.port} "
+                               f"no answer from the broker at {mqtt.where} "
                                f"within {wait_s:g} s")
     return client
 
@@ -197,10 +202,12 @@ def tls_context(mqtt: MqttSettings) -> ssl.SSLContext:
 
 
 def describe_connect_error(  # noqa: PLR0911 - one line per kind of failure
-    exc: BaseException | None, mqtt: MqttSettings,
+    exc: BaseException | None, mqtt: MqttSettings, address: BrokerAddress | None = None,
 ) -> str:
-    """One line an operator can act on, for a failed TCP/TLS connection attempt."""
-    where = f"{mqtt.host}:{mqtt.port}"
+    """One line an operator can act on, for a failed TCP/TLS connection attempt to
+    ``address`` (default: the first broker)."""
+    address = address or mqtt.addresses[0]
+    where = str(address)
     if isinstance(exc, ssl.SSLCertVerificationError):
         ca = mqtt.ca_file or "the system CA store"
         return (f"TLS: the certificate of the broker at {where} was not accepted "
@@ -214,7 +221,7 @@ def describe_connect_error(  # noqa: PLR0911 - one line per kind of failure
     if isinstance(exc, ConnectionRefusedError):
         return f"connection to {where} refused (broker down or wrong MQTT_PORT?)"
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve MQTT_HOST {mqtt.host!r}: {exc.strerror}"
+        return f"cannot resolve MQTT_HOST {address.host!r}: {exc.strerror}"
     if isinstance(exc, TimeoutError | socket.timeout):
         return f"connection to {where} timed out"
     if mqtt.tls and isinstance(exc, ConnectionResetError | EOFError):
@@ -250,7 +257,12 @@ class _Tracker:
         self.gave_up = threading.Event()
         self.error: str | None = None
         self.closing = False
-        self._logged: str | None = None
+        # failures logged since the last connection: with several brokers the messages
+        # alternate, and each is still said once
+        self._logged: set[str] = set()
+        self._attempts = 0
+        self.address = mqtt.addresses[0]
+        self._permanent: set[BrokerAddress] = set()
         self._ever_connected = False
         self._subscribe_mid: int | None = None
         self._refused_publishes = 0
@@ -273,13 +285,25 @@ class _Tracker:
 
     def _failed(self, message: str, *, permanent: bool = False) -> None:
         self.error = message
-        if message != self._logged:
+        if message not in self._logged:
             log.warning("MQTT: %s; retrying", message)
-            self._logged = message
+            self._logged.add(message)
         else:
             log.debug("MQTT: %s (again)", message)
         if permanent:
-            self.gave_up.set()
+            self._permanent.add(self.address)
+            if self._permanent.issuperset(self.mqtt.addresses):
+                self.gave_up.set()
+
+    def on_pre_connect(self, client: Client, userdata: Any) -> None:
+        """Before every attempt: the first goes to the first broker, each later one
+        (after a failure or a loss) to the next in the list."""
+        addresses = self.mqtt.addresses
+        self.address = addresses[self._attempts % len(addresses)]
+        self._attempts += 1
+        # paho's host/port setters refuse while it is connecting; this is the moment
+        # between two attempts, when it reads them next for the new socket.
+        client._host, client._port = self.address.host, self.address.port
 
     def on_connect(
         self, client: Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode,
@@ -287,16 +311,17 @@ class _Tracker:
     ) -> None:
         if reason.is_failure:
             name = str(reason)
-            self._failed(f"the broker at {self.mqtt.host}:{self.mqtt.port} refused the "
+            self._failed(f"the broker at {self.address} refused the "
                          f"connection: {name}{_refusal_hint(name)}",
                          permanent=name in PERMANENT_REFUSALS)
             return
         again = self._ever_connected
         self._ever_connected = True
-        self._logged = None
+        self._logged.clear()
+        self._permanent.clear()
         self.error = None
-        log.info("MQTT: %s %s:%d (MQTT %s%s)", "reconnected to" if again else "connected to",
-                 self.mqtt.host, self.mqtt.port, self.mqtt.protocol,
+        log.info("MQTT: %s %s (MQTT %s%s)", "reconnected to" if again else "connected to",
+                 self.address, self.mqtt.protocol,
                  ", TLS" if self.mqtt.tls else "")
         if self.subscriptions:
             result, mid = client.subscribe([(topic, 1) for topic in self.subscriptions])
@@ -309,7 +334,7 @@ class _Tracker:
         # paho calls this from inside its ``except OSError`` block, so the exception
         # it caught (and does not pass on) is the one being handled right now.
         exc = sys.exc_info()[1]
-        self._failed(describe_connect_error(exc, self.mqtt),
+        self._failed(describe_connect_error(exc, self.mqtt, self.address),
                      permanent=isinstance(exc, ssl.SSLCertVerificationError))
 
     def on_disconnect(
@@ -325,8 +350,7 @@ class _Tracker:
             log.error("MQTT: another client connected with our client id (duplicate "
                       "DEVICE_ID?); reconnecting")
         else:
-            log.warning("MQTT: lost the broker at %s:%d (%s); reconnecting",
-                        self.mqtt.host, self.mqtt.port, name)
+            log.warning("MQTT: lost the broker at %s (%s); reconnecting", self.address, name)
 
     def on_subscribe(
         self, client: Client, userdata: Any, mid: int, reasons: list[ReasonCode],

@@ -19,6 +19,7 @@ import requests
 
 from tests.support import REPO_ROOT, wait_until
 from tests.support.broker import Broker
+from tests.support.nats_cluster import NatsCluster
 
 BRIDGE_USER = "bridge"
 LISTENING = "edge-bridge listening on "
@@ -28,7 +29,7 @@ class BridgeProcess:
     """An ``edge-bridge`` logged in to ``broker`` as BRIDGE_USER (an operator the caller
     made), under ``prefix``; ``data_dir`` set gives it BRIDGE_DATA_DIR (its rollouts)."""
 
-    def __init__(self, broker: Broker, prefix: str, token: str, log_path: Path, *,  # noqa: PLR0913
+    def __init__(self, broker: Broker | NatsCluster, prefix: str, token: str, log_path: Path, *,  # noqa: PLR0913
                  data_dir: Path | None = None, log_level: str = "INFO",
                  **extra: str) -> None:
         settings = broker.settings(BRIDGE_USER, prefix=prefix)

@@ -145,9 +145,10 @@ class Broker:
 
     # -- users --------------------------------------------------------------------
     def add_device(self, name: str, groups: Sequence[str] = (), *,
-                   operator: bool = False) -> str:
-        """Add a user with ``mosquitto/add-device``, reload the broker, return the password."""
-        password = uuid.uuid4().hex
+                   operator: bool = False, password: str | None = None) -> str:
+        """Add a user with ``mosquitto/add-device``, reload the broker, return the password
+        (``password``, e.g. the one the user has on another broker, else a new one)."""
+        password = password or uuid.uuid4().hex
         args: list[str | Path] = [ADD_DEVICE, "--config-dir", self.config_dir]
         if operator:
             args.append("--operator")

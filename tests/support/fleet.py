@@ -24,6 +24,7 @@ from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.containers import remove_test_containers
 from tests.support.device import Device
+from tests.support.nats_cluster import NatsCluster
 
 BRIDGE_TOKEN = "rollout-test-token-" + "y" * 20  # the bridge the rollout tests start
 
@@ -38,7 +39,8 @@ def settled_on(state: dict[str, Any] | None, tag: str) -> bool:
 class AgentFleet:
     """``count`` agents named ``<name_prefix>-NN`` on ``repo``, starting on ``tag``."""
 
-    def __init__(self, broker: Broker, prefix: str, repo: str, name_prefix: str,  # noqa: PLR0913
+    def __init__(self, broker: Broker | NatsCluster, prefix: str, repo: str,  # noqa: PLR0913
+                 name_prefix: str,
                  directory: Path, *, count: int = 12, groups: Sequence[str] = (),
                  **env: str) -> None:
         self.broker = broker
@@ -87,7 +89,7 @@ FLEET_AGENT_ENV = {"POLL_INTERVAL": "30", "HEALTH_TIMEOUT": "2", "FALLBACK_TAG":
                    "LOG_LEVEL": "INFO", "TELEMETRY_INTERVAL": "60"}
 
 
-def start_agents(broker: Broker, prefix: str, names: Sequence[str], image: str,  # noqa: PLR0913
+def start_agents(broker: Broker | NatsCluster, prefix: str, names: Sequence[str], image: str,  # noqa: PLR0913
                  work: Path, *, pause_s: float = 0.1, **extra: str) -> list[AgentProcess]:
     """One agent process per name (each a broker user made with add-device, then its own
     container and DATA_DIR under ``work``), started ``pause_s`` apart, at ``image``."""

@@ -1,0 +1,143 @@
+"""The whole contract on a three-node NATS cluster (issue 13, acceptance 2), MQTT 3.1.1:
+real agents on node A, the real bridge on node B, edge-ctl and an observer on node C.
+Every client lists all three nodes (MQTT_HOST), its own node first. Users and rights
+come from the shipped nats/ files (nats/add-device)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from edge_agent.agent.discovery import discovery_topic
+from tests.support import REPO_ROOT, wait_until
+from tests.support.bridge_process import BridgeProcess
+from tests.support.broker import MqttWatcher
+from tests.support.device import publish
+from tests.support.fleet import BRIDGE_TOKEN, AgentFleet, settled_on
+from tests.support.images import remove_repo_images
+from tests.support.nats_cluster import NatsCluster, nats_server
+
+pytestmark = pytest.mark.skipif(nats_server() is None,
+                                reason="nats-server is not installed (scripts/stack)")
+
+GROUP = "line-1"
+A, B, C = 0, 1, 2
+EDGE_CTL = (sys.executable, "-m", "edge_agent.ctl")
+
+
+class Rig:
+    def __init__(self, cluster: NatsCluster, fleet: AgentFleet, watcher: MqttWatcher,
+                 bridge: BridgeProcess, prefix: str) -> None:
+        self.cluster, self.fleet, self.watcher, self.bridge = cluster, fleet, watcher, bridge
+        self.prefix = prefix
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """edge-ctl on node C (then A, B)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+        env.update(self.cluster.agent_env("operator", self.prefix, nodes=[C, A, B]),
+                   PYTHONPATH=str(REPO_ROOT))
+        return subprocess.run([*EDGE_CTL, *args], env=env, capture_output=True, text=True,
+                              timeout=180, check=False)
+
+    def all_settled(self, tag: str, names: list[str] | None = None) -> bool:
+        return all(settled_on(self.fleet.state(self.watcher, n), tag)
+                   for n in names or self.fleet.names)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, registry: str) -> Iterator[Rig]:
+    run = uuid.uuid4().hex[:8]
+    repo = f"{registry}/nc{run}/app"
+    prefix = f"nc{run}"
+    tmp = tmp_path_factory.mktemp("nats")
+    for tag in ("1.0", "2.0", "3.0", "4.0"):
+        publish(repo, tag, tag)
+    with NatsCluster() as cluster:
+        cluster.add_operator("bridge")
+        cluster.add_operator("operator")
+        watcher = MqttWatcher(cluster.settings("operator", prefix=prefix, nodes=[C]),
+                              [f"{prefix}/#"]).start()
+        # agents on A first (then B, C): all three nodes in their MQTT_HOST
+        fleet = AgentFleet(cluster, prefix, repo, f"edge-test-nc{run}", tmp, count=3,
+                           groups=[GROUP], HA_DISCOVERY="true", MQTT_PROTOCOL="3.1.1")
+        bridge = BridgeProcess(cluster, prefix, BRIDGE_TOKEN, tmp / "bridge.log",
+                               data_dir=tmp / "bridge-data",
+                               MQTT_HOST=cluster.host_list([B, C, A]), MQTT_PROTOCOL="3.1.1")
+        try:
+            fleet.start("1.0", watcher, timeout=180)
+            bridge.start().wait_devices(len(fleet.names))
+            yield Rig(cluster, fleet, watcher, bridge, prefix)
+        finally:
+            bridge.stop()
+            watcher.close()
+            fleet.close()
+            remove_repo_images(repo)
+
+
+def test_desired_tags_and_waits_across_nodes(rig: Rig) -> None:
+    names = rig.fleet.names
+    result = rig.ctl("set-tag", "--fleet", "2.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(lambda: rig.all_settled("2.0"), timeout=120, interval=0.5,
+               message=f"the fleet tag 2.0 applied\n{rig.fleet.logs()}")
+    response = rig.bridge.session.put(f"{rig.bridge.url}/api/v1/groups/{GROUP}/tag",
+                                      json={"tag": "3.0"}, timeout=30)
+    assert response.status_code == 202, response.text
+    wait_until(lambda: rig.all_settled("3.0"), timeout=120, interval=0.5,
+               message="the group tag 3.0 applied")
+    response = rig.bridge.session.put(f"{rig.bridge.url}/api/v1/devices/{names[0]}/tag?wait=120",
+                                      json={"tag": "2.0"}, timeout=150)
+    assert response.status_code == 200, response.text
+    result = rig.ctl("set-tag", "--device", names[1], "2.0", "--wait", "--timeout", "120")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert rig.all_settled("2.0", names[:2]) and rig.all_settled("3.0", names[2:])
+
+
+def test_home_assistant_discovery_is_seen_on_another_node(rig: Rig) -> None:
+    late = MqttWatcher(rig.cluster.settings("operator", nodes=[C]), ["homeassistant/#"]).start()
+    try:
+        for name in rig.fleet.names:
+            message = late.wait_for(discovery_topic(name), timeout=20)
+            assert message.retain and message.json()["state_topic"].startswith(rig.prefix)
+    finally:
+        late.close()
+
+
+def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
+    body = {"tag": "4.0", "target": {"group": GROUP}, "waves": [1, "100%"],
+            "max_updating": 1, "wave_timeout_s": 400}
+    # NATS 2.9 accepts the reconnect of a client whose node died (same client id) only
+    # once the cluster has given up that node: up to about two minutes here.
+    response = rig.bridge.post("/api/v1/rollouts", body)
+    assert response.status_code == 201, response.text
+    rollout_id = response.json()["id"]
+
+    def started() -> list[dict[str, Any]]:
+        return [e for e in events(rig, rollout_id) if e["event"] == "update_started"]
+    wait_until(started, timeout=60, message="the rollout's first update")
+    rig.cluster.kill(A)  # the agents' node dies mid-rollout
+    done = rig.bridge.wait_rollout(rollout_id, ["succeeded", "halted"], timeout=600)
+    assert done["state"] == "succeeded", done
+    wait_until(lambda: rig.all_settled("4.0"), timeout=30, interval=0.5,
+               message="every device's state on 4.0")
+    per_device = Counter(e["device_id"] for e in started())
+    assert per_device == dict.fromkeys(rig.fleet.names, 1), per_device
+    for agent in rig.fleet.agents:
+        assert "MQTT: lost the broker at" in agent.log()
+
+
+def events(rig: Rig, rollout_id: str) -> list[dict[str, Any]]:
+    found = []
+    for message in list(rig.watcher.messages):
+        if message.topic.endswith("/events") and message.payload:
+            event = message.json()
+            if str(event.get("request_id", "")).startswith(f"{rollout_id}:"):
+                found.append(event)
+    return found
