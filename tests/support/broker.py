@@ -275,8 +275,9 @@ class Broker:
 def device_acl_section(name: str, groups: Sequence[str]) -> str:
     """A device's section of the ACL, as ``mosquitto/add-device`` writes it."""
     lines = [f"# >>> user {name}", f"user {name}", "topic read +/fleet/tag",
-             "topic read +/fleet/cmd/check",
-             *(f"topic read +/groups/{group}/tag" for group in groups)]
+             "topic read +/fleet/cmd/check", "topic read +/fleet/agent",
+             *(f"topic read +/groups/{group}/{what}" for group in groups
+               for what in ("tag", "agent"))]
     if "." in name:
         lines.append(f"topic write homeassistant/update/{name.replace('.', '_')}/#")
     lines.append(f"# <<< user {name}")
