@@ -161,11 +161,14 @@ class AgentLink:
         if request.reply_to is not None:
             topic = self.topics.reply(self.device_id, request.reply_to)
             return dataclasses.replace(request, reply=functools.partial(self._reply, topic, None))
-        if request.reply_to_refused is not None:
-            self._refused_once(request.reply_to_refused,
-                               "MQTT: ignored the reply_to of a command on %s: %s "
-                               "(the command runs, unanswered)",
-                               command_topic, request.reply_to_refused)
+        refused = request.reply_to_refused
+        if refused is not None:
+            if self._first_refusal(refused):
+                log.warning("MQTT: ignored the reply_to of a command on %s: %s (the command "
+                            "runs, unanswered)", command_topic, refused)
+            else:
+                log.debug("MQTT: ignored the reply_to of a command on %s again: %s",
+                          command_topic, refused)
         return request
 
     def _reply_for(self, message: Incoming) -> Reply | None:
@@ -175,24 +178,24 @@ class AgentLink:
         if not self.topics.is_reply_topic(self.device_id, topic):
             # Its own state, availability or discovery topic would be overwritten by the
             # answer (the ACL lets the device write there): answer below reply/ only.
-            self._refused_reply_topic(topic, message.topic)
+            if self._first_refusal(topic):
+                log.warning("MQTT: ignored the response topic %r of a command on %s: answers "
+                            "go only below %s (the command runs, unanswered)", topic,
+                            message.topic, self.topics.reply_root(self.device_id))
+            else:
+                log.debug("MQTT: ignored the response topic %r on %s again", topic,
+                          message.topic)
             return None
         return functools.partial(self._reply, topic, message.correlation)
 
-    def _refused_reply_topic(self, topic: str, command_topic: str) -> None:
-        self._refused_once(topic, "MQTT: ignored the response topic %r of a command on %s: "
-                           "answers go only below %s (the command runs, unanswered)",
-                           topic, command_topic, self.topics.reply_root(self.device_id))
-
-    def _refused_once(self, key: str, warning: str, *args: object) -> None:
-        """Warn once per distinct refused value: a requester repeats its mistake at every
-        command."""
-        if key in self._refused_reply_topics or (
+    def _first_refusal(self, refused: str) -> bool:
+        """True the first time a refused value (response topic, reply_to) is seen: a
+        requester repeats its mistake at every command, and is warned once."""
+        if refused in self._refused_reply_topics or (
                 len(self._refused_reply_topics) >= MAX_REFUSED_REPLY_TOPICS):
-            log.debug(warning, *args)
-            return
-        self._refused_reply_topics.add(key)
-        log.warning(warning, *args)
+            return False
+        self._refused_reply_topics.add(refused)
+        return True
 
 
 def _json(body: dict[str, Any]) -> bytes:
