@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -251,6 +252,11 @@ class SimDevice:
         if isinstance(routed, RemoteTagMessage):
             self._on_tag(routed)
         elif isinstance(routed, CheckRequest):
+            asked_v5 = getattr(getattr(message, "properties", None), "ResponseTopic", None)
+            if asked_v5 is None and routed.reply_to is not None:  # MQTT 3.1.1's request
+                topic = self.sim.topics.reply(self.device_id, routed.reply_to)
+                routed = dataclasses.replace(
+                    routed, reply=functools.partial(self._reply, topic, None))
             if routed.reply is not None:
                 self.replies.append((routed, routed.reply))
             delay = random.random() * routed.spread if routed.fleet else 0.0

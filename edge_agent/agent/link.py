@@ -9,6 +9,7 @@ reconnects on its own and nothing here ever blocks or fails an update.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -24,15 +25,22 @@ from edge_agent.agent.discovery import discovery_config
 from edge_agent.agent.heartbeat import StateGate
 from edge_agent.agent.loop import Message
 from edge_agent.protocol.events import EventName
-from edge_agent.protocol.messages import RemoteReady, RemoteReset, Reply, route
+from edge_agent.protocol.messages import (
+    CheckRequest,
+    RemoteReady,
+    RemoteReset,
+    Reply,
+    route,
+)
 from edge_agent.protocol.mqtt import BrokerClient, Incoming, tls_context
 from edge_agent.protocol.state import Availability
 from edge_agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# Distinct refused response topics remembered to warn about each once; past this many,
-# further ones are logged at DEBUG only (a requester cannot grow the agent's memory).
+# Distinct refused response topics (and reply_to values) remembered to warn about each
+# once; past this many, further ones are logged at DEBUG only (a requester cannot grow
+# the agent's memory).
 MAX_REFUSED_REPLY_TOPICS = 100
 
 
@@ -117,8 +125,9 @@ class AgentLink:
         self.broker.publish(self._events_topic, _json(event), retain=False)
 
     def _reply(self, topic: str, correlation: bytes | None, answer: dict[str, Any]) -> None:
-        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties = None
         if correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation
         self.broker.publish(topic, _json(answer), retain=False, properties=properties)
 
@@ -141,7 +150,26 @@ class AgentLink:
         if routed is None:
             log.debug("MQTT: ignored a message on %r", message.topic)
             return
+        if isinstance(routed, CheckRequest) and message.response_topic is None:
+            routed = self._reply_to(routed, message.topic)
         self._inbox.put(routed)
+
+    def _reply_to(self, request: CheckRequest, command_topic: str) -> CheckRequest:
+        """The MQTT 3.1.1 request: answered on ``reply/<reply_to>`` of this device (the
+        token's grammar keeps it one level below there). A Response Topic, when the
+        command has one, wins: it is the MQTT 5 way."""
+        if request.reply_to is not None:
+            topic = self.topics.reply(self.device_id, request.reply_to)
+            return dataclasses.replace(request, reply=functools.partial(self._reply, topic, None))
+        refused = request.reply_to_refused
+        if refused is not None:
+            if self._first_refusal(refused):
+                log.warning("MQTT: ignored the reply_to of a command on %s: %s (the command "
+                            "runs, unanswered)", command_topic, refused)
+            else:
+                log.debug("MQTT: ignored the reply_to of a command on %s again: %s",
+                          command_topic, refused)
+        return request
 
     def _reply_for(self, message: Incoming) -> Reply | None:
         topic = message.response_topic
@@ -150,22 +178,24 @@ class AgentLink:
         if not self.topics.is_reply_topic(self.device_id, topic):
             # Its own state, availability or discovery topic would be overwritten by the
             # answer (the ACL lets the device write there): answer below reply/ only.
-            self._refused_reply_topic(topic, message.topic)
+            if self._first_refusal(topic):
+                log.warning("MQTT: ignored the response topic %r of a command on %s: answers "
+                            "go only below %s (the command runs, unanswered)", topic,
+                            message.topic, self.topics.reply_root(self.device_id))
+            else:
+                log.debug("MQTT: ignored the response topic %r on %s again", topic,
+                          message.topic)
             return None
         return functools.partial(self._reply, topic, message.correlation)
 
-    def _refused_reply_topic(self, topic: str, command_topic: str) -> None:
-        """Warn once per distinct topic: a requester repeats its mistake at every command."""
-        if topic in self._refused_reply_topics:
-            log.debug("MQTT: ignored the response topic %r again", topic)
-            return
-        if len(self._refused_reply_topics) >= MAX_REFUSED_REPLY_TOPICS:
-            log.debug("MQTT: ignored the response topic %r on %s", topic, command_topic)
-            return
-        self._refused_reply_topics.add(topic)
-        log.warning("MQTT: ignored the response topic %r of a command on %s: answers go "
-                    "only below %s (the command runs, unanswered)", topic, command_topic,
-                    self.topics.reply_root(self.device_id))
+    def _first_refusal(self, refused: str) -> bool:
+        """True the first time a refused value (response topic, reply_to) is seen: a
+        requester repeats its mistake at every command, and is warned once."""
+        if refused in self._refused_reply_topics or (
+                len(self._refused_reply_topics) >= MAX_REFUSED_REPLY_TOPICS):
+            return False
+        self._refused_reply_topics.add(refused)
+        return True
 
 
 def _json(body: dict[str, Any]) -> bytes:

@@ -250,7 +250,8 @@ def cmd_set_agent_version(args: argparse.Namespace, settings: MqttSettings,
 
 # -- check and install --------------------------------------------------------------------
 def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Printer) -> int:
-    """``check`` and ``install``: a command, answered on an MQTT 5 response topic."""
+    """``check`` and ``install``: a command, answered on the device's reply topic (named
+    by an MQTT 5 Response Topic, or under MQTT 3.1.1 by the payload's ``reply_to``)."""
     install = args.command == "install"
     topics = Topics(settings.topic_prefix)
     request_id = new_request_id()
@@ -261,23 +262,29 @@ def cmd_request(args: argparse.Namespace, settings: MqttSettings, printer: Print
         topic = topics.fleet_check
     if args.wait and not args.device:
         raise CtlError("--wait needs --device", EXIT_USAGE)
-    if args.wait and settings.protocol != "5":
-        raise CtlError("--wait needs MQTT 5 (response topics); unset MQTT_PROTOCOL", EXIT_USAGE)
-    response_topic = topics.reply(args.device, request_id) if args.wait else None
-    session = Session(settings, [response_topic] if response_topic else [])
+    reply_topic = topics.reply(args.device, request_id) if args.wait else None
+    v5 = settings.protocol == "5"
+    # subscribed before the command goes out: the answer cannot come before we listen
+    session = Session(settings, [reply_topic] if reply_topic else [])
     try:
         body = command_payload(request_id, utc_now(), force=getattr(args, "force", False),
-                               spread=getattr(args, "spread", None))
-        session.publish(topic, body, retain=False,
-                        response_topic=response_topic, correlation=request_id.encode())
-        if response_topic is None:
+                               spread=getattr(args, "spread", None),
+                               reply_to=request_id if reply_topic and not v5 else None)
+        if v5:
+            session.publish(topic, body, retain=False,
+                            response_topic=reply_topic, correlation=request_id.encode())
+        else:
+            session.publish(topic, body, retain=False)
+        if reply_topic is None:
             printer.result({"topic": topic, "request_id": request_id},
                            f"{args.command} sent to {topic}")
             return EXIT_OK
         printer.note(f"{args.command} sent to {args.device}; waiting for its answer")
         for message in session.messages(args.timeout):
             answer = document_or_none(message)
-            if message.correlation == request_id.encode() and answer is not None:
+            if answer is not None and message.topic == reply_topic and (
+                    message.correlation == request_id.encode()
+                    or (not v5 and answer.get("request_id") == request_id)):
                 break
         else:
             raise CtlError(f"no answer from {args.device} within {args.timeout:g} s "

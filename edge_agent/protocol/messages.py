@@ -14,17 +14,23 @@ from typing import Any
 
 from edge_agent.protocol.safejson import UntrustedJson, loads_object
 from edge_agent.protocol.state import Source
-from edge_agent.protocol.tags import SPREAD_RULE, is_request_id, is_spread
+from edge_agent.protocol.tags import (
+    REQUEST_ID_RULE,
+    SPREAD_RULE,
+    is_request_id,
+    is_spread,
+)
 from edge_agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 4096
+# A refused ``reply_to`` is quoted in its log line up to this many characters.
+SHOWN_REPLY_TO_CHARS = 40
+REPLY_TO_RULE = f'"reply_to" must be a token {REQUEST_ID_RULE}'
 
-# Answers a command (its MQTT 5 reply), with the answer document.
+# Answers a command (its MQTT 5 reply, or its reply_to topic), with the answer document.
 Reply = Callable[[dict[str, Any]], None]
-
-
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,11 @@ class CheckRequest:
     force: bool = False
     spread: float = 0.0
     fleet: bool = False
+    # The MQTT 3.1.1 way to ask for an answer (no Response Topic there): the last level
+    # of ``P/devices/<id>/reply/<reply_to>``; the link binds it to ``reply``.
+    reply_to: str | None = None
+    # Why a ``reply_to`` was refused (the command still runs, unanswered).
+    reply_to_refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class CommandBody:
     request_id: str | None = None
     force: bool = False
     spread: float = 0.0
+    reply_to: str | None = None
+    reply_to_refused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,25 @@ def parse_command(payload: bytes) -> CommandBody:
     spread = body.get("spread", 0)
     if not is_spread(spread):
         raise CommandRefused(SPREAD_RULE)
-    return CommandBody(request_id, force, float(spread))
+    reply_to, refused = parse_reply_to(body)
+    return CommandBody(request_id, force, float(spread), reply_to, refused)
+
+
+def parse_reply_to(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(token, None) for a ``reply_to`` in the request-id grammar, (None, why) for any
+    other value, (None, None) when absent. The grammar keeps the answer one topic level
+    below the device's own ``reply/``: no separator, wildcard, control character or
+    "..", so no value can aim it at another topic."""
+    value = body.get("reply_to")
+    if value is None:
+        return None, None
+    if is_request_id(value):
+        return value, None
+    if isinstance(value, str):
+        shown = value if len(value) <= SHOWN_REPLY_TO_CHARS else (
+            value[:SHOWN_REPLY_TO_CHARS] + "...")
+        return None, f"{REPLY_TO_RULE}, got {shown!r}"
+    return None, f"{REPLY_TO_RULE}, got a {type(value).__name__}"
 
 
 class CommandRefused(ValueError):
@@ -181,4 +212,5 @@ def _command(topic: str, payload: bytes, *, install: bool, fleet: bool,
                     "not the fleet's", topic)
         return None
     return CheckRequest(body.request_id, install=install, reply=reply, force=body.force,
-                        spread=body.spread if fleet else 0.0, fleet=fleet)
+                        spread=body.spread if fleet else 0.0, fleet=fleet,
+                        reply_to=body.reply_to, reply_to_refused=body.reply_to_refused)

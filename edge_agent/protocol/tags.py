@@ -67,13 +67,16 @@ def desired_tag_payload(tag: str, request_id: str, issued_at: str,
 
 
 def command_payload(request_id: str, issued_at: str, *, force: bool = False,
-                    spread: float | None = None) -> bytes:
-    """The JSON body of a command (``cmd/check``, ``cmd/install``) with its request id."""
+                    spread: float | None = None, reply_to: str | None = None) -> bytes:
+    """The JSON body of a command (``cmd/check``, ``cmd/install``) with its request id;
+    ``reply_to`` asks for the answer on ``reply/<reply_to>`` (MQTT 3.1.1)."""
     body: dict[str, object] = {"request_id": request_id, "issued_at": issued_at}
     if force:
         body["force"] = True
     if spread:
         body["spread"] = spread
+    if reply_to is not None:
+        body["reply_to"] = reply_to
     return json.dumps(body, separators=(",", ":")).encode()
 
 

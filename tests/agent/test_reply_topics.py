@@ -1,7 +1,9 @@
 """Where the agent answers MQTT 5 requests: only below its own
 ``P/devices/<id>/reply/``. A Response Topic naming anything else (its own state,
 availability or discovery topic, which the ACL lets it write; another device's topics;
-wildcards) is ignored with one warning per topic, and the command still runs.
+wildcards) is ignored with one warning per topic, and the command still runs. Under
+MQTT 3.1.1 the payload's ``reply_to`` token names ``reply/<token>``; a token outside the
+request-id grammar is ignored the same way.
 
 The rule is fuzzed here (pure); the agent is then tested as a process on a real
 Mosquitto (the shipped config and ACL), the real Docker daemon and the test registry.
@@ -29,11 +31,19 @@ from paho.mqtt.properties import Properties
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.discovery import discovery_topic
 from edge_agent.agent.link import AgentLink
+from edge_agent.protocol.messages import (
+    MAX_COMMAND_BYTES,
+    CheckRequest,
+    CommandRefused,
+    parse_command,
+)
 from edge_agent.protocol.mqtt import Incoming, incoming
+from edge_agent.protocol.tags import is_request_id
 from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device, publish
+from tests.support.hostile import hostile_payloads
 
 T = Topics("edge")
 ROOT = "edge/devices/dev1/reply/"
@@ -124,6 +134,99 @@ def test_the_agent_warns_once_per_topic_and_still_runs_the_command(
     assert len(link._refused_reply_topics) <= 100
 
 
+# -- reply_to: the MQTT 3.1.1 request (pure) ----------------------------------------------
+@pytest.mark.parametrize(("payload", "token"), [
+    (b'{"request_id": "r1", "reply_to": "r1"}', "r1"),
+    (b'{"reply_to": "ops-cli:42.a_b"}', "ops-cli:42.a_b"),
+    (b'{"reply_to": "' + b"x" * 128 + b'"}', "x" * 128),
+    (b'{"reply_to": null}', None),
+    (b'{"request_id": "r1"}', None),
+    (b"install", None),
+])
+def test_a_reply_to_token_is_taken(payload: bytes, token: str | None) -> None:
+    body = parse_command(payload)
+    assert (body.reply_to, body.reply_to_refused) == (token, None)
+
+
+@pytest.mark.parametrize("value", [
+    "", "../state", "..", ".", "a/b", "+", "#", "a+", "x#", "-r1", ".hidden", "r 1",
+    "x" * 129, "caf\u00e9", "a\u001b[2J", "a\u0000", "a\u0085", "\ud800", 5, True, [],
+    ["r1"], {"topic": "r1"},
+])
+def test_a_bad_reply_to_is_refused_and_the_command_still_runs(value: object) -> None:
+    body = parse_command(json.dumps({"request_id": "r1", "reply_to": value}).encode())
+    assert body.request_id == "r1" and body.reply_to is None
+    assert body.reply_to_refused is not None and '"reply_to" must be' in body.reply_to_refused
+    # quoted safely for a log line: bounded, no control character
+    assert len(body.reply_to_refused) < 200
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in body.reply_to_refused)
+
+
+@settings(max_examples=500, deadline=None)
+@given(hostile_payloads(MAX_COMMAND_BYTES, key="reply_to"))
+def test_any_reply_to_answers_one_level_below_the_devices_own_root(payload: bytes) -> None:
+    try:
+        body = parse_command(payload)
+    except CommandRefused:
+        return
+    if body.reply_to is None:
+        assert body.reply_to_refused is None or len(body.reply_to_refused) < 200
+        return
+    assert body.reply_to_refused is None and is_request_id(body.reply_to)
+    topic = T.reply("dev1", body.reply_to)
+    assert T.is_reply_topic("dev1", topic) and "/" not in topic[len(ROOT):]
+    assert not T.is_reply_topic("dev2", topic)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=140), st.sampled_from(["..", "../state", "a/b", "+", "#"])))
+def test_a_taken_token_is_never_more_than_one_plain_level(token: str) -> None:
+    body = parse_command(json.dumps({"reply_to": token}).encode())
+    if body.reply_to is not None:
+        assert body.reply_to == token and T.is_reply_topic("dev1", T.reply("dev1", token))
+        assert not set(token) & {"/", "+", "#"} and token not in (".", "..")
+    else:
+        assert body.reply_to_refused is not None
+
+
+def _plain_command(payload: bytes, topic: bytes = b"edge/devices/dev1/cmd/check") -> Incoming:
+    message = MQTTMessage(topic=topic)
+    message.payload = payload
+    return incoming_of(message)
+
+
+def test_the_agent_binds_reply_to_to_its_own_reply_topic_and_warns_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    env = {"CONTAINER_IMAGE": "127.0.0.1:1/none/app:1.0", "DATA_DIR": str(tmp_path),
+           "DEVICE_ID": "dev1", "MQTT_HOST": "127.0.0.1", "MQTT_PROTOCOL": "3.1.1"}
+    inbox: queue.Queue[Any] = queue.Queue()
+    link = AgentLink(load_settings(env), inbox)
+    caplog.set_level(logging.DEBUG, logger="edge_agent.agent.link")
+    link._on_message(_plain_command(b'{"request_id": "r1", "reply_to": "tok-1"}'))
+    request = inbox.get_nowait()
+    assert isinstance(request, CheckRequest) and request.reply is not None
+    assert request.reply.args == (T.reply("dev1", "tok-1"), None)  # type: ignore[attr-defined]
+    # install and the fleet's check are answered the same way, each on its own device
+    link._on_message(_plain_command(b'{"reply_to": "t2"}', b"edge/fleet/cmd/check"))
+    assert inbox.get_nowait().reply.args[0] == T.reply("dev1", "t2")
+    for _ in range(3):
+        for bad in (b'"../state"', b'"a/b"', b"7"):
+            link._on_message(_plain_command(b'{"request_id": "r2", "reply_to": ' + bad + b"}"))
+            request = inbox.get_nowait()
+            assert (request.request_id, request.reply) == ("r2", None)  # runs, unanswered
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3, warnings  # one per distinct value, not per command
+    assert all("ignored the reply_to of a command on edge/devices/dev1/cmd/check" in w
+               for w in warnings)
+    assert "'../state'" in warnings[0]
+    # an MQTT 5 Response Topic wins over reply_to
+    message = _command(T.reply("dev1", "v5"))
+    message.payload = b'{"request_id": "r1", "reply_to": "other"}'
+    link._on_message(incoming_of(message))
+    assert inbox.get_nowait().reply.args[0] == T.reply("dev1", "v5")
+
+
 # -- a real agent on the shipped broker -------------------------------------------------
 @pytest.fixture(scope="module")
 def broker() -> Iterator[Broker]:
@@ -194,6 +297,60 @@ def test_a_response_topic_on_the_devices_own_topics_is_never_written(
         for topic in own:
             said = [line for line in warnings if f"ignored the response topic {topic!r}" in line]
             assert len(said) == 1, warnings
+    finally:
+        ops.close()
+        agent.stop(signal.SIGTERM)
+        print(agent.log()[-4000:])
+
+
+# The reply_to values an operator (or a slip) might send to aim the answer elsewhere: a
+# path, wildcards (publishing to one would cost the agent its connection), another
+# level, a NUL, a huge value, a wrong type.
+HOSTILE_REPLY_TO: list[object] = ["../state", "+", "#", "a/b", "x\u0000y", "x" * 3000,
+                                  ["r1"], "../../dev2/reply/x"]
+
+
+@pytest.mark.broker
+def test_on_mqtt_3_1_1_a_hostile_reply_to_is_never_answered(
+    broker: Broker, unique_repo: str, container_name: str, tmp_path: Path, test_id: str,
+) -> None:
+    publish(unique_repo, "1.0", f"1.0 {container_name}")
+    device = Device(unique_repo, container_name, tmp_path / "data")
+    name = device.name
+    t = Topics(f"r{test_id}")
+    broker.add_device(name)
+    env = device.agent_env(**{"CONTAINER_IMAGE": f"{unique_repo}:1.0", "HEALTH_TIMEOUT": "1",
+                              "FALLBACK_TAG": "", "TELEMETRY_INTERVAL": "60",
+                              "MQTT_PROTOCOL": "3.1.1", **broker.agent_env(name, t.prefix)})
+    agent = AgentProcess(env, tmp_path / "agent.log").start()
+    ops = MqttWatcher(broker.settings(OPERATOR, prefix=t.prefix, protocol="3.1.1"),
+                      [f"{t.prefix}/#"]).start()
+    try:
+        ops.wait_for(t.state(name), lambda m: m.json()["update"]["status"] == "idle"
+                     and m.json()["running"]["status"] == "running", timeout=60)
+        mark = time.monotonic()
+        for round_ in range(2):  # the same values again: no second warning
+            for i, value in enumerate(HOSTILE_REPLY_TO):
+                ops.publish(t.device_check(name), json.dumps(
+                    {"request_id": f"bad-{round_}-{i}", "reply_to": value}))
+        # the commands still run: the check they asked for happens
+        ops.wait_for(t.state(name), lambda m: m.json()["update"]["status"] == "checking",
+                     since=mark, timeout=60, message="a check of the hostile commands")
+        # positive control, last: its answer arrives on reply/<token>, without properties
+        ops.publish(t.device_check(name), json.dumps({"request_id": "good",
+                                                      "reply_to": "good-1"}))
+        answer = ops.wait_for(t.reply(name, "good-1"), timeout=60).json()
+        assert answer["request_id"] == "good" and answer["ok"] is True
+        assert answer["outcome"] == "unchanged" and answer["tag"] == "1.0"
+        time.sleep(1.0)  # anything late would be here now
+        own = {t.state(name), t.availability(name), t.events(name), t.device_check(name)}
+        written = {m.topic for m in ops.messages if m.at >= mark} - own
+        assert written == {t.reply(name, "good-1")}, written
+        # the agent kept its connection (a publish to a wildcard would have cost it)
+        assert {m.text for m in ops.on(t.availability(name))} == {"online"}
+        warnings = [line for line in agent.log().splitlines()
+                    if "WARNING" in line and "ignored the reply_to" in line]
+        assert len(warnings) == len(HOSTILE_REPLY_TO), warnings
     finally:
         ops.close()
         agent.stop(signal.SIGTERM)

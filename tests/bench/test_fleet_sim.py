@@ -125,6 +125,11 @@ def test_simulated_devices_follow_tags_and_answer_as_agents(broker: Broker, pref
         body = reply.json()
         assert body["request_id"] == "check-1" and body["outcome"] == "unchanged"
         assert reply.properties.CorrelationData == b"corr-1"
+        # and, as MQTT 3.1.1 asks, on the reply_to token of its payload
+        watcher.publish(topics.device_check(good[1]),
+                        command_payload("check-2", utc_now(), reply_to="t2"))
+        assert watcher.wait_for(topics.reply(good[1], "t2"), timeout=20).json()["request_id"] \
+            == "check-2"
 
         # broker restart: every device comes back, with its will fired meanwhile
         broker.stop()

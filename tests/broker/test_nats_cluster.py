@@ -5,6 +5,7 @@ come from the shipped nats/ files (nats/add-device)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,12 @@ def test_desired_tags_and_waits_across_nodes(rig: Rig) -> None:
     result = rig.ctl("set-tag", "--device", names[1], "2.0", "--wait", "--timeout", "120")
     assert result.returncode == 0, result.stdout + result.stderr
     assert rig.all_settled("2.0", names[:2]) and rig.all_settled("3.0", names[2:])
+    # check --wait: edge-ctl on node C, the agent on node A, answered on its reply topic
+    # (MQTT 3.1.1: the command's reply_to names it)
+    result = rig.ctl("check", "--device", names[2], "--wait", "--json", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["ok"], answer["outcome"], answer["tag"]) == (True, "unchanged", "3.0")
 
 
 def test_home_assistant_discovery_is_seen_on_another_node(rig: Rig) -> None:

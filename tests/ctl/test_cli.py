@@ -63,14 +63,6 @@ def test_wait_needs_a_device(args: tuple[str, ...], capsys: pytest.CaptureFixtur
 
 
 @pytest.mark.usefixtures("no_broker")
-def test_check_wait_needs_mqtt_5(monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("MQTT_PROTOCOL", "3.1.1")
-    assert main(["check", "--device", "dev1", "--wait"]) == EXIT_USAGE
-    assert "--wait needs MQTT 5" in capsys.readouterr().err
-
-
-@pytest.mark.usefixtures("no_broker")
 def test_a_bad_setting_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MQTT_PORT", "not-a-port")
