@@ -273,9 +273,15 @@ def test_an_incomplete_replay_does_not_replace_the_last_complete_view(tmp_path: 
     desired = agent.resolve()  # the device tag's subscription not granted yet
     assert desired is not None and (desired.tag, desired.source) == ("2.0", Source.DEVICE)
     agent.handle(RemoteTagMessage(Source.DEVICE, b"4.0", "edge/devices/dev1/tag"))
-    agent.handle(RemoteReady())  # granted on the retry
+    desired = agent.resolve()  # what this session brought counts at once
+    assert desired is not None and (desired.tag, desired.source) == ("4.0", Source.DEVICE)
+    agent.handle(RemoteReset())  # another reconnect: the device tag was cleared meanwhile
+    agent.handle(RemoteTagMessage(Source.GROUP, b"3.0", "edge/groups/g1/tag", "g1"))
     desired = agent.resolve()
     assert desired is not None and (desired.tag, desired.source) == ("4.0", Source.DEVICE)
+    agent.handle(RemoteReady())  # every tag subscription granted: the replay is complete
+    desired = agent.resolve()
+    assert desired is not None and (desired.tag, desired.source) == ("3.0", Source.GROUP)
     agent.close()
 
 
