@@ -87,6 +87,17 @@ class AgentLink:
         ]
 
     @property
+    def tag_subscriptions(self) -> frozenset[str]:
+        """The desired tag and agent version topics: the view of the retained ones is
+        complete only once the broker has granted all of them."""
+        t = self.topics
+        return frozenset({
+            t.device_tag(self.device_id), *(t.group_tag(group) for group in self.groups),
+            t.fleet_tag, t.device_agent(self.device_id),
+            *(t.group_agent(group) for group in self.groups), t.fleet_agent,
+        })
+
+    @property
     def connected(self) -> bool:
         return self.broker.connected
 
@@ -141,7 +152,11 @@ class AgentLink:
             broker.publish(topic, _json(config), retain=True)
 
     def _on_subscribed(self, broker: BrokerClient) -> None:
-        self._inbox.put(RemoteReady())
+        # Without, say, the device's own tag the group tag would look like the desired
+        # one: the agent keeps its last complete view until the broker grants every tag
+        # subscription (``protocol.mqtt`` asks again for the refused ones).
+        if not broker.refused_subscriptions & self.tag_subscriptions:
+            self._inbox.put(RemoteReady())
 
     def _on_message(self, message: Incoming) -> None:
         reply = self._reply_for(message)

@@ -141,6 +141,12 @@ class Agent:
         # by ``edge-agent run`` (runtime.py sets it)
         self.remote_agent: dict[RemoteKey, RemoteTag] = {}
         self.selfupdate: SelfUpdate | None = None
+        # The desired tags and agent versions of an MQTT session that has started but
+        # whose tag subscriptions are not all granted yet: they replace ``remote`` and
+        # ``remote_agent`` at RemoteReady. Until then the last complete view holds, with
+        # what this session brought laid over it (newer than anything it replaces).
+        self._next_remote: tuple[dict[RemoteKey, RemoteTag],
+                                 dict[RemoteKey, RemoteTag]] | None = None
         self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
         self._updater: Updater | None = None
@@ -300,9 +306,13 @@ class Agent:
         elif isinstance(message, ContainerEvent):
             self._handle_container_event(message)
         elif isinstance(message, RemoteReset):
-            self.remote.clear()
-            self.remote_agent.clear()
+            # A tag cleared while we were away must not linger, but an incomplete replay
+            # (a subscription refused) must not count as the whole truth either.
+            self._next_remote = ({}, {})
         elif isinstance(message, RemoteReady):
+            if self._next_remote is not None:
+                self.remote, self.remote_agent = self._next_remote
+                self._next_remote = None
             self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
             if self._updater is not None:  # before the first check there is nothing to show
                 self._heartbeat()
@@ -329,14 +339,17 @@ class Agent:
             delay = random.random() * parsed.spread
             self._spread[key] = SpreadHold(parsed.tag, parsed.spread, time.monotonic() + delay,
                                            time.time() + delay)
-        if parsed.tag is None:
-            self.remote.pop(key, None)
-        else:
-            self.remote[key] = RemoteTag(parsed.tag, parsed.request_id)
-            if parsed.request_id is not None and not message.retained:
-                # Live: someone asks now. A retained replay was asked (and answered)
-                # before; it is taken up if a check acts on it.
-                self._open_request(parsed.request_id, OpenRequest(parsed.tag, key))
+        views = [self.remote] if self._next_remote is None else [self.remote,
+                                                                 self._next_remote[0]]
+        for remote in views:
+            if parsed.tag is None:
+                remote.pop(key, None)
+            else:
+                remote[key] = RemoteTag(parsed.tag, parsed.request_id)
+        if parsed.tag is not None and parsed.request_id is not None and not message.retained:
+            # Live: someone asks now. A retained replay was asked (and answered) before;
+            # it is taken up if a check acts on it.
+            self._open_request(parsed.request_id, OpenRequest(parsed.tag, key))
         now = time.monotonic()
         if now < self._burst_hold_until:
             # A burst: wait for a quiet moment (bounded), unless a command asked for a check.
@@ -357,10 +370,13 @@ class Agent:
                                    reason=str(exc))
             return
         key = (message.scope, message.group)
-        if parsed.tag is None:
-            self.remote_agent.pop(key, None)
-        else:
-            self.remote_agent[key] = RemoteTag(parsed.tag, parsed.request_id)
+        views = [self.remote_agent] if self._next_remote is None else [self.remote_agent,
+                                                                       self._next_remote[1]]
+        for remote in views:
+            if parsed.tag is None:
+                remote.pop(key, None)
+            else:
+                remote[key] = RemoteTag(parsed.tag, parsed.request_id)
         # an app tag published with it is taken first (the check runs before the handover)
         self._agent_settle_until = time.monotonic() + REMOTE_SETTLE_S
 

@@ -50,6 +50,12 @@ PUBLISH_TIMEOUT_S = 5.0
 # this is refused here, before it can lock a client in that loop.
 MAX_PAYLOAD_BYTES = 60 * 1024
 # CONNACK reasons that retrying will not cure.
+# A subscription the broker refuses in its SUBACK is asked for again on the same
+# connection, waiting 1 s, 2 s, 4 s ... up to this cap. A refusal can pass (a clustered
+# broker moving its storage after a node died, an ACL reloaded); one that stays (an ACL
+# denial) costs one SUBSCRIBE every 5 min, about 40 KB a day with TCP/TLS overhead.
+SUBSCRIBE_RETRY_MIN_S = 1.0
+SUBSCRIBE_RETRY_MAX_S = 300.0
 PERMANENT_REFUSALS = frozenset({
     "Bad user name or password", "Not authorized", "Client identifier not valid",
     "Banned", "Bad authentication method", "Unsupported protocol version",
@@ -97,8 +103,10 @@ def connect_client(  # noqa: PLR0913 - paho's options; all but three keyword-onl
       CAs, hostname checked) and an optional client certificate.
     - ``will``: (topic, payload) published retained, QoS 1 by the broker if we vanish.
     - ``subscriptions`` (QoS 1) are (re)made at every connect, then ``on_connect`` is
-      called; ``on_subscribed`` once the broker has acknowledged them (refusals are
-      logged). ``on_message`` runs on paho's network thread: hand work off, never block.
+      called; ``on_subscribed`` at every acknowledgement of them. A subscription the
+      broker refuses is logged once and asked for again, with a backoff from 1 s to 5 min,
+      until granted (``on_subscribed`` again then). ``on_message`` runs on paho's
+      network thread: hand work off, never block.
     - Reconnects by itself with a backoff from 1 s to a cap of 10-20 s; every failure
       is logged once with its cause (TLS verification, refused, unreachable).
     - Several brokers (``mqtt.addresses``, MQTT_HOST as a list): the first attempt goes to
@@ -149,6 +157,7 @@ def disconnect_client(
     tracker = _tracker_of(client)
     if tracker is not None:
         tracker.closing = True
+        tracker.cancel_retry()
     if final is not None and client.is_connected():
         try:
             info = client.publish(final[0], final[1], qos=1, retain=True)
@@ -264,11 +273,18 @@ class _Tracker:
         self.address = mqtt.addresses[0]
         self._permanent: set[BrokerAddress] = set()
         self._ever_connected = False
-        self._subscribe_mid: int | None = None
         self._refused_publishes = 0
         # Set at every SUBACK of our subscriptions; ``refused_topics`` says what it refused.
         self.subscribed = threading.Event()
         self.refused_topics: list[str] = []
+        # Subscriptions of this connection the broker refused (topic -> reason), the
+        # SUBSCRIBE packets in flight (message id -> topics), the retry of the refused
+        # ones, and the topics whose refusal was logged (once, until granted).
+        self.refused: dict[str, str] = {}
+        self._in_flight: dict[int, tuple[str, ...]] = {}
+        self._retry: threading.Timer | None = None
+        self._retry_delay_s = SUBSCRIBE_RETRY_MIN_S
+        self._refusals: dict[str, int] = {}
         # Publishes the broker refused (MQTT 5 PUBACK reason codes), by message id, for
         # ``BrokerClient.publish_and_wait`` to report.
         self.refused_publishes: dict[int, str] = {}
@@ -323,9 +339,13 @@ class _Tracker:
         log.info("MQTT: %s %s (MQTT %s%s)", "reconnected to" if again else "connected to",
                  self.address, self.mqtt.protocol,
                  ", TLS" if self.mqtt.tls else "")
+        self.cancel_retry()
+        with self.lock:
+            self.refused.clear()
+            self._in_flight.clear()
+            self._retry_delay_s = SUBSCRIBE_RETRY_MIN_S
         if self.subscriptions:
-            result, mid = client.subscribe([(topic, 1) for topic in self.subscriptions])
-            self._subscribe_mid = mid if result == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+            self._subscribe(client, self.subscriptions)
         if self.user_on_connect is not None:
             _call_hook(self.user_on_connect, client, "on_connect")
         self.connected.set()
@@ -343,6 +363,7 @@ class _Tracker:
     ) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self.cancel_retry()
         if self.closing or not was_connected:
             return
         name = str(reason)
@@ -352,21 +373,77 @@ class _Tracker:
         else:
             log.warning("MQTT: lost the broker at %s (%s); reconnecting", self.address, name)
 
+    def _subscribe(self, client: Client, topics: Sequence[str]) -> None:
+        # Under the lock: the SUBACK (network thread) may come before ``subscribe``
+        # returns when a retry (timer thread) sends it.
+        with self.lock:
+            result, mid = client.subscribe([(topic, 1) for topic in topics])
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._in_flight[mid] = tuple(topics)
+
     def on_subscribe(
         self, client: Client, userdata: Any, mid: int, reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        if mid != self._subscribe_mid:
-            return
-        refused = [f"{topic} ({reason})" for topic, reason
-                   in zip(self.subscriptions, reasons, strict=False) if reason.is_failure]
-        for topic in refused:
-            log.warning("MQTT: the broker refused the subscription to %s; "
-                        "check the broker's ACL for this user", topic)
-        self.refused_topics = refused
+        with self.lock:
+            topics = self._in_flight.pop(mid, None)
+            if topics is None:  # not ours (``BrokerClient.resubscribe``) or stale
+                return
+            for topic, reason in zip(topics, reasons, strict=False):
+                if reason.is_failure:
+                    self.refused[topic] = str(reason)
+                else:
+                    self.refused.pop(topic, None)
+            refused = dict(self.refused)
+        for topic, reason in zip(topics, reasons, strict=False):
+            self._log_subscription(topic, reason)
+        self.refused_topics = [f"{topic} ({reason})" for topic, reason in refused.items()]
+        if refused:
+            self._schedule_retry(client, tuple(refused))
         self.subscribed.set()
         if self.user_on_subscribed is not None:
             _call_hook(self.user_on_subscribed, client, "on_subscribed")
+
+    def _log_subscription(self, topic: str, reason: ReasonCode) -> None:
+        """A refusal once per topic (until granted), and its end."""
+        refusals = self._refusals.get(topic, 0)
+        if reason.is_failure:
+            self._refusals[topic] = refusals + 1
+            if refusals == 0:
+                log.warning("MQTT: the broker refused the subscription to %s (%s); asking "
+                            "again, at least every %.0f s; check the broker's ACL for this "
+                            "user", topic, reason, SUBSCRIBE_RETRY_MAX_S)
+            else:
+                log.debug("MQTT: the broker refused the subscription to %s again (%s)",
+                          topic, reason)
+        elif refusals:
+            del self._refusals[topic]
+            log.info("MQTT: the broker granted the subscription to %s after %d refusal(s)",
+                     topic, refusals)
+
+    def _schedule_retry(self, client: Client, topics: tuple[str, ...]) -> None:
+        with self.lock:
+            if self._retry is not None or self.closing:
+                return
+            delay = self._retry_delay_s
+            self._retry_delay_s = min(delay * 2, SUBSCRIBE_RETRY_MAX_S)
+            self._retry = threading.Timer(delay, self._resubscribe_refused, (client,))
+            self._retry.daemon = True
+            self._retry.start()
+
+    def _resubscribe_refused(self, client: Client) -> None:
+        with self.lock:
+            self._retry = None
+            topics = tuple(self.refused)
+        if topics and self.connected.is_set() and not self.closing:
+            log.debug("MQTT: asking again for %s", ", ".join(topics))
+            self._subscribe(client, topics)
+
+    def cancel_retry(self) -> None:
+        with self.lock:
+            retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
 
     def on_publish(
         self, client: Client, userdata: Any, mid: int, reason: ReasonCode,
@@ -509,6 +586,16 @@ class BrokerClient:
             raise MqttConnectError("the broker did not acknowledge the subscriptions "
                                    f"within {timeout_s:g} s")
         return list(tracker.refused_topics)
+
+    @property
+    def refused_subscriptions(self) -> frozenset[str]:
+        """Topics of our subscriptions the broker refuses on this connection (asked for
+        again with a backoff until granted)."""
+        tracker = self._tracker()
+        if tracker is None:
+            return frozenset()
+        with tracker.lock:
+            return frozenset(tracker.refused)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool,
                 properties: Properties | None = None) -> None:

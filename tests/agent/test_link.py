@@ -259,6 +259,32 @@ def test_reconnect_forgets_remote_tags_until_the_broker_replays_them(tmp_path: P
     agent.close()
 
 
+def test_an_incomplete_replay_does_not_replace_the_last_complete_view(tmp_path: Path) -> None:
+    """After a reconnect the broker refused the device tag's subscription for a moment:
+    the group tag alone must not look like the desired one until RemoteReady (every tag
+    subscription granted) says the replay is complete."""
+    env = {"CONTAINER_IMAGE": "127.0.0.1:1/none/app:1.0", "DATA_DIR": str(tmp_path),
+           "DEVICE_ID": "dev1", "DEVICE_GROUPS": "g1"}
+    agent = Agent(load_settings(env))
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"2.0", "edge/devices/dev1/tag"))
+    agent.handle(RemoteTagMessage(Source.GROUP, b"3.0", "edge/groups/g1/tag", "g1"))
+    agent.handle(RemoteReset())
+    agent.handle(RemoteTagMessage(Source.GROUP, b"3.0", "edge/groups/g1/tag", "g1"))
+    desired = agent.resolve()  # the device tag's subscription not granted yet
+    assert desired is not None and (desired.tag, desired.source) == ("2.0", Source.DEVICE)
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"4.0", "edge/devices/dev1/tag"))
+    desired = agent.resolve()  # what this session brought counts at once
+    assert desired is not None and (desired.tag, desired.source) == ("4.0", Source.DEVICE)
+    agent.handle(RemoteReset())  # another reconnect: the device tag was cleared meanwhile
+    agent.handle(RemoteTagMessage(Source.GROUP, b"3.0", "edge/groups/g1/tag", "g1"))
+    desired = agent.resolve()
+    assert desired is not None and (desired.tag, desired.source) == ("4.0", Source.DEVICE)
+    agent.handle(RemoteReady())  # every tag subscription granted: the replay is complete
+    desired = agent.resolve()
+    assert desired is not None and (desired.tag, desired.source) == ("3.0", Source.GROUP)
+    agent.close()
+
+
 # -- fixtures for the stack tests ------------------------------------------------------
 @pytest.fixture(scope="module")
 def broker() -> Iterator[Broker]:

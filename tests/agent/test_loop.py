@@ -284,8 +284,9 @@ def test_tags_after_a_reconnect_wait_for_the_reset_before_them(tmp_path: Path) -
     agent.status.update_status = UpdateStatus.PULLING
     agent.inbox.put(RemoteReset())
     agent.inbox.put(flip(2, "3.0", retained=True))  # the next session's replay
+    agent.inbox.put(RemoteReady())  # its tag subscriptions granted
     assert not agent._should_abort()
-    assert [type(m) for m in agent._backlog] == [RemoteReset, RemoteTagMessage]
+    assert [type(m) for m in agent._backlog] == [RemoteReset, RemoteTagMessage, RemoteReady]
     agent.status.update_status = UpdateStatus.IDLE
     agent._working_on = None
     agent.step(max_wait_s=0)  # the loop handles them in order

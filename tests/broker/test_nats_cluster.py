@@ -120,8 +120,9 @@ def test_home_assistant_discovery_is_seen_on_another_node(rig: Rig) -> None:
 def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     body = {"tag": "4.0", "target": {"group": GROUP}, "waves": [1, "100%"],
             "max_updating": 1, "wave_timeout_s": 400}
-    # NATS 2.9 accepts the reconnect of a client whose node died (same client id) only
-    # once the cluster has given up that node: up to about two minutes here.
+    # The agents move to node B within seconds (nats-server.conf keeps the MQTT streams
+    # on all three nodes); B may refuse some subscriptions for a moment while its
+    # JetStream storage settles, which the agents ask for again (protocol/mqtt.py).
     response = rig.bridge.post("/api/v1/rollouts", body)
     assert response.status_code == 201, response.text
     rollout_id = response.json()["id"]
@@ -131,11 +132,15 @@ def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     wait_until(started, timeout=60, message="the rollout's first update")
     rig.cluster.kill(A)  # the agents' node dies mid-rollout
     done = rig.bridge.wait_rollout(rollout_id, ["succeeded", "halted"], timeout=600)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", f"{done}\n{rig.fleet.logs()}"
     wait_until(lambda: rig.all_settled("4.0"), timeout=30, interval=0.5,
                message="every device's state on 4.0")
-    per_device = Counter(e["device_id"] for e in started())
-    assert per_device == dict.fromkeys(rig.fleet.names, 1), per_device
+    # QoS 1 may deliver an event twice across the node's death: the same event (same
+    # timestamp) is one update; two different ones are a device updating twice.
+    distinct = {json.dumps(e, sort_keys=True) for e in started()}
+    per_device = Counter(json.loads(e)["device_id"] for e in distinct)
+    assert per_device == dict.fromkeys(rig.fleet.names, 1), (per_device, started(),
+                                                             rig.fleet.logs())
     for agent in rig.fleet.agents:
         assert "MQTT: lost the broker at" in agent.log()
 

@@ -79,8 +79,9 @@ class NatsCluster:
         self._add(self._probe_user, operator=True)
 
     # -- users --------------------------------------------------------------------------
-    def _add(self, name: str, groups: Sequence[str] = (), *, operator: bool = False) -> str:
-        password = uuid.uuid4().hex
+    def _add(self, name: str, groups: Sequence[str] = (), *, operator: bool = False,
+             password: str | None = None) -> str:
+        password = password or uuid.uuid4().hex
         args = [str(ADD_DEVICE), "--config-dir", str(self.config_dir)]
         if operator:
             args.append("--operator")
@@ -93,9 +94,10 @@ class NatsCluster:
         return password
 
     def add_device(self, name: str, groups: Sequence[str] = (), *,
-                   operator: bool = False) -> str:
-        """Add a user with ``nats/add-device``, reload every node, return the password."""
-        password = self._add(name, groups, operator=operator)
+                   operator: bool = False, password: str | None = None) -> str:
+        """Add a user with ``nats/add-device`` (again: new groups; ``password`` keeps the
+        one it has), reload every node, return the password."""
+        password = self._add(name, groups, operator=operator, password=password)
         self.reload()
         for node in self.nodes:
             if node.running:
