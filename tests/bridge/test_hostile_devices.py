@@ -102,6 +102,9 @@ def check_fleet(api: ApiClient, good: dict[str, dict[str, Any]], hostile: list[s
         assert one.status_code == 200, (device_id, one.text[:2000])
         view = strict_json(one.content)
         DEVICE(view)
+        # one device's view is the list's entry plus its recent events (all well-formed)
+        recent = view.pop("recent_events")
+        assert isinstance(recent, list) and all(isinstance(e, dict) for e in recent), recent
         assert view == by_id[device_id]
         if view["last_seen"] is not None:
             seen = datetime.fromisoformat(view["last_seen"])

@@ -18,6 +18,7 @@ import requests
 
 from edge_agent.protocol.topics import Topics
 from tests.bridge.support import HTML, TOKEN, state_document, unique_prefix
+from tests.support import wait_until
 from tests.support.bridge_process import BridgeProcess
 from tests.support.broker import Broker, MqttWatcher
 
@@ -43,6 +44,9 @@ def bridge(broker: Broker, tmp_path: Path) -> Iterator[BridgeProcess]:
     process = BridgeProcess(broker, topics.prefix, TOKEN, tmp_path / "bridge.log",
                             data_dir=tmp_path / "data").start()
     try:
+        # a rollout names devices the bridge has seen: wait for their retained states
+        wait_until(lambda: {d["id"] for d in process.get("/api/v1/devices").json()["devices"]}
+                   >= set(DEVICES), timeout=20, message="the bridge to list the devices")
         yield process
     finally:
         process.stop()

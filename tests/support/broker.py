@@ -92,6 +92,13 @@ def _issue(
     return cert, key
 
 
+
+PORT_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    """Mosquitto could not bind a port that was free a moment before."""
+
 class Broker:
     """One Mosquitto process on free ports; ``stop()``/``start()`` keep ports and data."""
 
@@ -114,6 +121,7 @@ class Broker:
         self.config = self.dir / "mosquitto.conf"
         self.config.write_text(self._rewrite((MOSQUITTO_DIR / "mosquitto.conf").read_text()))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
         self.passwords: dict[str, str] = {}
 
     def _rewrite(self, text: str) -> str:
@@ -229,8 +237,24 @@ class Broker:
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(timeout)
+                break
+            except _PortTaken:
+                # free_port() only found the ports free: another process may take one
+                # before Mosquitto binds it. Before anyone knows our ports, take others.
+                if self._started_once or attempt == PORT_ATTEMPTS - 1:
+                    raise RuntimeError(f"mosquitto exited at start:\n{self.log()[-3000:]}") from None
+                self.port, self.tls_port = free_port(), free_port()
+                self.config.write_text(
+                    self._rewrite((MOSQUITTO_DIR / "mosquitto.conf").read_text()))
+        self._started_once = True
+
+    def _start(self, timeout: float) -> None:
         self._hand_over_files()
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen([mosquitto, "-c", str(self.config)], stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -238,6 +262,9 @@ class Broker:
         deadline = time.monotonic() + timeout
         while not (_listening(self.port) and _listening(self.tls_port)):
             if self._proc.poll() is not None:
+                if "Address already in use" in self.log()[log_from:]:
+                    self._proc = None
+                    raise _PortTaken
                 raise RuntimeError(f"mosquitto exited at start:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"mosquitto did not listen within {timeout} s")
