@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.support import DEFAULT_REGISTRY
 from tests.support.containers import remove_test_containers
-from tests.support.images import remove_registry_images, remove_repo_images
+from tests.support.images import TEST_IMAGE_LABEL, remove_registry_images, remove_repo_images
 from tests.support.registry import PrivateRegistry, RegistryLog, registry_answers
 
 # Property tests judge behaviour, never speed: on a loaded CI machine a per-example
@@ -70,6 +70,9 @@ def docker_client() -> Iterator[docker.DockerClient]:
             f"the Docker daemon is unreachable ({error}); run scripts/stack first",
             pytrace=False,
         )
+    # Test images left untagged by an earlier, interrupted run keep their layers on the
+    # daemon, and a pull that finds its layers downloads nothing: start without them.
+    client.images.prune(filters={"dangling": True, "label": TEST_IMAGE_LABEL})
     yield client
     client.close()
 
