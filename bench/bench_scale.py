@@ -134,6 +134,14 @@ def timed_gets(session: requests.Session, url: str, count: int) -> dict[str, Any
             "max_s": max(times), "n": count, "bytes": size}
 
 
+def filtered_queries(ids: list[str]) -> dict[str, str]:
+    """The console's list queries: a page sorted by id, a status filter (every device
+    matches: the bridge still filters and sorts all), and a search for one device."""
+    return {"page": "sort=id&limit=50&offset=0",
+            "status_online": "status=online&sort=id&limit=50",
+            "search_one": f"q={ids[-1]}&sort=id&limit=50"}
+
+
 def page_load(url: str, last_device: str, work: Path) -> dict[str, float]:
     """The fleet page in headless Chromium: token entered -> last device's row; reload."""
     from tests.bridge.browser import FleetPage, chromium  # noqa: PLC0415 - selenium: only here
@@ -261,6 +269,10 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
                                                    strict=True)}
             report["devices_api"] = timed_gets(bridge.session, f"{bridge.url}/api/v1/devices",
                                                args.requests)
+            report["devices_api_filtered"] = {
+                name: timed_gets(bridge.session, f"{bridge.url}/api/v1/devices?{query}",
+                                 args.requests)
+                for name, query in filtered_queries(ids).items()}
             report["metrics"] = timed_gets(bridge.session, f"{bridge.url}/metrics", 20)
             if "page" not in skip:
                 report["page"] = page_load(bridge.url, ids[-1], work)
@@ -331,6 +343,9 @@ def rows(report: dict[str, Any]) -> list[list[Any]]:
     out += [["GET /api/v1/devices p50 s", api["p50_s"]],
             ["GET /api/v1/devices p99 s", api["p99_s"]],
             ["GET /api/v1/devices KiB", api["bytes"] / 1024],
+            *[[f"GET /api/v1/devices?{name} p{p} s", figures[f"p{p}_s"]]
+              for name, figures in report.get("devices_api_filtered", {}).items()
+              for p in (50, 99)],
             ["GET /metrics p50 s", metrics["p50_s"]], ["GET /metrics max s", metrics["max_s"]],
             ["GET /metrics KiB", metrics["bytes"] / 1024]]
     if "page" in report:
