@@ -8,9 +8,11 @@ Measured, in order:
    bridge knows every device's state; CPU of broker, bridge and simulator meanwhile;
 2. idle: broker, bridge and simulator RSS and CPU over ``--idle`` seconds;
 3. ``GET /api/v1/devices``: p50/p99 of ``--requests`` sequential requests, and its size;
+   the same for the console's queries (a page of 50, a status filter, a search);
 4. ``GET /metrics``: the scrape time (p50/max) and size;
-5. the fleet page in headless Chromium: from entering the token to the last device's
-   row, and again after a reload;
+5. the console page in headless Chromium: from entering the token to the first page of
+   the device list and to the overview, after a reload, and the time a filter takes to
+   show its result (bench_console's ``page_figures``);
 6. a rollout of every device (``--waves``, ``--max-updating``, each update taking
    ``--update-s`` in the simulator) against its ideal duration: the sum over the
    waves of ceil(wave size / max_updating) x update time;
@@ -134,22 +136,12 @@ def timed_gets(session: requests.Session, url: str, count: int) -> dict[str, Any
             "max_s": max(times), "n": count, "bytes": size}
 
 
-def page_load(url: str, last_device: str, work: Path) -> dict[str, float]:
-    """The fleet page in headless Chromium: token entered -> last device's row; reload."""
-    from tests.bridge.browser import FleetPage, chromium  # noqa: PLC0415 - selenium: only here
-
-    with chromium(work / "chromium") as driver:
-        page = FleetPage(driver, url)
-        page.open()
-        start = time.monotonic()
-        page.enter_token(TOKEN)
-        page.wait_for_row(last_device, timeout=300)
-        first = time.monotonic() - start
-        start = time.monotonic()
-        driver.refresh()
-        page.wait_for_row(last_device, timeout=300)
-        reload = time.monotonic() - start
-    return {"token_to_last_row_s": first, "reload_to_last_row_s": reload}
+def filtered_queries(ids: list[str]) -> dict[str, str]:
+    """The console's list queries: a page sorted by id, a status filter (every device
+    matches: the bridge still filters and sorts all), and a search for one device."""
+    return {"page": "sort=id&limit=50&offset=0",
+            "status_online": "status=online&sort=id&limit=50",
+            "search_one": f"q={ids[-1]}&sort=id&limit=50"}
 
 
 def nonempty_waves(waves: list[Any], devices: int) -> list[tuple[Any, int]]:
@@ -261,9 +253,15 @@ def main() -> int:  # noqa: PLR0915 - one measurement, read top to bottom
                                                    strict=True)}
             report["devices_api"] = timed_gets(bridge.session, f"{bridge.url}/api/v1/devices",
                                                args.requests)
+            report["devices_api_filtered"] = {
+                name: timed_gets(bridge.session, f"{bridge.url}/api/v1/devices?{query}",
+                                 args.requests)
+                for name, query in filtered_queries(ids).items()}
             report["metrics"] = timed_gets(bridge.session, f"{bridge.url}/metrics", 20)
             if "page" not in skip:
-                report["page"] = page_load(bridge.url, ids[-1], work)
+                # the console's figures, as bench_console takes them (it imports this module)
+                from bench.bench_console import page_figures  # noqa: PLC0415
+                report["page"] = page_figures(bridge.url, ids, args.groups, work)
             if "rollout" not in skip:
                 report["rollout"] = rollout(bridge, sim, args, id_set, pids)
                 print(f"rollout {report['rollout']['state']} after "
@@ -331,11 +329,18 @@ def rows(report: dict[str, Any]) -> list[list[Any]]:
     out += [["GET /api/v1/devices p50 s", api["p50_s"]],
             ["GET /api/v1/devices p99 s", api["p99_s"]],
             ["GET /api/v1/devices KiB", api["bytes"] / 1024],
+            *[[f"GET /api/v1/devices?{name} p{p} s", figures[f"p{p}_s"]]
+              for name, figures in report.get("devices_api_filtered", {}).items()
+              for p in (50, 99)],
             ["GET /metrics p50 s", metrics["p50_s"]], ["GET /metrics max s", metrics["max_s"]],
             ["GET /metrics KiB", metrics["bytes"] / 1024]]
     if "page" in report:
-        out += [["fleet page: token to last row s", report["page"]["token_to_last_row_s"]],
-                ["fleet page: reload to last row s", report["page"]["reload_to_last_row_s"]]]
+        page = report["page"]
+        out += [["console: token to first page of the list s", page["token_to"]["list_s"]],
+                ["console: token to overview s", page["token_to"]["overview_s"]],
+                ["console: reload to first page of the list s", page["reload_to"]["list_s"]],
+                *[[f"console: filter {name} median s", figures["median"]]
+                  for name, figures in page["filter_s"].items()]]
     if "rollout" in report:
         r = report["rollout"]
         out += [[f"rollout {r['waves']} max {r['max_updating']}: state", r["state"]],

@@ -71,5 +71,24 @@ def test_the_scale_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["rollout"]["state"] == "succeeded"
     assert report["rollout"]["peak_updating"] <= 5
-    assert set(report) >= {"connect", "idle", "devices_api", "metrics", "page", "rollout",
-                           "restart"}
+    assert set(report) >= {"connect", "idle", "devices_api", "devices_api_filtered", "metrics",
+                           "page", "rollout", "restart"}
+    assert set(report["page"]) == {"token_to", "reload_to", "filter_s"}
+
+
+def test_the_console_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench_console end to end with 20 simulated devices: load, filters, and the
+    bridge's CPU with no page and with 2 pages open during tag activity. Figures only."""
+    out = tmp_path / "console.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_console", "--devices", "20", "--update-s", "0.5",
+         "--rate", "5", "--pages", "2", "--window", "2", "--filter-runs", "1",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["page"]["filter_s"]) == {"search_one", "version", "group",
+                                               "status_online"}
+    assert report["pages"]["streams_held"] == 2
+    assert report["pages"]["tags_published"] > 0
+    assert report["pages"]["pages_open"]["state_messages"] > 0
