@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edge_agent.bridge.fleetview import DeviceFilter, sort_key, summarize
+from edge_agent.bridge.fleetview import DeviceFilter, Tally, sort_key
 from edge_agent.protocol import precedence, safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
@@ -305,6 +305,9 @@ class Fleet:
         self._feeds: set[ChangeFeed] = set()
         self._summary_version = -1
         self._summary: dict[str, Any] = {}
+        # the counts, brought up to date with the devices changed since (``summary``)
+        self._tally = Tally()
+        self._untallied: set[str] = set()
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -545,6 +548,7 @@ class Fleet:
     def _changed(self, device: Device) -> None:
         device.changed()
         self._version += 1
+        self._untallied.add(device.device_id)
         for feed in self._feeds:
             feed.add(device.device_id)
 
@@ -609,11 +613,16 @@ class Fleet:
             return found, gone
 
     def summary(self) -> dict[str, Any]:
-        """Counts per status and per running version (``fleetview.summarize``), computed
-        once per change of the fleet."""
+        """Counts per status and per running version (``fleetview.Tally``): once per change
+        of the fleet, and then only over the devices that changed."""
         with self._lock:
             if self._summary_version != self._version:
-                self._summary = summarize([d.checked_view() for d in self._devices.values()])
+                for device_id in self._untallied:
+                    device = self._devices.get(device_id)
+                    self._tally.update(device_id,
+                                       None if device is None else device.checked_view())
+                self._untallied.clear()
+                self._summary = self._tally.summary()
                 self._summary_version = self._version
             return self._summary
 

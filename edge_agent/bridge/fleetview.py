@@ -124,17 +124,46 @@ def _version_key(tag: str) -> str:
     return re.sub(r"[0-9]+", lambda m: m.group(0).rjust(12, "0"), tag)
 
 
+class Tally:
+    """The fleet's counts, kept up to date one device at a time: what each device counts
+    under is remembered, so a change costs the same whatever the fleet's size."""
+
+    def __init__(self) -> None:
+        self._each: dict[str, tuple[frozenset[str], str]] = {}
+        self._statuses: Counter[str] = Counter()
+        self._versions: Counter[str] = Counter()
+
+    def update(self, device_id: str, view: dict[str, Any] | None) -> None:
+        """``device_id`` now shows ``view`` (None: it is gone)."""
+        old = self._each.pop(device_id, None)
+        if old is not None:
+            self._statuses.subtract(old[0])
+            self._versions[old[1]] -= 1
+            if not self._versions[old[1]]:
+                del self._versions[old[1]]
+        if view is not None:
+            new = (frozenset(statuses(view)), running_tag(view) or NO_VERSION)
+            self._each[device_id] = new
+            self._statuses.update(new[0])
+            self._versions[new[1]] += 1
+
+    def summary(self) -> dict[str, Any]:
+        """Devices per status and per running version (the ``MAX_VERSIONS_SHOWN`` with the
+        most devices, the rest as "(other)")."""
+        # the most devices first, ties by tag: the same order however the counts came about
+        shown = sorted(self._versions.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_VERSIONS_SHOWN]
+        rest = len(self._each) - sum(n for _, n in shown)
+        distribution = [{"tag": tag, "devices": n} for tag, n in shown]
+        if rest:
+            distribution.append({"tag": OTHER_VERSIONS, "devices": rest})
+        return {"devices": len(self._each),
+                "counts": {status: self._statuses[status] for status in STATUSES},
+                "versions": distribution}
+
+
 def summarize(views: list[dict[str, Any]]) -> dict[str, Any]:
-    """The fleet's counts: devices per status and per running version (the largest
-    ``MAX_VERSIONS_SHOWN``, the rest as "(other)")."""
-    counts = Counter({status: 0 for status in STATUSES})
-    versions: Counter[str] = Counter()
-    for view in views:
-        counts.update(statuses(view))
-        versions[running_tag(view) or NO_VERSION] += 1
-    shown = versions.most_common(MAX_VERSIONS_SHOWN)
-    rest = sum(versions.values()) - sum(n for _, n in shown)
-    distribution = [{"tag": tag, "devices": n} for tag, n in shown]
-    if rest:
-        distribution.append({"tag": OTHER_VERSIONS, "devices": rest})
-    return {"devices": len(views), "counts": dict(counts), "versions": distribution}
+    """The counts of a list of views (``Tally`` over them)."""
+    tally = Tally()
+    for index, view in enumerate(views):
+        tally.update(str(index), view)
+    return tally.summary()

@@ -152,8 +152,11 @@ def test_the_console_drives_real_agents_live(  # noqa: PLR0915 - one operator's 
                             f'tr[data-device="{third.device_id}"] td[data-field="id"] button').click()
 
         def detail(field: str) -> str:
-            found = driver.find_elements(By.CSS_SELECTOR, f'#detail-fields dd[data-field="{field}"]')
-            return str(found[0].text) if found else ""
+            # read in one step in the page: the live stream redraws the panel at any time
+            return str(driver.execute_script(
+                "const e = document.querySelector(arguments[0]);"
+                "return e ? e.textContent.trim() : '';",
+                f'#detail-fields dd[data-field="{field}"]'))
 
         WebDriverWait(driver, 10).until(lambda _d: detail("last_check") not in ("", "never"))
         before = detail("last_check")
@@ -175,14 +178,21 @@ def test_the_console_drives_real_agents_live(  # noqa: PLR0915 - one operator's 
             "no rollback reason in the list")
         driver.find_element(By.CSS_SELECTOR,
                             f'tr[data-device="{first.device_id}"] td[data-field="id"] button').click()
-        WebDriverWait(driver, 20, poll_frequency=0.2).until(
-            lambda _d: any(e.text == "rolled_back" for e in driver.find_elements(
-                By.CSS_SELECTOR, '#detail-events td[data-field="event"]')), "no event in detail")
-        rows = driver.find_elements(By.CSS_SELECTOR, "#detail-events tbody tr")
-        rolled = next(r for r in rows if r.find_element(
-            By.CSS_SELECTOR, 'td[data-field="event"]').text == "rolled_back")
-        assert rolled.find_element(By.CSS_SELECTOR, 'td[data-field="reason"]').text
-        assert rolled.find_element(By.CSS_SELECTOR, 'td[data-field="request_id"]').text != "-"
+        def rolled_back_row(_driver: Any) -> dict[str, str] | None:
+            """The detail's rolled_back event, its cells read in one step in the page."""
+            row: dict[str, str] | None = driver.execute_script(
+                "for (const r of document.querySelectorAll('#detail-events tbody tr')) {"
+                "  const cell = (f) => (r.querySelector('td[data-field=\"' + f + '\"]')"
+                "                       || {textContent: ''}).textContent.trim();"
+                "  if (cell('event') === 'rolled_back')"
+                "    return {reason: cell('reason'), request_id: cell('request_id')};"
+                "} return null;")
+            return row
+
+        rolled = WebDriverWait(driver, 20, poll_frequency=0.2).until(
+            rolled_back_row, "no event in detail")
+        assert rolled is not None and rolled["reason"]
+        assert rolled["request_id"] != "-"
         driver.execute_script("document.getElementById('detail').scrollIntoView()")
         page.screenshot(shots / "console-detail.png")
 

@@ -350,8 +350,10 @@ function onStreamEvent(name, data) {
         const fresh = renderRow(device);
         row.replaceWith(fresh);
         shown.set(id, fresh);
-      } else {
-        membership = true;  // may belong on this page now
+      } else if (object(data.summary).devices !== view.total) {
+        // a new device may belong on this page; one already counted is on another page
+        // of this list (sorted by id, unfiltered: the check below covers the rest)
+        membership = true;
       }
       if (id === selected) loadDetail();
     }
