@@ -71,6 +71,11 @@ REMOTE_SETTLE_S = 0.3
 # next check waits until none has come for REMOTE_SETTLE_S, at most this long, so a
 # burst costs one registry request per hold rather than one per tag.
 BURST_HOLD_S = 2.0
+# After a reconnect, a desired tag the new session has not replayed yet is not yet proof
+# that it was cleared: a broker node that just took over (a cluster after a node died)
+# may send its retained messages well after granting the subscriptions. The last value
+# holds this long, unless a message for it comes; then it goes.
+REPLAY_GRACE_S = 10.0
 # Messages taken from the inbox before a check: a flood cannot hold checks off forever.
 MAX_BATCH = 1000
 # Desired-tag requests remembered until they are answered; a flood of request ids
@@ -147,6 +152,9 @@ class Agent:
         # what this session brought laid over it (newer than anything it replaces).
         self._next_remote: tuple[dict[RemoteKey, RemoteTag],
                                  dict[RemoteKey, RemoteTag]] | None = None
+        # ("tag" | "agent", key) -> until when a value the new session has not replayed
+        # yet still counts (REPLAY_GRACE_S)
+        self._unreplayed: dict[tuple[str, RemoteKey], float] = {}
         self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
         self._updater: Updater | None = None
@@ -311,11 +319,32 @@ class Agent:
             self._next_remote = ({}, {})
         elif isinstance(message, RemoteReady):
             if self._next_remote is not None:
-                self.remote, self.remote_agent = self._next_remote
+                fresh, fresh_agent = self._next_remote
+                until = time.monotonic() + REPLAY_GRACE_S
+                self.remote = self._carry_unreplayed(self.remote, fresh, "tag", until)
+                self.remote_agent = self._carry_unreplayed(self.remote_agent, fresh_agent,
+                                                           "agent", until)
                 self._next_remote = None
             self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
             if self._updater is not None:  # before the first check there is nothing to show
                 self._heartbeat()
+
+    def _carry_unreplayed(self, known: dict[RemoteKey, RemoteTag],
+                          fresh: dict[RemoteKey, RemoteTag], kind: str,
+                          until: float) -> dict[RemoteKey, RemoteTag]:
+        """The new session's view, with what it has not replayed yet kept until ``until``."""
+        for key, value in known.items():
+            if key not in fresh:
+                fresh[key] = value
+                self._unreplayed[(kind, key)] = until
+        return fresh
+
+    def _expire_unreplayed(self, now: float) -> None:
+        """Drop the values no replay confirmed within REPLAY_GRACE_S: cleared meanwhile."""
+        for (kind, key), until in list(self._unreplayed.items()):
+            if until <= now:
+                del self._unreplayed[(kind, key)]
+                (self.remote if kind == "tag" else self.remote_agent).pop(key, None)
 
     def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
         try:
@@ -339,6 +368,7 @@ class Agent:
             delay = random.random() * parsed.spread
             self._spread[key] = SpreadHold(parsed.tag, parsed.spread, time.monotonic() + delay,
                                            time.time() + delay)
+        self._unreplayed.pop(("tag", key), None)
         views = [self.remote] if self._next_remote is None else [self.remote,
                                                                  self._next_remote[0]]
         for remote in views:
@@ -370,6 +400,7 @@ class Agent:
                                    reason=str(exc))
             return
         key = (message.scope, message.group)
+        self._unreplayed.pop(("agent", key), None)
         views = [self.remote_agent] if self._next_remote is None else [self.remote_agent,
                                                                        self._next_remote[1]]
         for remote in views:
@@ -444,6 +475,9 @@ class Agent:
         self._lock_poll_at = None
         replies, self._replies = self._replies, []
         self._next_check = time.monotonic() + self.settings.poll_interval_s
+        self._expire_unreplayed(time.monotonic())
+        if self._unreplayed:  # look again when the last value no replay confirmed goes
+            self._next_check = min(self._next_check, max(self._unreplayed.values()))
         self._superseded_by = None
         result: CheckResult | None = None
         error: str | None = None

@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.agent.config import load_settings
-from edge_agent.agent.loop import REMOTE_SETTLE_S, RETRY_BASE_S, Agent, ContainerEvent, Wake
+from edge_agent.agent.loop import (
+    REMOTE_SETTLE_S,
+    REPLAY_GRACE_S,
+    RETRY_BASE_S,
+    Agent,
+    ContainerEvent,
+    Wake,
+)
 from edge_agent.agent.reconcile import Desired, RemoteTag
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.events import EventName
@@ -292,6 +299,35 @@ def test_tags_after_a_reconnect_wait_for_the_reset_before_them(tmp_path: Path) -
     agent.step(max_wait_s=0)  # the loop handles them in order
     assert not agent._backlog
     assert agent.remote == {(Source.DEVICE, None): RemoteTag("3.0", "r2")}
+
+
+def test_a_tag_the_new_session_has_not_replayed_yet_holds_for_a_grace(tmp_path: Path) -> None:
+    """A cluster node that took over may grant the subscriptions and send the retained
+    tags later: until then (or the grace's end) the device tag still wins over its group's."""
+    agent = make_agent(tmp_path, DEVICE_GROUPS="blue")
+    device, group = (Source.DEVICE, None), (Source.GROUP, "blue")
+    for message in (flip(1, "4.0"), flip(2, "3.0", scope=Source.GROUP, group="blue")):
+        agent.handle(message)
+    agent.handle(RemoteReset())
+    agent.handle(flip(3, "3.0", scope=Source.GROUP, group="blue", retained=True))
+    agent.handle(RemoteReady())  # granted; the device tag's replay is still on its way
+    assert agent.remote[device] == RemoteTag("4.0", "r1")
+    desired = agent.resolve()
+    assert desired is not None and desired.tag == "4.0"
+    # its replay confirms it: it stays past the grace
+    agent.handle(flip(1, "4.0", retained=True))
+    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)
+    assert agent.remote[device] == RemoteTag("4.0", "r1")
+    # a tag cleared while the agent was away: no replay comes, and after the grace it goes
+    agent.handle(RemoteReset())
+    agent.handle(flip(4, "3.0", scope=Source.GROUP, group="blue", retained=True))
+    agent.handle(RemoteReady())
+    assert device in agent.remote
+    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)
+    assert device not in agent.remote and agent.remote[group].tag == "3.0"
+    desired = agent.resolve()
+    assert desired is not None and desired.tag == "3.0"
+    agent.close()
 
 
 # -- fuzzing: any sequence of messages -------------------------------------------------------
