@@ -144,7 +144,7 @@ def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     assert set(per_device) == set(rig.fleet.names), per_device  # every device updated
     if per_device != dict.fromkeys(rig.fleet.names, 1):
         # Known and open (issue 13): in full-suite runs one device sometimes starts its
-        # update a second time after the node's death (2 of 2 CI runs, 0 of 9 runs of
+        # update a second time after the node's death (2 of 2 CI runs, 1 of 10 runs of
         # this module alone). Reported as an expected failure, with what it saw, until
         # the cause is found; everything above must hold.
         pytest.xfail(f"a device started its update twice: {dict(per_device)}")
