@@ -174,11 +174,12 @@ def locate(repository: str, insecure: frozenset[str] = frozenset()) -> Location:
         host = DOCKER_HUB_API
         if "/" not in name:
             name = f"library/{name}"
-    scheme = "http" if _is_loopback(host) or registry in insecure else "https"
+    scheme = "http" if is_loopback(host) or registry in insecure else "https"
     return Location(registry, f"{scheme}://{host}", name)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Docker speaks plain HTTP to registries on loopback by default; so do we."""
     hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     hostname = hostname.strip("[]")
     if hostname == "localhost":

@@ -346,6 +346,20 @@ class Agent:
                 del self._unreplayed[(kind, key)]
                 (self.remote if kind == "tag" else self.remote_agent).pop(key, None)
 
+    def _lay(self, kind: str, key: RemoteKey, tag: str | None, request_id: str | None) -> None:
+        """A desired app tag (``kind`` "tag") or agent version ("agent") for ``key``: in the
+        current view, and in the next session's while its replay is incomplete."""
+        self._unreplayed.pop((kind, key), None)
+        index = 0 if kind == "tag" else 1
+        views = [self.remote if kind == "tag" else self.remote_agent]
+        if self._next_remote is not None:
+            views.append(self._next_remote[index])
+        for remote in views:
+            if tag is None:
+                remote.pop(key, None)
+            else:
+                remote[key] = RemoteTag(tag, request_id)
+
     def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
         try:
             parsed = parse_tag_payload(message.payload)
@@ -368,14 +382,7 @@ class Agent:
             delay = random.random() * parsed.spread
             self._spread[key] = SpreadHold(parsed.tag, parsed.spread, time.monotonic() + delay,
                                            time.time() + delay)
-        self._unreplayed.pop(("tag", key), None)
-        views = [self.remote] if self._next_remote is None else [self.remote,
-                                                                 self._next_remote[0]]
-        for remote in views:
-            if parsed.tag is None:
-                remote.pop(key, None)
-            else:
-                remote[key] = RemoteTag(parsed.tag, parsed.request_id)
+        self._lay("tag", key, parsed.tag, parsed.request_id)
         if parsed.tag is not None and parsed.request_id is not None and not message.retained:
             # Live: someone asks now. A retained replay was asked (and answered) before;
             # it is taken up if a check acts on it.
@@ -400,14 +407,7 @@ class Agent:
                                    reason=str(exc))
             return
         key = (message.scope, message.group)
-        self._unreplayed.pop(("agent", key), None)
-        views = [self.remote_agent] if self._next_remote is None else [self.remote_agent,
-                                                                       self._next_remote[1]]
-        for remote in views:
-            if parsed.tag is None:
-                remote.pop(key, None)
-            else:
-                remote[key] = RemoteTag(parsed.tag, parsed.request_id)
+        self._lay("agent", key, parsed.tag, parsed.request_id)
         # an app tag published with it is taken first (the check runs before the handover)
         self._agent_settle_until = time.monotonic() + REMOTE_SETTLE_S
 

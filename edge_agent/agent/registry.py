@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import math
 import re
@@ -59,6 +58,7 @@ from edge_agent.agent.space import (
 )
 from edge_agent.files import read_regular_file
 from edge_agent.protocol import safejson
+from edge_agent.registry_probe import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +108,8 @@ def locate(repository: str) -> RepositoryLocation:
             name = f"library/{name}"
     else:
         host = index
-    scheme = "http" if _is_loopback(host) else "https"
+    scheme = "http" if is_loopback(host) else "https"
     return RepositoryLocation(registry=index, base_url=f"{scheme}://{host}", name=name)
-
-
-def _is_loopback(host: str) -> bool:
-    """Docker talks plain HTTP to registries on 127.0.0.0/8 by default; so do we."""
-    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    hostname = hostname.strip("[]")
-    if hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname).is_loopback
-    except ValueError:
-        return False
 
 
 class _ShutdownAdapter(HTTPAdapter):
@@ -349,7 +337,7 @@ class RegistryClient:
     def follow_daemon(self, insecure: bool) -> None:
         """Speak plain HTTP to the registry when the Docker daemon does (its
         ``insecure-registries``): the check must reach what the pull will reach."""
-        scheme = "http" if insecure or _is_loopback(self.location.registry) else "https"
+        scheme = "http" if insecure or is_loopback(self.location.registry) else "https"
         host = self.location.base_url.split("://", 1)[1]
         self.location = replace(self.location, base_url=f"{scheme}://{host}")
 
@@ -357,7 +345,7 @@ class RegistryClient:
         """What an operator can do, for the two failures a first deployment meets."""
         if self.location.base_url.startswith("https://") and _is_tls_error(exc):
             return unreachable_hint("tls")
-        if _is_loopback(self.location.registry) and in_container():
+        if is_loopback(self.location.registry) and in_container():
             return unreachable_hint("loopback")
         return ""
 
