@@ -37,6 +37,7 @@ from edge_agent.agent.reconcile import (
     RemoteTag,
     Target,
     backoff_s,
+    deciding_keys,
     resolve_desired,
 )
 from edge_agent.agent.registry import RegistryClient
@@ -76,6 +77,12 @@ BURST_HOLD_S = 2.0
 # may send its retained messages well after granting the subscriptions. The last value
 # holds this long, unless a message for it comes; then it goes.
 REPLAY_GRACE_S = 10.0
+# After a reconnect, a change of version is decided only on desired tags the new session
+# has confirmed: the tag that wins and every topic above it (a device tag cleared while
+# its group's subscription is still refused must not send the device to the group's old
+# tag). A subscription refused for good (an ACL mistake) holds changes at most this
+# long after the reconnect; then the agent acts on what it knows.
+VIEW_HOLD_MAX_S = 120.0
 # Messages taken from the inbox before a check: a flood cannot hold checks off forever.
 MAX_BATCH = 1000
 # Desired-tag requests remembered until they are answered; a flood of request ids
@@ -155,6 +162,10 @@ class Agent:
         # ("tag" | "agent", key) -> until when a value the new session has not replayed
         # yet still counts (REPLAY_GRACE_S)
         self._unreplayed: dict[tuple[str, RemoteKey], float] = {}
+        # ("tag" | "agent", key) a message came for since the last reconnect, and when
+        # that reconnect was (monotonic; None: no session yet)
+        self._heard: set[tuple[str, RemoteKey]] = set()
+        self._session_at: float | None = None
         self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
         self._updater: Updater | None = None
@@ -252,9 +263,12 @@ class Agent:
                 or now < self._agent_settle_until or self.status.update_status in BUSY
                 or (self._updater is None and not selfupdate.resume_wait)):
             return
+        desired = self.resolve_agent()
+        if not selfupdate.resume_wait and self._unconfirmed("agent", desired, now):
+            return  # a message for it, or the hold's end, brings the loop back
         before = self.status.agent.to_json()
         try:
-            selfupdate.step(self.resolve_agent())
+            selfupdate.step(desired)
         except EdgeAgentError as exc:
             log.error("agent update: %s", exc)
             self.status.agent.last_error = str(exc)
@@ -317,6 +331,8 @@ class Agent:
             # A tag cleared while we were away must not linger, but an incomplete replay
             # (a subscription refused) must not count as the whole truth either.
             self._next_remote = ({}, {})
+            self._heard.clear()
+            self._session_at = time.monotonic()
         elif isinstance(message, RemoteReady):
             if self._next_remote is not None:
                 fresh, fresh_agent = self._next_remote
@@ -328,6 +344,17 @@ class Agent:
             self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
             if self._updater is not None:  # before the first check there is nothing to show
                 self._heartbeat()
+
+    def _unconfirmed(self, kind: str, desired: Desired | None, now: float) -> list[RemoteKey]:
+        """The topics deciding ``desired`` whose value this session has not confirmed
+        yet (no message for it, and the replay not complete or its grace running);
+        empty once VIEW_HOLD_MAX_S have passed since the reconnect."""
+        if self._session_at is None or now >= self._session_at + VIEW_HOLD_MAX_S:
+            return []
+        replaying = self._next_remote is not None
+        return [key for key in deciding_keys(desired, self.settings.device_groups)
+                if (kind, key) in self._unreplayed
+                or (replaying and (kind, key) not in self._heard)]
 
     def _carry_unreplayed(self, known: dict[RemoteKey, RemoteTag],
                           fresh: dict[RemoteKey, RemoteTag], kind: str,
@@ -350,6 +377,7 @@ class Agent:
         """A desired app tag (``kind`` "tag") or agent version ("agent") for ``key``: in the
         current view, and in the next session's while its replay is incomplete."""
         self._unreplayed.pop((kind, key), None)
+        self._heard.add((kind, key))
         index = 0 if kind == "tag" else 1
         views = [self.remote if kind == "tag" else self.remote_agent]
         if self._next_remote is not None:
@@ -494,7 +522,7 @@ class Agent:
             if desired.request_id is not None:
                 self._open_request(desired.request_id,
                                    OpenRequest(desired.tag, _key_of(desired)))
-            held = self._spread_hold(desired, force=force)
+            held = self._broker_hold(desired) or self._spread_hold(desired, force=force)
             if held is not None:
                 result = held
             else:
@@ -567,6 +595,25 @@ class Agent:
                                    f"{hold.spread_s:g} s; this device's turn comes at "
                                    f"{format_utc(hold.at)}", hold.at))
         self._next_check = min(self._next_check, hold.until)
+        return CheckResult(Action.UPDATE, CheckOutcome.DEFERRED, Target(desired.tag, None))
+
+    def _broker_hold(self, desired: Desired) -> CheckResult | None:
+        """Defer a change of version while the broker has not confirmed, since the
+        reconnect, the tags that decide it (VIEW_HOLD_MAX_S). Not even ``force`` goes
+        ahead: the question is which tag, not when."""
+        now = time.monotonic()
+        if desired.tag == self.status.running.tag or self._session_at is None:
+            return None
+        pending = self._unconfirmed("tag", desired, now)
+        if not pending:
+            return None
+        ends = self._session_at + VIEW_HOLD_MAX_S
+        at = time.time() + (ends - now)
+        scopes = " and ".join(_scope_name(key) for key in pending)
+        self.status.defer(Deferral(desired.tag, DeferReason.BROKER,
+                                   f"waiting for the broker to confirm the desired tag of "
+                                   f"{scopes} after the reconnect", at))
+        self._next_check = min(self._next_check, ends)
         return CheckResult(Action.UPDATE, CheckOutcome.DEFERRED, Target(desired.tag, None))
 
     def _wake_for(self, deferral: Deferral | None) -> None:

@@ -58,6 +58,22 @@ def resolve_desired(  # noqa: PLR0911, PLR0913 - one per precedence level
     return None
 
 
+def deciding_keys(desired: Desired | None, groups: Sequence[str]
+                  ) -> list[tuple[Source, str | None]]:
+    """The desired-tag topics, as (scope, group), that decide ``desired``: its own and
+    every one above it, whose tag would win if it had one (device > groups in order >
+    fleet). Below the fleet (file, image, fallback): all of them."""
+    chain: list[tuple[Source, str | None]] = [
+        (Source.DEVICE, None), *((Source.GROUP, g) for g in groups), (Source.FLEET, None)]
+    if desired is None:
+        return chain
+    if desired.source is Source.DEVICE:
+        return chain[:1]
+    if desired.source is Source.GROUP and (Source.GROUP, desired.detail) in chain:
+        return chain[:chain.index((Source.GROUP, desired.detail)) + 1]
+    return chain
+
+
 @dataclass(frozen=True)
 class Target:
     """The image a check decided to run: tag, registry digest (if known) and why."""

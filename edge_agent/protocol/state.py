@@ -47,6 +47,7 @@ class DeferReason(enum.StrEnum):
     WINDOW = "window"  # outside UPDATE_WINDOW
     LOCK = "lock"  # the app holds UPDATE_LOCK_FILE
     SPREAD = "spread"  # a fleet-wide change's random per-device delay
+    BROKER = "broker"  # after a reconnect, the broker has not confirmed the desired tags yet
 
 
 # The statuses in which an update is under way and the container is the updater's.

@@ -19,15 +19,16 @@ from edge_agent.agent.loop import (
     REMOTE_SETTLE_S,
     REPLAY_GRACE_S,
     RETRY_BASE_S,
+    VIEW_HOLD_MAX_S,
     Agent,
     ContainerEvent,
     Wake,
 )
 from edge_agent.agent.reconcile import Desired, RemoteTag
 from edge_agent.protocol.errors import TagError
-from edge_agent.protocol.events import EventName
+from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.messages import CheckRequest, RemoteReady, RemoteReset, RemoteTagMessage
-from edge_agent.protocol.state import Source, UpdateStatus
+from edge_agent.protocol.state import DeferReason, Source, UpdateStatus
 from edge_agent.protocol.tags import DesiredTag, is_request_id, parse_tag_payload
 from tests.support.hostile import RecordsWithTracebacks, hostile_payloads
 
@@ -327,6 +328,44 @@ def test_a_tag_the_new_session_has_not_replayed_yet_holds_for_a_grace(tmp_path: 
     assert device not in agent.remote and agent.remote[group].tag == "3.0"
     desired = agent.resolve()
     assert desired is not None and desired.tag == "3.0"
+    agent.close()
+
+
+def test_after_a_reconnect_no_version_change_rests_on_an_unconfirmed_tag(tmp_path: Path) -> None:
+    """Seen on a NATS cluster after a node died: the rollout cleared the device's own tag
+    while the device's subscription to its group was still refused. The group's old tag
+    must not send the device back for a few seconds (it would update twice)."""
+    agent = make_agent(tmp_path, DEVICE_GROUPS="blue")
+    agent.status.running.tag = "4.0"
+    for message in (flip(1, "4.0"), flip(2, "3.0", scope=Source.GROUP, group="blue")):
+        agent.handle(message)
+    agent.handle(RemoteReset())  # the new node: the device tag replayed, the group refused
+    agent.handle(flip(1, "4.0", retained=True))
+    desired = agent.resolve()
+    assert desired is not None and agent._broker_hold(desired) is None  # confirmed, running
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"", "edge/device/tag", None))  # cleared
+    result = agent.check()
+    assert result is not None and result.outcome is CheckOutcome.DEFERRED
+    deferred = agent.status.deferred
+    assert deferred is not None and deferred.reason is DeferReason.BROKER
+    assert deferred.tag == "3.0" and "group blue" in deferred.detail
+    assert agent._next_check <= time.monotonic() + VIEW_HOLD_MAX_S
+    # the group's subscription granted: its replay brings the tag the rollout set
+    agent.handle(flip(3, "4.0", scope=Source.GROUP, group="blue", retained=True))
+    desired = agent.resolve()
+    assert desired is not None and agent._broker_hold(desired) is None
+    # a subscription refused for good holds a change back VIEW_HOLD_MAX_S at most
+    agent.handle(RemoteReset())
+    agent.handle(flip(4, "5.0", scope=Source.FLEET))  # live; the group above it unheard
+    desired = agent.resolve()
+    assert desired is not None and desired.tag == "4.0"  # the group still wins
+    agent.handle(RemoteTagMessage(Source.GROUP, b"", "edge/group/tag", "blue"))
+    desired = agent.resolve()
+    assert desired is not None and desired.tag == "5.0"  # confirmed all the way up
+    assert agent._broker_hold(desired) is not None  # the device tag above it: unheard
+    assert agent._session_at is not None
+    agent._session_at -= VIEW_HOLD_MAX_S
+    assert agent._broker_hold(desired) is None
     agent.close()
 
 

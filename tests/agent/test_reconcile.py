@@ -23,6 +23,7 @@ from edge_agent.agent.reconcile import (
     backoff_s,
     counts_as_interrupted,
     decide,
+    deciding_keys,
     failed_keys,
     failure_of,
     interruptions,
@@ -69,6 +70,17 @@ def test_first_listed_group_wins() -> None:
     desired = resolve(groups=[("a", RemoteTag("1")), ("b", RemoteTag("2"))])
     assert desired is not None
     assert (desired.tag, desired.detail) == ("1", "a")
+
+
+def test_the_keys_deciding_a_desired_tag_are_its_own_and_every_one_above() -> None:
+    device, fleet = (Source.DEVICE, None), (Source.FLEET, None)
+    a, b = (Source.GROUP, "a"), (Source.GROUP, "b")
+    assert deciding_keys(Desired("1", Source.DEVICE), ["a", "b"]) == [device]
+    assert deciding_keys(Desired("1", Source.GROUP, detail="a"), ["a", "b"]) == [device, a]
+    assert deciding_keys(Desired("1", Source.GROUP, detail="b"), ["a", "b"]) == [device, a, b]
+    for below in (Source.FLEET, Source.FILE, Source.IMAGE, Source.FALLBACK):
+        assert deciding_keys(Desired("1", below), ["a", "b"]) == [device, a, b, fleet]
+    assert deciding_keys(None, []) == [device, fleet]
 
 
 RUNNING = Running(digests=frozenset({"sha256:a"}), tag="1.0", config_digest="c1", running=True)

@@ -98,7 +98,9 @@ def test_desired_tags_and_waits_across_nodes(rig: Rig) -> None:
     assert response.status_code == 200, response.text
     result = rig.ctl("set-tag", "--device", names[1], "2.0", "--wait", "--timeout", "120")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert rig.all_settled("2.0", names[:2]) and rig.all_settled("3.0", names[2:])
+    # the answers came as events; the observer on node C sees the states a moment later
+    wait_until(lambda: rig.all_settled("2.0", names[:2]) and rig.all_settled("3.0", names[2:]),
+               timeout=30, interval=0.5, message="the states after the waits")
     # check --wait: edge-ctl on node C, the agent on node A, answered on its reply topic
     # (MQTT 3.1.1: the command's reply_to names it)
     result = rig.ctl("check", "--device", names[2], "--wait", "--json", "--timeout", "60")
@@ -123,15 +125,16 @@ def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     # The agents move to node B within seconds (nats-server.conf keeps the MQTT streams
     # on all three nodes); B may refuse some subscriptions for a moment while its
     # JetStream storage settles, which the agents ask for again (protocol/mqtt.py).
+    since = len(rig.watcher.messages)
     response = rig.bridge.post("/api/v1/rollouts", body)
     assert response.status_code == 201, response.text
-    rollout_id = response.json()["id"]
 
     def started() -> list[dict[str, Any]]:
-        return [e for e in events(rig, rollout_id) if e["event"] == "update_started"]
+        """Every update started since the rollout was created, whatever its request."""
+        return [e for e in events(rig, since) if e["event"] == "update_started"]
     wait_until(started, timeout=60, message="the rollout's first update")
     rig.cluster.kill(A)  # the agents' node dies mid-rollout
-    done = rig.bridge.wait_rollout(rollout_id, ["succeeded", "halted"], timeout=600)
+    done = rig.bridge.wait_rollout(response.json()["id"], ["succeeded", "halted"], timeout=600)
     assert done["state"] == "succeeded", f"{done}\n{rig.fleet.logs()}"
     wait_until(lambda: rig.all_settled("4.0"), timeout=30, interval=0.5,
                message="every device's state on 4.0")
@@ -141,20 +144,15 @@ def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     per_device = Counter(json.loads(e)["device_id"] for e in distinct)
     for agent in rig.fleet.agents:
         assert "MQTT: lost the broker at" in agent.log()
-    assert set(per_device) == set(rig.fleet.names), per_device  # every device updated
-    if per_device != dict.fromkeys(rig.fleet.names, 1):
-        # Known and open (issue 13): in full-suite runs one device sometimes starts its
-        # update a second time after the node's death (2 of 2 CI runs, 1 of 10 runs of
-        # this module alone). Reported as an expected failure, with what it saw, until
-        # the cause is found; everything above must hold.
-        pytest.xfail(f"a device started its update twice: {dict(per_device)}")
+    # Exactly once each, to 4.0. Seen before VIEW_HOLD_MAX_S (agent/loop.py): the rollout
+    # cleared a device's own tag while the new node still refused its subscription to the
+    # group's tag, and the device went to the group's old tag for a few seconds.
+    assert per_device == dict.fromkeys(rig.fleet.names, 1), \
+        f"{sorted(distinct)}\n{rig.fleet.logs()}"
+    assert {json.loads(e)["to_tag"] for e in distinct} == {"4.0"}
 
 
-def events(rig: Rig, rollout_id: str) -> list[dict[str, Any]]:
-    found = []
-    for message in list(rig.watcher.messages):
-        if message.topic.endswith("/events") and message.payload:
-            event = message.json()
-            if str(event.get("request_id", "")).startswith(f"{rollout_id}:"):
-                found.append(event)
-    return found
+def events(rig: Rig, since: int) -> list[dict[str, Any]]:
+    """The events the observer has seen from its ``since``-th message on."""
+    return [m.json() for m in list(rig.watcher.messages)[since:]
+            if m.topic.endswith("/events") and m.payload]
