@@ -1,4 +1,4 @@
-"""Reading the files in DATA_DIR without trusting what is there.
+"""Reading the files in DATA_DIR without trusting what is there, and writing them atomically.
 
 Whoever can write DATA_DIR (another container sharing the volume, a careless script) can
 put there a symbolic or hard link to a secret the agent may read, a FIFO that blocks
@@ -14,22 +14,29 @@ huge file. So every read here:
 
 A refusal is a ``StorageError`` naming the path and the reason in one line; the content
 is never read, so it cannot show up in a message, a state or a request. Writes
-(``store.atomic_write``) create a new file and rename it over the old name, which
-replaces a planted link rather than following it.
+(``atomic_write``) create a new file and rename it over the old name, which replaces a
+planted link rather than following it. The agent's DATA_DIR and the bridge's rollout
+records both use these.
 
 This module imports nothing heavy: ``edge-agent status`` and ``healthcheck`` use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
-from edge_agent.agent.errors import StorageError
+from edge_agent.protocol.errors import EdgeAgentError
 
 _OPEN_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+class StorageError(EdgeAgentError):
+    """A file in DATA_DIR (or another data directory) could not be read or written."""
 
 
 class FileRefused(StorageError):
@@ -112,3 +119,36 @@ def read_regular_file(path: Path, *, max_bytes: int) -> bytes | None:
     if size > max_bytes:
         raise _refuse(path, f"it grew past the limit of {max_bytes} bytes while read")
     return b"".join(chunks)
+
+
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new bytes, nothing else.
+
+    ``durable=False`` skips the fsyncs: for derived files rewritten often (status.json),
+    where flash wear matters more than surviving a power cut.
+    """
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                if durable:
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if not durable:
+            return
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}"
+                           f"{permission_hint(exc, path)}") from None

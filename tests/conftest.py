@@ -17,6 +17,7 @@ Tests that use any of these get the ``stack`` marker automatically.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -51,6 +52,22 @@ STACK_FIXTURES = frozenset(
 )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Test images left untagged by an earlier, interrupted run keep their layers on the
+    daemon, and a pull that finds its layers downloads nothing: start without them. Once,
+    before any test: not in each pytest-xdist worker, where it would delete the parent
+    layers of another worker's build in progress."""
+    if hasattr(session.config, "workerinput"):
+        return
+    with contextlib.suppress(docker.errors.DockerException,
+                             requests.exceptions.RequestException, OSError):
+        client = docker.from_env(version="auto")
+        try:
+            client.images.prune(filters={"dangling": True, "label": TEST_IMAGE_LABEL})
+        finally:
+            client.close()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
@@ -70,9 +87,6 @@ def docker_client() -> Iterator[docker.DockerClient]:
             f"the Docker daemon is unreachable ({error}); run scripts/stack first",
             pytrace=False,
         )
-    # Test images left untagged by an earlier, interrupted run keep their layers on the
-    # daemon, and a pull that finds its layers downloads nothing: start without them.
-    client.images.prune(filters={"dangling": True, "label": TEST_IMAGE_LABEL})
     yield client
     client.close()
 

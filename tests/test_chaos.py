@@ -18,8 +18,8 @@ from typing import Any
 import docker
 import pytest
 
-from edge_agent.agent.errors import StorageError
 from edge_agent.agent.store import AgentState, DataDir
+from edge_agent.files import StorageError
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until

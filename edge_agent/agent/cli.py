@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
 from edge_agent.agent.config import Setting, describe_settings, load_file_settings, load_settings
-from edge_agent.agent.errors import StorageError
-from edge_agent.files import read_regular_file
+from edge_agent.files import StorageError, read_regular_file
 from edge_agent.logs import setup_logging
 from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import ConfigError

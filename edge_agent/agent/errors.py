@@ -1,7 +1,8 @@
 """The agent's errors. Docker and registry failures are translated into these classes
 once, at the module that talks to the outside system (``engine``, ``registry``,
 ``store``), so the rest of the agent never sees a ``docker.errors`` or ``urllib``
-exception."""
+exception. A file that cannot be read or written is ``files.StorageError``, shared with
+the bridge's rollout records."""
 
 from edge_agent.protocol.errors import EdgeAgentError
 
@@ -24,10 +25,6 @@ class RegistryError(EdgeAgentError):
 
 class ManifestUnknown(RegistryError):
     """The registry says the tag or digest does not exist."""
-
-
-class StorageError(EdgeAgentError):
-    """A file in DATA_DIR could not be read or written."""
 
 
 class InsufficientSpace(EdgeAgentError):

@@ -29,7 +29,6 @@ from edge_agent.agent.errors import (
     ManifestUnknown,
     RunConfigError,
     SignatureRefused,
-    StorageError,
 )
 from edge_agent.agent.reconcile import (
     Action,
@@ -45,6 +44,7 @@ from edge_agent.agent.selfupdate import SelfUpdate
 from edge_agent.agent.status import Status
 from edge_agent.agent.store import DataDir
 from edge_agent.agent.updater import CheckResult, Updater
+from edge_agent.files import StorageError
 from edge_agent.logs import REQUEST_ID
 from edge_agent.protocol.errors import EdgeAgentError, TagError
 from edge_agent.protocol.events import CheckOutcome, EventName, FailureCode

@@ -39,7 +39,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from edge_agent.agent import deadline
-from edge_agent.agent.errors import ManifestUnknown, RegistryError, StorageError
+from edge_agent.agent.errors import ManifestUnknown, RegistryError
 from edge_agent.agent.signatures import (
     MAX_PAYLOAD_BYTES,
     BadSignature,
@@ -56,7 +56,7 @@ from edge_agent.agent.space import (
     read_diff_ids,
     read_manifest,
 )
-from edge_agent.files import read_regular_file
+from edge_agent.files import StorageError, read_regular_file
 from edge_agent.protocol import safejson
 from edge_agent.registry_probe import is_loopback
 

@@ -40,8 +40,7 @@ from edge_agent.agent.handover import (
     satisfied,
 )
 from edge_agent.agent.reconcile import Desired
-from edge_agent.agent.store import atomic_write
-from edge_agent.files import read_regular_file
+from edge_agent.files import atomic_write, read_regular_file
 from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import EdgeAgentError
 from edge_agent.protocol.events import EventName

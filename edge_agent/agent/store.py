@@ -9,20 +9,17 @@ the bounded decoder ``safejson``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS
 
-from edge_agent.agent.errors import RunConfigError, StorageError
-from edge_agent.files import permission_hint, read_regular_file
+from edge_agent.agent.errors import RunConfigError
+from edge_agent.files import StorageError, atomic_write, permission_hint, read_regular_file
 from edge_agent.protocol import safejson
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.tags import validate_tag
@@ -48,39 +45,6 @@ ACCEPTED_KWARGS = (
     frozenset(RUN_CREATE_KWARGS) | frozenset(RUN_HOST_CONFIG_KWARGS)
     | {"ports", "volumes", "network", "networking_config"}
 ) - AGENT_OWNED_KWARGS - {"version"}
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new bytes, nothing else.
-
-    ``durable=False`` skips the fsyncs: for derived files rewritten often (status.json),
-    where flash wear matters more than surviving a power cut.
-    """
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if not durable:
-            return
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}"
-                           f"{permission_hint(exc, path)}") from None
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from edge_agent.agent.errors import StorageError
 from edge_agent.agent.registry import locate
 from edge_agent.agent.signatures import BadSignature, SignedPayload, check_claims, read_claims
-from edge_agent.files import read_regular_file
+from edge_agent.files import StorageError, read_regular_file
 from edge_agent.protocol.errors import ConfigError
 
 MAX_KEY_FILE_BYTES = 64 * 1024

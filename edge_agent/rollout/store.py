@@ -7,24 +7,23 @@ be made exclusive without that race. ``fcntl.flock`` on ``controller.lock`` is
 exclusive by the kernel, held for the controller's lifetime and freed by the kernel
 when the process dies, even by SIGKILL, so a restarted bridge takes over at once.
 
-Writes are atomic (a new file, fsync, rename over the old name, fsync of the
-directory): a reader, or the next start after a power cut, sees the old record or the
-new one. Reads take regular files only, bounded in size (a planted link or FIFO is
-refused, never followed).
+Reads and writes go through ``edge_agent.files``, as the agent's DATA_DIR does: writes
+are atomic and durable (a reader, or the next start after a power cut, sees the old
+record or the new one); reads take regular files only, bounded in size (a planted link
+or FIFO is refused, never followed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
-import stat
 import tempfile
 from pathlib import Path
 
+from edge_agent.files import StorageError, atomic_write, read_regular_file
 from edge_agent.protocol import safejson
 from edge_agent.protocol.topics import ID_RE
 from edge_agent.rollout.plan import Rollout
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "controller.lock"
 SUFFIX = ".json"
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # 10,000 devices at ~400 bytes each, and room
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class StoreError(Exception):
@@ -90,7 +88,10 @@ class RolloutStore:
     def save(self, rollout: Rollout) -> None:
         """Write the record atomically and durably; StoreError when it cannot."""
         data = json.dumps(rollout.to_json(), separators=(",", ":"), allow_nan=False).encode()
-        _atomic_write(self.path(rollout.id), data)
+        try:
+            atomic_write(self.path(rollout.id), data)
+        except StorageError as exc:
+            raise StoreError(str(exc)) from None
 
     def load_all(self) -> list[Rollout]:
         """Every readable record, oldest first; an unreadable one is logged and left."""
@@ -110,7 +111,12 @@ class RolloutStore:
         return rollouts
 
     def load(self, path: Path) -> Rollout:
-        data = _read_regular_file(path, MAX_RECORD_BYTES)
+        try:
+            data = read_regular_file(path, max_bytes=MAX_RECORD_BYTES)
+        except StorageError as exc:
+            raise StoreError(str(exc)) from None
+        if data is None:
+            raise StoreError(f"{path}: gone")
         try:
             obj = safejson.loads_object(data, max_bytes=MAX_RECORD_BYTES)
             spec = parse_spec({k: v for k, v in obj["spec"].items() if k in SPEC_FIELDS})
@@ -118,48 +124,3 @@ class RolloutStore:
         except (safejson.UntrustedJson, SpecError, KeyError, TypeError, ValueError,
                 AttributeError) as exc:
             raise StoreError(f"{path}: not a rollout record ({exc})") from None
-
-
-def _read_regular_file(path: Path, max_bytes: int) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes`` (no link, FIFO or device)."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-            raise StoreError(f"{path}: not a regular file of at most {max_bytes} bytes")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise StoreError(f"{path}: larger than {max_bytes} bytes")
-    return data
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    directory = path.parent
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
-

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.agent.errors import RunConfigError, StorageError
+from edge_agent.agent.errors import RunConfigError
 from edge_agent.agent.registry import RegistryClient
 from edge_agent.agent.store import (
     MAX_FILE_BYTES,
@@ -39,7 +39,7 @@ from edge_agent.agent.store import (
     AgentState,
     DataDir,
 )
-from edge_agent.files import FileRefused, read_regular_file
+from edge_agent.files import FileRefused, StorageError, read_regular_file
 from edge_agent.protocol.errors import TagError
 from tests.support import REPO_ROOT
 from tests.support.device import Device, publish

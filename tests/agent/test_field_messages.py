@@ -77,7 +77,7 @@ def test_unwritable_data_dir_says_chown(tmp_path: Path) -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "from edge_agent.agent.store import DataDir\n"
-        "from edge_agent.agent.errors import StorageError\n"
+        "from edge_agent.files import StorageError\n"
         "try:\n"
         f"    DataDir(Path({str(data)!r})).write_tag('1.0')\n"
         "except StorageError as exc:\n"
