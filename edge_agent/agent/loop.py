@@ -165,6 +165,9 @@ class Agent:
         # ("tag" | "agent", key) a message came for since the last reconnect, and when
         # that reconnect was (monotonic; None: no session yet)
         self._heard: set[tuple[str, RemoteKey]] = set()
+        # the keys a live (not retained) message came for in this session: a retained
+        # replay for one of them that comes later is older (``_stale_replay``)
+        self._live: set[tuple[str, RemoteKey]] = set()
         self._session_at: float | None = None
         self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
@@ -332,6 +335,7 @@ class Agent:
             # (a subscription refused) must not count as the whole truth either.
             self._next_remote = ({}, {})
             self._heard.clear()
+            self._live.clear()
             self._session_at = time.monotonic()
         elif isinstance(message, RemoteReady):
             if self._next_remote is not None:
@@ -388,6 +392,22 @@ class Agent:
             else:
                 remote[key] = RemoteTag(tag, request_id)
 
+    def _stale_replay(self, kind: str, message: RemoteTagMessage | RemoteAgentMessage) -> bool:
+        """A retained replay after a live message on its topic in the same session: the
+        live one is newer. Seen on a NATS cluster after a node died: the new node granted
+        a subscription late and replayed the value from before a rollout's live publish
+        the agent had already acted on; taking it would send the device back."""
+        key = (kind, (message.scope, message.group))
+        if not message.retained:
+            self._live.add(key)
+            return False
+        if key in self._live:
+            log.info("ignored a retained %s on %s: older than the live one this session "
+                     "already brought", "desired tag" if kind == "tag" else "agent version",
+                     message.topic)
+            return True
+        return False
+
     def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
         try:
             parsed = parse_tag_payload(message.payload)
@@ -396,6 +416,8 @@ class Agent:
             request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
             self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
+            return
+        if self._stale_replay("tag", message):
             return
         key = (message.scope, message.group)
         previous = self._request_at.get(key)
@@ -433,6 +455,8 @@ class Agent:
             request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
             self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
+            return
+        if self._stale_replay("agent", message):
             return
         key = (message.scope, message.group)
         self._lay("agent", key, parsed.tag, parsed.request_id)

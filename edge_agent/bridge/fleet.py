@@ -31,11 +31,10 @@ from edge_agent.bridge.fleetview import DeviceFilter, Tally, sort_key
 from edge_agent.protocol import precedence, safejson
 from edge_agent.protocol.answers import Answer, judge_event, judge_state
 from edge_agent.protocol.device_data import clean_event, clean_state, dropped_fields, seen_at
-from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.events import EventName
-from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.timestamps import format_utc
 from edge_agent.protocol.topics import ID_RE, Topics
+from edge_agent.rollout.desired import DesiredTags
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +275,8 @@ class Fleet:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.topics = topics
+        # the retained desired tags (the rollout controller reads them too)
+        self.desired = DesiredTags(topics)
         self.max_devices = max_devices
         self.max_waiters = max_waiters
         self._clock = clock
@@ -299,9 +300,8 @@ class Fleet:
         self._resynced_at = 0.0
         # called with (device id, cleaned event) for every event (the rollout controller)
         self.event_listeners: list[Callable[[str, dict[str, Any]], None]] = []
-        # the retained group and fleet tags, to show which ones a device tag shadows
-        self._group_tags: dict[str, str] = {}
-        self._fleet_tag: str | None = None
+        # a copy of the group and fleet tags, to show which ones a device tag shadows
+        self._scope_tags: tuple[dict[str, str], str | None] = ({}, None)
         self._feeds: set[ChangeFeed] = set()
         self._summary_version = -1
         self._summary: dict[str, Any] = {}
@@ -311,12 +311,13 @@ class Fleet:
 
     # -- incoming messages (MQTT thread) ------------------------------------------
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        """Take one message from a device topic; anything malformed is ignored."""
-        device_id = self.topics.device_of(topic)
-        if device_id is None:
-            self._on_desired_tag(topic, payload)
+        """Take one message from a device topic or a desired tag (device, group, fleet);
+        anything malformed is ignored."""
+        if self.desired.handle(topic, payload, retained):
+            self._on_scope_tags(self.desired.scope_tags())
             return
-        if not ID_RE.fullmatch(device_id):
+        device_id = self.topics.device_of(topic)
+        if device_id is None or not ID_RE.fullmatch(device_id):
             return
         kind = topic[len(f"{self.topics.prefix}/devices/{device_id}/"):]
         if kind not in ("state", "availability", "events"):
@@ -442,7 +443,7 @@ class Fleet:
                 return
             device.state = document
             device.state_seq = seq
-            device.shadows = precedence.shadowed(document, self._group_tags, self._fleet_tag)
+            device.shadows = precedence.shadowed(document, *self._scope_tags)
             now = self._clock()
             # a live message is seen now; a retained one when its ts says, if plausible
             device.seen(seen_at(document.get("ts"), now) if retained else now)
@@ -451,30 +452,15 @@ class Fleet:
         for waiter in waiters:
             waiter.settle(judge_state(document, waiter.request_id, waiter.tag))
 
-    def _on_desired_tag(self, topic: str, payload: bytes) -> None:
-        """A retained group or fleet tag (``P/groups/<g>/tag``, ``P/fleet/tag``): which
-        device tags shadow it is shown with each device. A payload the agents would
-        reject changes nothing, for them as here."""
-        group: str | None = None
-        if topic != self.topics.fleet_tag:
-            head = f"{self.topics.prefix}/groups/"
-            group = topic[len(head):-len("/tag")] if topic.startswith(head) else None
-            if (group is None or not topic.endswith("/tag") or not ID_RE.fullmatch(group)
-                    or topic != self.topics.group_tag(group)):
-                return
-        try:
-            tag = parse_tag_payload(payload).tag
-        except TagError:
-            return
+    def _on_scope_tags(self, scope_tags: tuple[dict[str, str], str | None]) -> None:
+        """The group and fleet tags after a desired tag came: which device tags shadow
+        them is shown with each device."""
         with self._lock:
-            if group is None:
-                self._fleet_tag = tag
-            elif tag is None:
-                self._group_tags.pop(group, None)
-            elif group in self._group_tags or len(self._group_tags) < self.max_devices:
-                self._group_tags[group] = tag
+            if scope_tags == self._scope_tags:
+                return  # a device tag, or the same again
+            self._scope_tags = scope_tags
             for device in self._devices.values():
-                shadows = precedence.shadowed(device.state, self._group_tags, self._fleet_tag)
+                shadows = precedence.shadowed(device.state, *scope_tags)
                 if shadows != device.shadows:
                     device.shadows = shadows
                     self._changed(device)

@@ -52,7 +52,6 @@ from edge_agent.bridge.settings import DEFAULT_CLIENT_CONNECTIONS, MAX_CONNECTIO
 from edge_agent.bridge.wire import MAX_HEAD_BYTES, BadRequest, RequestHead, parse_head
 from edge_agent.protocol.topics import Topics
 from edge_agent.rollout.controller import RolloutController
-from edge_agent.rollout.desired import DesiredTags
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +501,7 @@ class Bridge:
         self.settings = settings
         self.topics = Topics(settings.mqtt.topic_prefix)
         self.fleet = Fleet(self.topics)
-        self.desired = DesiredTags(self.topics)
+        self.desired = self.fleet.desired
         self.link = BridgeLink(
             settings.mqtt,
             [self.topics.all_states, self.topics.all_availability, self.topics.all_events,
@@ -537,9 +536,7 @@ class Bridge:
         return f"http://{host}:{self.port}"
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        # desired tags feed both: the rollout controller's view, and the fleet's shadows
-        self.desired.handle(topic, payload, retained)
-        self.fleet.handle(topic, payload, retained)
+        self.fleet.handle(topic, payload, retained)  # desired tags too (fleet.desired)
 
     def start(self) -> None:
         self.rollouts.start()

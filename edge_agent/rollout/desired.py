@@ -1,7 +1,9 @@
 """The retained desired tags as the bridge sees them (``P/fleet/tag``,
-``P/groups/+/tag``, ``P/devices/+/tag``): fed from the MQTT thread, read by the rollout
-controller to know a device's override before the rollout (for ``on_halt`` = revert)
-and whether clearing an override at the end would change the device's effective tag.
+``P/groups/+/tag``, ``P/devices/+/tag``): fed from the MQTT thread (through the
+bridge's ``Fleet``, which shows with each device the group or fleet tag its own tag
+shadows), read by the rollout controller to know a device's override before the rollout
+(for ``on_halt`` = revert) and whether clearing an override at the end would change the
+device's effective tag. The one place the bridge parses desired tags.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class DesiredTags:
             else:
                 return False
         return True
+
+    def scope_tags(self) -> tuple[dict[str, str], str | None]:
+        """The group tags by group, and the fleet tag (for ``precedence.shadowed``)."""
+        with self._lock:
+            fleet = self._fleet.tag if self._fleet is not None else None
+            return {group: value.tag for group, value in self._groups.items()}, fleet
 
     def view(self) -> DesiredView:
         with self._lock:

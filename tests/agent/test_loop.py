@@ -251,6 +251,7 @@ def test_only_a_request_replaced_on_its_own_topic_is_superseded(tmp_path: Path,
     agent.status.event_sinks.append(events.append)
     for message in (flip(1, "1.0", scope=Source.DEVICE), flip(2, "2.0", scope=Source.FLEET),
                     flip(3, "3.0", scope=Source.GROUP, group="blue"),
+                    RemoteReset(),  # a reconnect: the replay of a tag set meanwhile
                     flip(4, "4.0", scope=Source.FLEET, retained=True),
                     flip(1, "1.0", scope=Source.DEVICE)):
         agent.inbox.put(message)
@@ -343,7 +344,7 @@ def test_after_a_reconnect_no_version_change_rests_on_an_unconfirmed_tag(tmp_pat
     agent.handle(flip(1, "4.0", retained=True))
     desired = agent.resolve()
     assert desired is not None and agent._broker_hold(desired) is None  # confirmed, running
-    agent.handle(RemoteTagMessage(Source.DEVICE, b"", "edge/device/tag", None))  # cleared
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"", "edge/device/tag", None, retained=False))  # cleared
     result = agent.check()
     assert result is not None and result.outcome is CheckOutcome.DEFERRED
     deferred = agent.status.deferred
@@ -359,13 +360,35 @@ def test_after_a_reconnect_no_version_change_rests_on_an_unconfirmed_tag(tmp_pat
     agent.handle(flip(4, "5.0", scope=Source.FLEET))  # live; the group above it unheard
     desired = agent.resolve()
     assert desired is not None and desired.tag == "4.0"  # the group still wins
-    agent.handle(RemoteTagMessage(Source.GROUP, b"", "edge/group/tag", "blue"))
+    agent.handle(RemoteTagMessage(Source.GROUP, b"", "edge/group/tag", "blue", retained=False))
     desired = agent.resolve()
     assert desired is not None and desired.tag == "5.0"  # confirmed all the way up
     assert agent._broker_hold(desired) is not None  # the device tag above it: unheard
     assert agent._session_at is not None
     agent._session_at -= VIEW_HOLD_MAX_S
     assert agent._broker_hold(desired) is None
+    agent.close()
+
+
+def test_a_replay_after_a_live_tag_in_the_same_session_is_older_and_ignored(
+    tmp_path: Path,
+) -> None:
+    """Seen on a NATS cluster after a node died: the new node granted the device's tag
+    subscription late, after the rollout's live tag had come, and replayed the tag from
+    before it."""
+    agent = make_agent(tmp_path)
+    device = (Source.DEVICE, None)
+    agent.handle(flip(1, "2.0", retained=True))
+    agent.handle(RemoteReset())
+    agent.handle(flip(2, "4.0"))  # live: the rollout
+    agent.handle(flip(1, "2.0", retained=True))  # the late replay
+    assert agent.remote[device] == RemoteTag("4.0", "r2")
+    agent.handle(RemoteTagMessage(Source.DEVICE, b"", "edge/device/tag", None, retained=False))  # live clear
+    agent.handle(flip(1, "2.0", retained=True))
+    assert device not in agent.remote
+    agent.handle(RemoteReset())  # a new session replays what is current again
+    agent.handle(flip(3, "5.0", retained=True))
+    assert agent.remote[device] == RemoteTag("5.0", "r3")
     agent.close()
 
 
