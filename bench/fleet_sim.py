@@ -3,12 +3,14 @@
 Each device speaks the device side of the contract (docs/PROTOCOL.md) with the project's
 own protocol code, never a copy of it: ``Topics`` for every topic, ``messages.route``
 to read the wire, ``tags.parse_tag_payload`` for desired tags, the agent's own
-``reconcile.resolve_desired`` for the device > group > fleet precedence, and the
-agent's own ``status.Status`` (docker-free) to build the state document and the
-events. What it does not have is Docker: an update is a timer (``update_s``) that
-goes ``update_started`` -> ``pull_progress`` -> ``update_succeeded``, or, with
-probability ``failure_rate``, ``rolled_back`` (the device then keeps its tag and
-skips that tag until another is desired, as the agent skips a digest that failed).
+``remote.RemoteView`` for the desired tags across reconnects (an incomplete replay,
+a stale one, a tag not confirmed yet), ``reconcile.resolve_desired`` for the device >
+group > fleet precedence, and the agent's own ``status.Status`` (docker-free) to build
+the state document and the events. What it does not have is Docker: an update is a
+timer (``update_s``) that goes ``update_started`` -> ``pull_progress`` ->
+``update_succeeded``, or, with probability ``failure_rate``, ``rolled_back`` (the
+device then keeps its tag and skips that tag until another is desired, as the agent
+skips a digest that failed).
 
 Every device has its own MQTT connection: its own user name (the ACL's ``%u``), its
 own will (``offline``, retained) and retained availability and state. 10,000 paho
@@ -50,7 +52,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.agent.reconcile import RemoteTag, resolve_desired
+from edge_agent.agent.reconcile import RemoteTag, deciding_keys, resolve_desired
+from edge_agent.agent.remote import RemoteView
 from edge_agent.agent.status import RunningView, Status
 from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.messages import (
@@ -75,7 +78,6 @@ DEBOUNCE_S = 0.05
 # How often every client's keepalive is looked at (paho pings when it is due).
 MISC_EVERY_S = 2.0
 CONNECT_TIMEOUT_S = 2.0
-ReplyKey = tuple[Source, str | None]
 
 
 def digest_of(tag: str) -> str:
@@ -132,7 +134,7 @@ class SimDevice:
                                               file_tag=None, image_tag=tag, fallback_tag=None)
         self.status.state_sinks.append(self._publish_state)
         self.status.event_sinks.append(self._publish_event)
-        self.remote: dict[ReplyKey, RemoteTag] = {}
+        self.remote = RemoteView()
         self.failed_tags: set[str] = set()
         self.replies: list[tuple[CheckRequest, Reply]] = []
         self.updating = False
@@ -227,13 +229,14 @@ class SimDevice:
         self.attempts = 0
         self.sim.counters.connected += 1
         self.sim.counters.connects += 1
-        self.remote.clear()  # as RemoteReset: the broker replays the retained tags
+        self.remote.reset(self.sim.loop.time())  # as RemoteReset: the broker replays them
         client.publish(self._availability, str(Availability.ONLINE), qos=1, retain=True)
         client.subscribe([(topic, 1) for topic in self.subscriptions])
 
     def _on_subscribe(self, _client: Client, _userdata: Any, _mid: int,
                       _reasons: list[ReasonCode], _properties: Properties | None) -> None:
         # as RemoteReady: a fresh state now, a check once the retained tags have settled
+        self.remote.ready(self.sim.loop.time())
         self.status.publish()
         self.schedule_check(SETTLE_S)
 
@@ -285,10 +288,10 @@ class SimDevice:
                               reason=str(exc))
             return
         key = (message.scope, message.group)
-        if parsed.tag is None:
-            self.remote.pop(key, None)
-        else:
-            self.remote[key] = RemoteTag(parsed.tag, parsed.request_id)
+        if self.remote.stale(key, retained=message.retained):
+            return
+        self.remote.lay(key, None if parsed.tag is None
+                        else RemoteTag(parsed.tag, parsed.request_id))
         self.schedule_check(DEBOUNCE_S)
 
     def _publish_state(self, document: dict[str, Any]) -> None:
@@ -311,14 +314,21 @@ class SimDevice:
         if self.updating:
             self.recheck = True
             return
-        status = self.status
+        status, remote, now = self.status, self.remote, self.sim.loop.time()
+        last = remote.expire(now)
+        if last is not None:
+            self.schedule_check(last - now)
         status.desired = resolve_desired(
-            device=self.remote.get((Source.DEVICE, None)),
-            groups=[(g, self.remote.get((Source.GROUP, g))) for g in self.groups],
-            fleet=self.remote.get((Source.FLEET, None)), file_tag=None,
+            device=remote.get((Source.DEVICE, None)),
+            groups=[(g, remote.get((Source.GROUP, g))) for g in self.groups],
+            fleet=remote.get((Source.FLEET, None)), file_tag=None,
             image_tag=self.sim.config.initial_tag, fallback_tag=None)
         status.last_check_at = utc_now()
         target = status.desired.tag if status.desired is not None else None
+        if (target is not None and target != status.running.tag
+                and remote.unconfirmed(deciding_keys(status.desired, self.groups), now)):
+            self.schedule_check(1.0)  # as the agent: no change on an unconfirmed tag
+            return
         if target is None or target == status.running.tag:
             self._answer(CheckOutcome.UNCHANGED)
             status.set_update(UpdateStatus.IDLE)

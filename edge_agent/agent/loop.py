@@ -40,6 +40,7 @@ from edge_agent.agent.reconcile import (
     resolve_desired,
 )
 from edge_agent.agent.registry import RegistryClient
+from edge_agent.agent.remote import VIEW_HOLD_MAX_S, RemoteKey, RemoteView
 from edge_agent.agent.selfupdate import SelfUpdate
 from edge_agent.agent.status import Status
 from edge_agent.agent.store import DataDir
@@ -57,7 +58,7 @@ from edge_agent.protocol.messages import (
     Reply,
 )
 from edge_agent.protocol.state import BUSY, DeferReason, Source, UpdateStatus
-from edge_agent.protocol.tags import PayloadRejected, parse_tag_payload
+from edge_agent.protocol.tags import DesiredTag, PayloadRejected, parse_tag_payload
 from edge_agent.protocol.timestamps import format_utc
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,6 @@ REMOTE_SETTLE_S = 0.3
 # next check waits until none has come for REMOTE_SETTLE_S, at most this long, so a
 # burst costs one registry request per hold rather than one per tag.
 BURST_HOLD_S = 2.0
-# After a reconnect, a desired tag the new session has not replayed yet is not yet proof
-# that it was cleared: a broker node that just took over (a cluster after a node died)
-# may send its retained messages well after granting the subscriptions. The last value
-# holds this long, unless a message for it comes; then it goes.
-REPLAY_GRACE_S = 10.0
-# After a reconnect, a change of version is decided only on desired tags the new session
-# has confirmed: the tag that wins and every topic above it (a device tag cleared while
-# its group's subscription is still refused must not send the device to the group's old
-# tag). A subscription refused for good (an ACL mistake) holds changes at most this
-# long after the reconnect; then the agent acts on what it knows.
-VIEW_HOLD_MAX_S = 120.0
 # Messages taken from the inbox before a check: a flood cannot hold checks off forever.
 MAX_BATCH = 1000
 # Desired-tag requests remembered until they are answered; a flood of request ids
@@ -107,7 +97,6 @@ class Wake:
 
 Message = (CheckRequest | RemoteTagMessage | RemoteAgentMessage | ContainerEvent | Wake
            | RemoteReset | RemoteReady)
-RemoteKey = tuple[Source, str | None]
 
 
 @dataclass(frozen=True)
@@ -148,27 +137,12 @@ class Agent:
         self.status.event_sinks.append(_log_event)
         self.state = self.data.load_state()
         self.registry = RegistryClient(settings.repository)
-        self.remote: dict[RemoteKey, RemoteTag] = {}
-        # desired agent versions by topic (docs/SELF-UPDATE.md); the handover, when run
-        # by ``edge-agent run`` (runtime.py sets it)
-        self.remote_agent: dict[RemoteKey, RemoteTag] = {}
+        # desired app tags and agent versions (docs/SELF-UPDATE.md) by topic, session by
+        # session (agent/remote.py); the handover, when run by ``edge-agent run``
+        # (runtime.py sets it)
+        self.tags = RemoteView()
+        self.agent_versions = RemoteView()
         self.selfupdate: SelfUpdate | None = None
-        # The desired tags and agent versions of an MQTT session that has started but
-        # whose tag subscriptions are not all granted yet: they replace ``remote`` and
-        # ``remote_agent`` at RemoteReady. Until then the last complete view holds, with
-        # what this session brought laid over it (newer than anything it replaces).
-        self._next_remote: tuple[dict[RemoteKey, RemoteTag],
-                                 dict[RemoteKey, RemoteTag]] | None = None
-        # ("tag" | "agent", key) -> until when a value the new session has not replayed
-        # yet still counts (REPLAY_GRACE_S)
-        self._unreplayed: dict[tuple[str, RemoteKey], float] = {}
-        # ("tag" | "agent", key) a message came for since the last reconnect, and when
-        # that reconnect was (monotonic; None: no session yet)
-        self._heard: set[tuple[str, RemoteKey]] = set()
-        # the keys a live (not retained) message came for in this session: a retained
-        # replay for one of them that comes later is older (``_stale_replay``)
-        self._live: set[tuple[str, RemoteKey]] = set()
-        self._session_at: float | None = None
         self._agent_settle_until = 0.0
         self._connect_engine = connect_engine
         self._updater: Updater | None = None
@@ -267,7 +241,7 @@ class Agent:
                 or (self._updater is None and not selfupdate.resume_wait)):
             return
         desired = self.resolve_agent()
-        if not selfupdate.resume_wait and self._unconfirmed("agent", desired, now):
+        if not selfupdate.resume_wait and self._unconfirmed(self.agent_versions, desired, now):
             return  # a message for it, or the hold's end, brings the loop back
         before = self.status.agent.to_json()
         try:
@@ -282,10 +256,10 @@ class Agent:
 
     def resolve_agent(self) -> Desired | None:
         """The desired agent version: device, then groups, then fleet (as tags)."""
-        groups = [(g, self.remote_agent.get((Source.GROUP, g)))
-                  for g in self.settings.device_groups]
-        return resolve_desired(device=self.remote_agent.get((Source.DEVICE, None)),
-                               groups=groups, fleet=self.remote_agent.get((Source.FLEET, None)),
+        versions = self.agent_versions
+        groups = [(g, versions.get((Source.GROUP, g))) for g in self.settings.device_groups]
+        return resolve_desired(device=versions.get((Source.DEVICE, None)),
+                               groups=groups, fleet=versions.get((Source.FLEET, None)),
                                file_tag=None, image_tag=None, fallback_tag=None)
 
     # -- messages ---------------------------------------------------------------
@@ -333,80 +307,32 @@ class Agent:
         elif isinstance(message, RemoteReset):
             # A tag cleared while we were away must not linger, but an incomplete replay
             # (a subscription refused) must not count as the whole truth either.
-            self._next_remote = ({}, {})
-            self._heard.clear()
-            self._live.clear()
-            self._session_at = time.monotonic()
+            for view in (self.tags, self.agent_versions):
+                view.reset(time.monotonic())
         elif isinstance(message, RemoteReady):
-            if self._next_remote is not None:
-                fresh, fresh_agent = self._next_remote
-                until = time.monotonic() + REPLAY_GRACE_S
-                self.remote = self._carry_unreplayed(self.remote, fresh, "tag", until)
-                self.remote_agent = self._carry_unreplayed(self.remote_agent, fresh_agent,
-                                                           "agent", until)
-                self._next_remote = None
+            for view in (self.tags, self.agent_versions):
+                view.ready(time.monotonic())
             self._next_check = min(self._next_check, time.monotonic() + REMOTE_SETTLE_S)
             if self._updater is not None:  # before the first check there is nothing to show
                 self._heartbeat()
 
-    def _unconfirmed(self, kind: str, desired: Desired | None, now: float) -> list[RemoteKey]:
-        """The topics deciding ``desired`` whose value this session has not confirmed
-        yet (no message for it, and the replay not complete or its grace running);
-        empty once VIEW_HOLD_MAX_S have passed since the reconnect."""
-        if self._session_at is None or now >= self._session_at + VIEW_HOLD_MAX_S:
-            return []
-        replaying = self._next_remote is not None
-        return [key for key in deciding_keys(desired, self.settings.device_groups)
-                if (kind, key) in self._unreplayed
-                or (replaying and (kind, key) not in self._heard)]
+    def _unconfirmed(self, view: RemoteView, desired: Desired | None,
+                     now: float) -> list[RemoteKey]:
+        """The topics deciding ``desired`` that this session has not confirmed yet."""
+        return view.unconfirmed(deciding_keys(desired, self.settings.device_groups), now)
 
-    def _carry_unreplayed(self, known: dict[RemoteKey, RemoteTag],
-                          fresh: dict[RemoteKey, RemoteTag], kind: str,
-                          until: float) -> dict[RemoteKey, RemoteTag]:
-        """The new session's view, with what it has not replayed yet kept until ``until``."""
-        for key, value in known.items():
-            if key not in fresh:
-                fresh[key] = value
-                self._unreplayed[(kind, key)] = until
-        return fresh
-
-    def _expire_unreplayed(self, now: float) -> None:
-        """Drop the values no replay confirmed within REPLAY_GRACE_S: cleared meanwhile."""
-        for (kind, key), until in list(self._unreplayed.items()):
-            if until <= now:
-                del self._unreplayed[(kind, key)]
-                (self.remote if kind == "tag" else self.remote_agent).pop(key, None)
-
-    def _lay(self, kind: str, key: RemoteKey, tag: str | None, request_id: str | None) -> None:
-        """A desired app tag (``kind`` "tag") or agent version ("agent") for ``key``: in the
-        current view, and in the next session's while its replay is incomplete."""
-        self._unreplayed.pop((kind, key), None)
-        self._heard.add((kind, key))
-        index = 0 if kind == "tag" else 1
-        views = [self.remote if kind == "tag" else self.remote_agent]
-        if self._next_remote is not None:
-            views.append(self._next_remote[index])
-        for remote in views:
-            if tag is None:
-                remote.pop(key, None)
-            else:
-                remote[key] = RemoteTag(tag, request_id)
-
-    def _stale_replay(self, kind: str, message: RemoteTagMessage | RemoteAgentMessage) -> bool:
+    def _stale_replay(self, view: RemoteView,
+                      message: RemoteTagMessage | RemoteAgentMessage) -> bool:
         """A retained replay after a live message on its topic in the same session: the
         live one is newer. Seen on a NATS cluster after a node died: the new node granted
         a subscription late and replayed the value from before a rollout's live publish
         the agent had already acted on; taking it would send the device back."""
-        key = (kind, (message.scope, message.group))
-        if not message.retained:
-            self._live.add(key)
+        if not view.stale((message.scope, message.group), retained=message.retained):
             return False
-        if key in self._live:
-            log.info("ignored a retained %s on %s: older than the live one this session "
-                     "already brought", "desired tag" if kind == "tag" else "agent version",
-                     message.topic)
-            return True
-        return False
+        log.info("ignored a retained %s on %s: older than the live one this session "
+                 "already brought", "desired tag" if view is self.tags else "agent version",
+                 message.topic)
+        return True
 
     def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
         try:
@@ -417,7 +343,7 @@ class Agent:
             self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
             return
-        if self._stale_replay("tag", message):
+        if self._stale_replay(self.tags, message):
             return
         key = (message.scope, message.group)
         previous = self._request_at.get(key)
@@ -432,7 +358,7 @@ class Agent:
             delay = random.random() * parsed.spread
             self._spread[key] = SpreadHold(parsed.tag, parsed.spread, time.monotonic() + delay,
                                            time.time() + delay)
-        self._lay("tag", key, parsed.tag, parsed.request_id)
+        self.tags.lay(key, _remote_tag(parsed))
         if parsed.tag is not None and parsed.request_id is not None and not message.retained:
             # Live: someone asks now. A retained replay was asked (and answered) before;
             # it is taken up if a check acts on it.
@@ -456,10 +382,10 @@ class Agent:
             self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
             return
-        if self._stale_replay("agent", message):
+        if self._stale_replay(self.agent_versions, message):
             return
         key = (message.scope, message.group)
-        self._lay("agent", key, parsed.tag, parsed.request_id)
+        self.agent_versions.lay(key, _remote_tag(parsed))
         # an app tag published with it is taken first (the check runs before the handover)
         self._agent_settle_until = time.monotonic() + REMOTE_SETTLE_S
 
@@ -481,11 +407,12 @@ class Agent:
     # -- desired tag ------------------------------------------------------------
     def resolve(self) -> Desired | None:
         """The effective desired tag from every source, by precedence."""
-        groups = [(g, self.remote.get((Source.GROUP, g))) for g in self.settings.device_groups]
+        tags = self.tags
+        groups = [(g, tags.get((Source.GROUP, g))) for g in self.settings.device_groups]
         desired = resolve_desired(
-            device=self.remote.get((Source.DEVICE, None)),
+            device=tags.get((Source.DEVICE, None)),
             groups=groups,
-            fleet=self.remote.get((Source.FLEET, None)),
+            fleet=tags.get((Source.FLEET, None)),
             file_tag=self._read_tag_file(),
             image_tag=self.settings.image_tag,
             fallback_tag=self.settings.fallback_tag,
@@ -527,9 +454,10 @@ class Agent:
         self._lock_poll_at = None
         replies, self._replies = self._replies, []
         self._next_check = time.monotonic() + self.settings.poll_interval_s
-        self._expire_unreplayed(time.monotonic())
-        if self._unreplayed:  # look again when the last value no replay confirmed goes
-            self._next_check = min(self._next_check, max(self._unreplayed.values()))
+        for view in (self.tags, self.agent_versions):
+            last = view.expire(time.monotonic())
+            if last is not None:  # look again when the last value no replay confirmed goes
+                self._next_check = min(self._next_check, last)
         self._superseded_by = None
         result: CheckResult | None = None
         error: str | None = None
@@ -626,12 +554,13 @@ class Agent:
         reconnect, the tags that decide it (VIEW_HOLD_MAX_S). Not even ``force`` goes
         ahead: the question is which tag, not when."""
         now = time.monotonic()
-        if desired.tag == self.status.running.tag or self._session_at is None:
+        session_at = self.tags.session_at
+        if desired.tag == self.status.running.tag or session_at is None:
             return None
-        pending = self._unconfirmed("tag", desired, now)
+        pending = self._unconfirmed(self.tags, desired, now)
         if not pending:
             return None
-        ends = self._session_at + VIEW_HOLD_MAX_S
+        ends = session_at + VIEW_HOLD_MAX_S
         at = time.time() + (ends - now)
         scopes = " and ".join(_scope_name(key) for key in pending)
         self.status.defer(Deferral(desired.tag, DeferReason.BROKER,
@@ -680,7 +609,7 @@ class Agent:
         superseded = [(rid, self._open.pop(rid)) for rid in list(self._open)
                       if rid in replaced and (desired is None or rid != desired.request_id)]
         for request_id, request in superseded:
-            now = self.remote.get(request.key)
+            now = self.tags.get(request.key)
             scope = _scope_name(request.key)
             if now is None:
                 reason = (f"the {scope} desired tag {request.tag} was cleared before it was "
@@ -834,6 +763,10 @@ def _failure_details(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, SignatureRefused):
         return {"code": FailureCode.SIGNATURE_INVALID, "digest": exc.digest}
     return {}
+
+
+def _remote_tag(parsed: DesiredTag) -> RemoteTag | None:
+    return None if parsed.tag is None else RemoteTag(parsed.tag, parsed.request_id)
 
 
 def _key_of(desired: Desired) -> RemoteKey:

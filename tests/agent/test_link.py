@@ -27,7 +27,8 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.link import AgentLink
-from edge_agent.agent.loop import REPLAY_GRACE_S, Agent, ContainerEvent
+from edge_agent.agent.loop import Agent, ContainerEvent
+from edge_agent.agent.remote import REPLAY_GRACE_S
 from edge_agent.agent.status import RunningView
 from edge_agent.protocol.answers import Answer, Outcome, judge_event, judge_state
 from edge_agent.protocol.errors import TagError
@@ -255,7 +256,7 @@ def test_reconnect_forgets_remote_tags_until_the_broker_replays_them(tmp_path: P
     agent.handle(RemoteTagMessage(Source.FLEET, b"1.5", "edge/fleet/tag"))  # the replay
     agent.handle(RemoteReady())
     # no replay of the device tag comes: at the grace's end it is gone (REPLAY_GRACE_S)
-    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)
+    agent.tags.expire(time.monotonic() + REPLAY_GRACE_S + 1)
     desired = agent.resolve()
     assert desired is not None and (desired.tag, desired.source) == ("1.5", Source.FLEET)
     agent.close()
@@ -284,7 +285,7 @@ def test_an_incomplete_replay_does_not_replace_the_last_complete_view(tmp_path: 
     agent.handle(RemoteReady())  # every tag subscription granted
     desired = agent.resolve()  # the device tag's replay may still be on its way
     assert desired is not None and (desired.tag, desired.source) == ("4.0", Source.DEVICE)
-    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)  # none came: cleared
+    agent.tags.expire(time.monotonic() + REPLAY_GRACE_S + 1)  # none came: cleared
     desired = agent.resolve()
     assert desired is not None and (desired.tag, desired.source) == ("3.0", Source.GROUP)
     agent.close()

@@ -17,14 +17,13 @@ from hypothesis import strategies as st
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.loop import (
     REMOTE_SETTLE_S,
-    REPLAY_GRACE_S,
     RETRY_BASE_S,
-    VIEW_HOLD_MAX_S,
     Agent,
     ContainerEvent,
     Wake,
 )
 from edge_agent.agent.reconcile import Desired, RemoteTag
+from edge_agent.agent.remote import REPLAY_GRACE_S, VIEW_HOLD_MAX_S
 from edge_agent.protocol.errors import TagError
 from edge_agent.protocol.events import CheckOutcome, EventName
 from edge_agent.protocol.messages import CheckRequest, RemoteReady, RemoteReset, RemoteTagMessage
@@ -70,7 +69,7 @@ def test_invalid_remote_payload_is_rejected_without_effect(tmp_path: Path) -> No
     events: list[dict[str, object]] = []
     agent.status.event_sinks.append(events.append)
     agent.handle(RemoteTagMessage(Source.DEVICE, b'{"tag": "../x"}', topic="edge/devices/d/tag"))
-    assert agent.remote == {}
+    assert agent.tags.current == {}
     assert events[0]["event"] == "tag_rejected"
     assert events[0]["topic"] == "edge/devices/d/tag"
 
@@ -88,7 +87,7 @@ def test_an_unusable_tag_file_holds_the_weaker_sources_back(tmp_path: Path) -> N
     desired = agent.resolve()
     assert desired is not None and (desired.tag, desired.source) == ("3.0", Source.DEVICE)
     tag_file.unlink()  # no file at all is fine: the weaker sources apply
-    agent.remote.clear()
+    agent.tags.current.clear()
     desired = agent.resolve()
     assert desired is not None and desired.source is Source.IMAGE
 
@@ -154,7 +153,7 @@ def test_deep_json_tag_is_rejected_and_the_loop_goes_on(
     agent.step(max_wait_s=0)
     rejected = [e for e in events if e["event"] == "tag_rejected"]
     assert len(rejected) == 1 and "nested 2041 levels deep" in rejected[0]["reason"]
-    assert agent.remote == {}
+    assert agent.tags.current == {}
     assert [a["request_id"] for a in answers] == ["q1"]  # the next message was handled
 
 
@@ -300,7 +299,7 @@ def test_tags_after_a_reconnect_wait_for_the_reset_before_them(tmp_path: Path) -
     agent._working_on = None
     agent.step(max_wait_s=0)  # the loop handles them in order
     assert not agent._backlog
-    assert agent.remote == {(Source.DEVICE, None): RemoteTag("3.0", "r2")}
+    assert agent.tags.current == {(Source.DEVICE, None): RemoteTag("3.0", "r2")}
 
 
 def test_a_tag_the_new_session_has_not_replayed_yet_holds_for_a_grace(tmp_path: Path) -> None:
@@ -313,20 +312,20 @@ def test_a_tag_the_new_session_has_not_replayed_yet_holds_for_a_grace(tmp_path: 
     agent.handle(RemoteReset())
     agent.handle(flip(3, "3.0", scope=Source.GROUP, group="blue", retained=True))
     agent.handle(RemoteReady())  # granted; the device tag's replay is still on its way
-    assert agent.remote[device] == RemoteTag("4.0", "r1")
+    assert agent.tags.current[device] == RemoteTag("4.0", "r1")
     desired = agent.resolve()
     assert desired is not None and desired.tag == "4.0"
     # its replay confirms it: it stays past the grace
     agent.handle(flip(1, "4.0", retained=True))
-    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)
-    assert agent.remote[device] == RemoteTag("4.0", "r1")
+    agent.tags.expire(time.monotonic() + REPLAY_GRACE_S + 1)
+    assert agent.tags.current[device] == RemoteTag("4.0", "r1")
     # a tag cleared while the agent was away: no replay comes, and after the grace it goes
     agent.handle(RemoteReset())
     agent.handle(flip(4, "3.0", scope=Source.GROUP, group="blue", retained=True))
     agent.handle(RemoteReady())
-    assert device in agent.remote
-    agent._expire_unreplayed(time.monotonic() + REPLAY_GRACE_S + 1)
-    assert device not in agent.remote and agent.remote[group].tag == "3.0"
+    assert device in agent.tags.current
+    agent.tags.expire(time.monotonic() + REPLAY_GRACE_S + 1)
+    assert device not in agent.tags.current and agent.tags.current[group].tag == "3.0"
     desired = agent.resolve()
     assert desired is not None and desired.tag == "3.0"
     agent.close()
@@ -364,8 +363,8 @@ def test_after_a_reconnect_no_version_change_rests_on_an_unconfirmed_tag(tmp_pat
     desired = agent.resolve()
     assert desired is not None and desired.tag == "5.0"  # confirmed all the way up
     assert agent._broker_hold(desired) is not None  # the device tag above it: unheard
-    assert agent._session_at is not None
-    agent._session_at -= VIEW_HOLD_MAX_S
+    assert agent.tags.session_at is not None
+    agent.tags.session_at -= VIEW_HOLD_MAX_S
     assert agent._broker_hold(desired) is None
     agent.close()
 
@@ -382,13 +381,13 @@ def test_a_replay_after_a_live_tag_in_the_same_session_is_older_and_ignored(
     agent.handle(RemoteReset())
     agent.handle(flip(2, "4.0"))  # live: the rollout
     agent.handle(flip(1, "2.0", retained=True))  # the late replay
-    assert agent.remote[device] == RemoteTag("4.0", "r2")
+    assert agent.tags.current[device] == RemoteTag("4.0", "r2")
     agent.handle(RemoteTagMessage(Source.DEVICE, b"", "edge/device/tag", None, retained=False))  # live clear
     agent.handle(flip(1, "2.0", retained=True))
-    assert device not in agent.remote
+    assert device not in agent.tags.current
     agent.handle(RemoteReset())  # a new session replays what is current again
     agent.handle(flip(3, "5.0", retained=True))
-    assert agent.remote[device] == RemoteTag("5.0", "r3")
+    assert agent.tags.current[device] == RemoteTag("5.0", "r3")
     agent.close()
 
 

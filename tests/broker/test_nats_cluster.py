@@ -144,9 +144,10 @@ def test_a_rollout_survives_the_death_of_the_agents_node(rig: Rig) -> None:
     per_device = Counter(json.loads(e)["device_id"] for e in distinct)
     for agent in rig.fleet.agents:
         assert "MQTT: lost the broker at" in agent.log()
-    # Exactly once each, to 4.0. Seen before VIEW_HOLD_MAX_S (agent/loop.py): the rollout
-    # cleared a device's own tag while the new node still refused its subscription to the
-    # group's tag, and the device went to the group's old tag for a few seconds.
+    # Exactly once each, to 4.0 (agent/remote.py). Seen before: the rollout cleared a
+    # device's own tag while the new node still refused its subscription to the group's
+    # tag, and the device went to the group's old tag for a few seconds; and a late
+    # granted subscription replayed a device's tag from before the rollout's live one.
     assert per_device == dict.fromkeys(rig.fleet.names, 1), \
         f"{sorted(distinct)}\n{rig.fleet.logs()}"
     assert {json.loads(e)["to_tag"] for e in distinct} == {"4.0"}
