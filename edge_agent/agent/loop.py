@@ -321,29 +321,32 @@ class Agent:
         """The topics deciding ``desired`` that this session has not confirmed yet."""
         return view.unconfirmed(deciding_keys(desired, self.settings.device_groups), now)
 
-    def _stale_replay(self, view: RemoteView,
-                      message: RemoteTagMessage | RemoteAgentMessage) -> bool:
-        """A retained replay after a live message on its topic in the same session: the
-        live one is newer. Seen on a NATS cluster after a node died: the new node granted
-        a subscription late and replayed the value from before a rollout's live publish
+    def _accept(self, view: RemoteView,
+                message: RemoteTagMessage | RemoteAgentMessage) -> DesiredTag | None:
+        """The message's desired tag or agent version, or None when it changes nothing:
+        a payload the agent rejects (a ``tag_rejected`` event answers its request), or a
+        retained replay after a live message on its topic in the same session, which is
+        older. Seen on a NATS cluster after a node died: the new node granted a
+        subscription late and replayed the value from before a rollout's live publish
         the agent had already acted on; taking it would send the device back."""
-        if not view.stale((message.scope, message.group), retained=message.retained):
-            return False
-        log.info("ignored a retained %s on %s: older than the live one this session "
-                 "already brought", "desired tag" if view is self.tags else "agent version",
-                 message.topic)
-        return True
-
-    def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
+        what = "desired tag" if view is self.tags else "desired agent version"
         try:
             parsed = parse_tag_payload(message.payload)
         except TagError as exc:
-            log.warning("rejected desired tag on %s: %s", message.topic, exc)
+            log.warning("rejected %s on %s: %s", what, message.topic, exc)
             request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
             self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
                                    reason=str(exc))
-            return
-        if self._stale_replay(self.tags, message):
+            return None
+        if view.stale((message.scope, message.group), retained=message.retained):
+            log.info("ignored a retained %s on %s: older than the live one this session "
+                     "already brought", what, message.topic)
+            return None
+        return parsed
+
+    def _handle_remote_tag(self, message: RemoteTagMessage) -> None:
+        parsed = self._accept(self.tags, message)
+        if parsed is None:
             return
         key = (message.scope, message.group)
         previous = self._request_at.get(key)
@@ -374,15 +377,8 @@ class Agent:
         self._next_check = min(self._next_check, now + settle)
 
     def _handle_remote_agent(self, message: RemoteAgentMessage) -> None:
-        try:
-            parsed = parse_tag_payload(message.payload)
-        except TagError as exc:
-            log.warning("rejected desired agent version on %s: %s", message.topic, exc)
-            request_id = exc.request_id if isinstance(exc, PayloadRejected) else None
-            self._event_of_request(EventName.TAG_REJECTED, request_id, topic=message.topic,
-                                   reason=str(exc))
-            return
-        if self._stale_replay(self.agent_versions, message):
+        parsed = self._accept(self.agent_versions, message)
+        if parsed is None:
             return
         key = (message.scope, message.group)
         self.agent_versions.lay(key, _remote_tag(parsed))

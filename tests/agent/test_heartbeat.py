@@ -24,8 +24,6 @@ from tests.support.agent_process import AgentProcess
 from tests.support.broker import Broker, MqttWatcher
 from tests.support.device import Device, publish
 
-OPERATOR = "operator"
-
 
 def state(ts: str, status: str = "idle") -> dict[str, Any]:
     return {"device_id": "d1", "ts": ts, "update": {"status": status}}
@@ -70,25 +68,6 @@ def test_keepalive_and_heartbeat_settings() -> None:
 
 
 # -- real agents on a real broker ---------------------------------------------------
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    with Broker() as started:
-        started.add_operator(OPERATOR)
-        yield started
-
-
-@pytest.fixture
-def prefix(test_id: str) -> str:
-    return f"t{test_id}"
-
-
-@pytest.fixture
-def watcher(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
-    watching = MqttWatcher(broker.settings(OPERATOR, prefix=prefix), [f"{prefix}/#"]).start()
-    yield watching
-    watching.close()
-
-
 @pytest.fixture
 def agent_of(broker: Broker, prefix: str, unique_repo: str, container_name: str,
              tmp_path: Path) -> Iterator[Any]:

@@ -46,14 +46,11 @@ from edge_agent.protocol.tags import is_request_id, parse_tag_payload
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
 from tests.support.agent_process import AgentProcess
-from tests.support.broker import Broker, MqttWatcher, Received
+from tests.support.broker import OPERATOR, Broker, MqttWatcher, Received
 from tests.support.device import Device, publish
 from tests.support.hostile import RecordsWithTracebacks, hostile_payloads
 from tests.support.images import remove_repo_images
 from tests.support.throttle import ThrottledRegistry, publish_padded
-
-OPERATOR = "operator"
-
 
 # -- pure routing ---------------------------------------------------------------------
 T = Topics("edge")
@@ -292,26 +289,6 @@ def test_an_incomplete_replay_does_not_replace_the_last_complete_view(tmp_path: 
 
 
 # -- fixtures for the stack tests ------------------------------------------------------
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    with Broker() as started:
-        started.add_operator(OPERATOR)
-        yield started
-
-
-@pytest.fixture
-def prefix(test_id: str) -> str:
-    return f"t{test_id}"
-
-
-@pytest.fixture
-def watcher(broker: Broker, prefix: str) -> Iterator[MqttWatcher]:
-    """The operator, subscribed to everything under the test's prefix."""
-    watching = MqttWatcher(broker.settings(OPERATOR, prefix=prefix), [f"{prefix}/#"]).start()
-    yield watching
-    watching.close()
-
-
 class Agents:
     """Agent processes of one test; all killed at teardown (before the containers go)."""
 

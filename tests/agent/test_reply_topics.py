@@ -17,7 +17,6 @@ import queue
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,12 @@ from edge_agent.protocol.mqtt import Incoming, incoming
 from edge_agent.protocol.tags import is_request_id
 from edge_agent.protocol.topics import Topics
 from tests.support.agent_process import AgentProcess
-from tests.support.broker import Broker, MqttWatcher
+from tests.support.broker import OPERATOR, Broker, MqttWatcher
 from tests.support.device import Device, publish
 from tests.support.hostile import hostile_payloads
 
 T = Topics("edge")
 ROOT = "edge/devices/dev1/reply/"
-OPERATOR = "ops"
 
 
 # -- the rule (pure) ----------------------------------------------------------------------
@@ -228,13 +226,6 @@ def test_the_agent_binds_reply_to_to_its_own_reply_topic_and_warns_once(
 
 
 # -- a real agent on the shipped broker -------------------------------------------------
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    with Broker() as started:
-        started.add_operator(OPERATOR)
-        yield started
-
-
 def ask(ops: MqttWatcher, command_topic: str, response_topic: str, correlation: bytes) -> None:
     properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     properties.ResponseTopic = response_topic

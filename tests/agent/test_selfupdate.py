@@ -23,7 +23,7 @@ import pytest
 from edge_agent.protocol.topics import Topics
 from tests.support import wait_until
 from tests.support.agent_image import build_agent_image, push_variant
-from tests.support.broker import Broker, MqttWatcher
+from tests.support.broker import OPERATOR, Broker, MqttWatcher
 from tests.support.images import build_and_push, remove_repo_images
 
 pytestmark = pytest.mark.stack
@@ -50,13 +50,6 @@ def agent_repo(docker_client: docker.DockerClient, registry: str) -> Iterator[st
             docker_client.images.remove(base)
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    with Broker() as started:
-        started.add_operator("operator")
-        yield started
-
-
 class Device:
     """One device: its app, its agent container(s), its DATA_DIR, an MQTT watcher."""
 
@@ -69,7 +62,7 @@ class Device:
         self.agent_name = f"{name}-agent"
         self.data = data
         broker.add_device(name)
-        self.watcher = MqttWatcher(broker.settings("operator"),
+        self.watcher = MqttWatcher(broker.settings(OPERATOR),
                                    [TOPICS.state(name), TOPICS.events(name)]).start()
 
     def run_agent(self, image: str, **env: str) -> Any:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,16 @@ from tests.support import REPO_ROOT
 
 # Nothing listens on port 1: a test that reached the broker would fail, not pass.
 NO_BROKER = {"MQTT_HOST": "127.0.0.1", "MQTT_PORT": "1"}
+
+
+@pytest.fixture(autouse=True)
+def mqtt_log_level() -> Iterator[None]:
+    """main() quiets the MQTT layer, as a one-shot tool should; the tests that run after
+    these in the same process (pytest-xdist) must still see its warnings."""
+    quieted = logging.getLogger("edge_agent.protocol.mqtt")
+    level = quieted.level
+    yield
+    quieted.setLevel(level)
 
 
 @pytest.fixture

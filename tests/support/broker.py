@@ -47,6 +47,10 @@ def _run(args: Sequence[str | Path], **kwargs: Any) -> subprocess.CompletedProce
         raise RuntimeError(f"{' '.join(map(str, args))} failed: {exc.stderr}") from exc
 
 
+# The operator user the agent tests log in as (tests/agent/conftest.py)
+OPERATOR = "operator"
+
+
 @dataclass(frozen=True)
 class Pki:
     """A CA and a server certificate for 127.0.0.1/localhost, as PEM files."""

@@ -58,6 +58,7 @@ KINDS: tuple[Kind, ...] = ("ok", "healthy", "unhealthy", "exits", "bad_entrypoin
 BUSYBOX = Path("/bin/busybox")
 
 TEST_IMAGE_LABEL = "io.edge-agent.test.image"
+BUILD_ATTEMPTS = 3
 
 APP_PORT = 8080
 
@@ -201,15 +202,24 @@ def build_image(  # noqa: PLR0913 - an image's name, content and target
     """Build one test image as ``<registry>/<repo>:<tag>``; returns the local image id."""
     client = client or get_client()
     ref = f"{full_repo(repo, registry)}:{tag}"
-    stream = client.api.build(
-        fileobj=_context(kind, version),
-        custom_context=True,
-        tag=ref,
-        rm=True,
-        forcerm=True,
-        decode=True,
-    )
-    chunks = _consume(stream, f"docker build {ref}")
+    for attempt in range(1, BUILD_ATTEMPTS + 1):
+        stream = client.api.build(
+            fileobj=_context(kind, version),
+            custom_context=True,
+            tag=ref,
+            rm=True,
+            forcerm=True,
+            decode=True,
+        )
+        try:
+            chunks = _consume(stream, f"docker build {ref}")
+            break
+        except ImageBuildError as exc:
+            # Tests share the daemon's build cache: another test removing its images
+            # (in another pytest-xdist worker) can delete a cached layer this build
+            # was about to use. Built again, it is simply not cached.
+            if "unknown parent image ID" not in str(exc) or attempt == BUILD_ATTEMPTS:
+                raise
     for chunk in reversed(chunks):
         aux = chunk.get("aux")
         if isinstance(aux, Mapping) and isinstance(aux.get("ID"), str):
