@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker
 import jsonschema  # type: ignore[import-untyped]  # ships no type hints
 import requests
 from paho.mqtt.client import Client, MQTTMessage
@@ -36,8 +39,10 @@ from edge_agent.protocol.state import Source
 from edge_agent.protocol.tags import parse_tag_payload
 from edge_agent.protocol.topics import Topics
 from edge_agent.registry_probe import ProbeSettings
-from tests.support import REPO_ROOT, free_port, wait_until
+from tests.support import DEFAULT_REGISTRY, REPO_ROOT, free_port, wait_until
 from tests.support.broker import Broker
+from tests.support.containers import remove_test_containers
+from tests.support.images import Kind, build_and_push, remove_repo_images
 
 TOKEN = "test-token-" + "x" * 20
 SIMULATOR_ACL = (
@@ -231,6 +236,42 @@ def spawn_agent(broker: Broker, prefix: str, device_id: str, repo: str, tag: str
         proc = subprocess.Popen([sys.executable, "-m", "edge_agent"], env=env, cwd=REPO_ROOT,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return AgentProcess(device_id, repo, data_dir, app_port, proc, log_path)
+
+
+@contextmanager
+def agents_behind_a_bridge(broker: Broker, versions: Iterable[str], extra: tuple[str, Kind],
+                           group: str) -> Iterator[tuple[Bridge, list[AgentProcess]]]:
+    """A bridge of its own on ``broker`` and three real agents at 1.0, each on a
+    repository of its own (the first two in ``group``): every repository has a healthy
+    image of each of ``versions``, the first also ``extra`` (tag, kind). No image is
+    left local, so the agents pull. Everything is removed afterwards."""
+    docker_client = docker.from_env(version="auto")
+    test_id = uuid.uuid4().hex[:8]
+    prefix = unique_prefix()
+    repos = [f"{DEFAULT_REGISTRY}/t{test_id}/app{i}" for i in range(3)]
+    for repo in repos:
+        for version in versions:
+            build_and_push(repo, version, version, "healthy")
+    build_and_push(repos[0], extra[0], extra[0], extra[1])
+    for repo in repos:
+        remove_repo_images(repo, client=docker_client)  # the agents must pull
+    work = Path(tempfile.mkdtemp(prefix="edge-bridge-agents-"))
+    name_prefix = f"edge-test-{test_id}"
+    agents: list[AgentProcess] = []
+    try:
+        with running_bridge(broker, prefix) as bridge:
+            for i, repo in enumerate(repos):
+                agents.append(spawn_agent(broker, prefix, f"{name_prefix}-d{i}", repo, "1.0",
+                                          work, groups=[group] if i < 2 else []))
+            yield bridge, agents
+    finally:
+        for agent in agents:
+            agent.stop()
+        remove_test_containers(docker_client, test_id, name_prefix)
+        for repo in repos:
+            remove_repo_images(repo, client=docker_client)
+        docker_client.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # -- what a compromised device may publish ---------------------------------------------

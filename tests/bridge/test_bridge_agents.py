@@ -9,34 +9,21 @@ two are in group ``lab``. Images are the ``healthy`` test images (HEALTHCHECK ev
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 
 from edge_agent import __version__
 from edge_agent.bridge.server import Bridge
-from tests.bridge.support import (
-    TOKEN,
-    AgentProcess,
-    ApiClient,
-    running_bridge,
-    spawn_agent,
-    unique_prefix,
-)
-from tests.support import DEFAULT_REGISTRY, wait_until
+from tests.bridge.support import TOKEN, AgentProcess, ApiClient, agents_behind_a_bridge
+from tests.support import wait_until
 from tests.support.broker import Broker
-from tests.support.containers import remove_test_containers
-from tests.support.images import build_and_push, remove_repo_images
 
 pytestmark = [pytest.mark.broker, pytest.mark.stack]
 
@@ -50,7 +37,6 @@ class Fleet:
     bridge: Bridge
     api: ApiClient
     agents: list[AgentProcess]
-    prefix: str
 
     def device(self, agent: AgentProcess) -> dict[str, Any]:
         response = self.api.get(f"/api/v1/devices/{agent.device_id}")
@@ -77,37 +63,12 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(broker: Broker) -> Iterator[Fleet]:
-    docker_client = docker.from_env(version="auto")
-    test_id = uuid.uuid4().hex[:8]
-    prefix = unique_prefix()
-    repos = [f"{DEFAULT_REGISTRY}/t{test_id}/app{i}" for i in range(3)]
-    for repo in repos:
-        for version in VERSIONS:
-            build_and_push(repo, version, version, "healthy")
-    build_and_push(repos[0], "bad", "bad", "unhealthy")
-    for repo in repos:
-        remove_repo_images(repo, client=docker_client)  # the agents must pull
-    work = Path(tempfile.mkdtemp(prefix="edge-bridge-agents-"))
-    name_prefix = f"edge-test-{test_id}"
-    agents: list[AgentProcess] = []
-    try:
-        with running_bridge(broker, prefix) as bridge, ApiClient(bridge.url) as api:
-            for i, repo in enumerate(repos):
-                agents.append(spawn_agent(broker, prefix, f"{name_prefix}-d{i}", repo, "1.0",
-                                          work, groups=[GROUP] if i < 2 else []))
-            fleet = Fleet(bridge, api, agents, prefix)
-            for agent in agents:
-                fleet.wait_running(agent, "1.0")
-            yield fleet
-    finally:
+    with (agents_behind_a_bridge(broker, VERSIONS, ("bad", "unhealthy"), GROUP)
+          as (bridge, agents), ApiClient(bridge.url) as api):
+        fleet = Fleet(bridge, api, agents)
         for agent in agents:
-            agent.stop()
-        remove_test_containers(docker_client, test_id, name_prefix)
-        for repo in repos:
-            remove_repo_images(repo, client=docker_client)
-        docker_client.close()
-        with contextlib.suppress(OSError):
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+            fleet.wait_running(agent, "1.0")
+        yield fleet
 
 
 def test_put_wait_returns_200_once_the_agent_applied_it(fleet: Fleet) -> None:

@@ -8,24 +8,16 @@ docs/console-detail.png.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docker
 import pytest
 
 from edge_agent.bridge.server import Bridge
-from tests.bridge.support import TOKEN, AgentProcess, running_bridge, spawn_agent, unique_prefix
-from tests.support import DEFAULT_REGISTRY
+from tests.bridge.support import TOKEN, AgentProcess, agents_behind_a_bridge
 from tests.support.broker import Broker
-from tests.support.containers import remove_test_containers
-from tests.support.images import build_and_push, remove_repo_images
 
 pytestmark = [pytest.mark.broker, pytest.mark.stack]
 
@@ -47,34 +39,8 @@ new MutationObserver(() => {
 
 @pytest.fixture(scope="module")
 def fleet(broker: Broker) -> Iterator[tuple[Bridge, list[AgentProcess]]]:
-    docker_client = docker.from_env(version="auto")
-    test_id = uuid.uuid4().hex[:8]
-    prefix = unique_prefix()
-    repos = [f"{DEFAULT_REGISTRY}/t{test_id}/app{i}" for i in range(3)]
-    for repo in repos:
-        for version in ("1.0", "2.0"):
-            build_and_push(repo, version, version, "healthy")
-    build_and_push(repos[0], "crash", "crash", "exits")
-    for repo in repos:
-        remove_repo_images(repo, client=docker_client)  # the agents must pull
-    work = Path(tempfile.mkdtemp(prefix="edge-console-"))
-    name_prefix = f"edge-test-{test_id}"
-    agents: list[AgentProcess] = []
-    try:
-        with running_bridge(broker, prefix) as bridge:
-            for i, repo in enumerate(repos):
-                agents.append(spawn_agent(broker, prefix, f"{name_prefix}-d{i}", repo, "1.0",
-                                          work, groups=[GROUP] if i < 2 else []))
-            yield bridge, agents
-    finally:
-        for agent in agents:
-            agent.stop()
-        remove_test_containers(docker_client, test_id, name_prefix)
-        for repo in repos:
-            remove_repo_images(repo, client=docker_client)
-        docker_client.close()
-        with contextlib.suppress(OSError):
-            subprocess.run(["rm", "-rf", str(work)], check=False)
+    with agents_behind_a_bridge(broker, ("1.0", "2.0"), ("crash", "exits"), GROUP) as made:
+        yield made
 
 
 def test_the_console_drives_real_agents_live(  # noqa: PLR0915 - one operator's session
