@@ -11,9 +11,13 @@ httpd on port 8080 under a ``sh`` wrapper that exits at once on SIGTERM, so
 - ``bad_entrypoint``: its ENTRYPOINT names a file that does not exist, so the container
   never starts (Docker answers the start with ``exec: ... no such file or directory``).
 
-Each (kind, version) has its own digest. Builds use the daemon's build cache (the
-busybox and script layers are shared), so a build+push takes well under a second once
-warm. Images carry the label ``io.edge-agent.test.image=1``.
+Each (repository path, kind, version) has its own digest. The first layer (busybox) also
+holds the repository's path (``/bin/.repository``), so no two repositories share a
+layer: a test's pull downloads what it measures even while other tests (another
+pytest-xdist worker) have their images on the daemon, and no test's cleanup can delete
+a cached layer another test's build is using. Within a repository builds use the
+daemon's build cache, so a build+push takes well under a second once warm. Images carry
+the label ``io.edge-agent.test.image=1``.
 """
 
 from __future__ import annotations
@@ -151,8 +155,9 @@ def dockerfile_for(kind: Kind, version: str) -> str:
     )
 
 
-def _context(kind: Kind, version: str) -> io.BytesIO:
-    """The build context as an in-memory tar (nothing to clean up on disk)."""
+def _context(kind: Kind, version: str, repository: str) -> io.BytesIO:
+    """The build context as an in-memory tar (nothing to clean up on disk);
+    ``repository``, the path without the registry, goes into the first layer."""
     if not BUSYBOX.is_file():
         raise ImageBuildError(f"{BUSYBOX} missing: run scripts/stack (installs busybox-static)")
     buf = io.BytesIO()
@@ -167,6 +172,7 @@ def _context(kind: Kind, version: str) -> io.BytesIO:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         add("Dockerfile", dockerfile_for(kind, version).encode())
         add("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+        add("bin/.repository", repository.encode())
         link = tarfile.TarInfo("bin/sh")
         link.type = tarfile.SYMTYPE
         link.linkname = "busybox"
@@ -204,7 +210,7 @@ def build_image(  # noqa: PLR0913 - an image's name, content and target
     ref = f"{full_repo(repo, registry)}:{tag}"
     for attempt in range(1, BUILD_ATTEMPTS + 1):
         stream = client.api.build(
-            fileobj=_context(kind, version),
+            fileobj=_context(kind, version, split_reference(full_repo(repo, registry))[1]),
             custom_context=True,
             tag=ref,
             rm=True,
@@ -215,10 +221,10 @@ def build_image(  # noqa: PLR0913 - an image's name, content and target
             chunks = _consume(stream, f"docker build {ref}")
             break
         except ImageBuildError as exc:
-            # Tests share the daemon's build cache: another test removing its images
-            # (in another pytest-xdist worker) can delete a cached layer this build
-            # was about to use. Built again, it is simply not cached.
-            if "unknown parent image ID" not in str(exc) or attempt == BUILD_ATTEMPTS:
+            # A cached layer deleted under the build (by a cleanup of this repository's
+            # images racing it): built again, it is simply not cached.
+            lost = ("unknown parent image ID", "failed to get digest")
+            if not any(text in str(exc) for text in lost) or attempt == BUILD_ATTEMPTS:
                 raise
     for chunk in reversed(chunks):
         aux = chunk.get("aux")

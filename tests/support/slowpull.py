@@ -121,7 +121,7 @@ def push_large_image(repo: str, tag: str, version: str, size: int, *,
     dockerfile = dockerfile_for("ok", version).replace(
         "FROM scratch\n", "FROM scratch\nCOPY blob /blob\n", 1)
     buf = io.BytesIO()
-    with (tarfile.open(fileobj=_context("ok", version)) as source,
+    with (tarfile.open(fileobj=_context("ok", version, repo.partition("/")[2])) as source,
           tarfile.open(fileobj=buf, mode="w") as tar):
         for member in source.getmembers():
             if member.name != "Dockerfile":
