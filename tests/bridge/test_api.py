@@ -15,6 +15,7 @@ import pytest
 from edge_agent.bridge.api import Api, Request, Response
 from edge_agent.bridge.fleet import Fleet
 from edge_agent.protocol.mqtt import BrokerUnavailable
+from edge_agent.protocol.state import DeferReason
 from edge_agent.protocol.topics import ID_RE, Topics
 from tests.support.documents import state
 
@@ -305,6 +306,25 @@ def test_id_pattern_matches_openapi(api: Api) -> None:
     _, doc, _ = call(api, "GET", "/openapi.json")
     for name in ("deviceId", "group"):
         assert doc["components"]["parameters"][name]["schema"]["pattern"] == ID_RE.pattern
+
+
+def test_openapi_vocabularies_match_the_enums(api: Api) -> None:
+    """A value the agents send and the document does not list would fail a client that
+    validates against it (an update deferred for a reason added later, say)."""
+    _, doc, _ = call(api, "GET", "/openapi.json")
+    found = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if path.endswith("deferred.properties.reason"):
+                found.append(node["enum"])
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, path)
+    walk(doc, "")
+    assert found and all(enum == [str(r) for r in DeferReason] for enum in found), found
 
 
 def test_wait_504_names_the_error_the_device_retries(
