@@ -40,6 +40,10 @@ RETAINED_MAX_S = 3.0
 # broker refuses packets over 64 KiB before they get here).
 MAX_DEVICE_MESSAGE_BYTES = 256 * 1024
 OPERATOR_ACL = "edge-ctl needs a user with the operator ACL (mosquitto/add-device --operator NAME)"
+# A cluster node may refuse a subscription for a moment (NATS while its JetStream storage
+# settles after another node died); the MQTT layer asks again after 1 s, 2 s and 4 s.
+# A refusal that outlasts this is the user's ACL.
+REFUSED_GRACE_S = 8.0
 
 
 class Session:
@@ -65,6 +69,11 @@ class Session:
         except MqttConnectError as exc:
             self.close()
             raise CtlError(str(exc), EXIT_TIMEOUT) from None
+        deadline = time.monotonic() + REFUSED_GRACE_S
+        while refused and time.monotonic() < deadline:
+            time.sleep(0.1)
+            still = self.broker.refused_subscriptions
+            refused = [r for r in refused if r.rsplit(" (", 1)[0] in still]
         if refused:
             self.close()
             raise CtlError(f"the broker refused the subscription to {', '.join(refused)} for "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ import pytest
 from edge_agent.agent.config import load_settings
 from edge_agent.agent.link import AgentLink
 from edge_agent.agent.loop import Message
+from edge_agent.ctl.errors import CtlError
+from edge_agent.ctl.session import REFUSED_GRACE_S, Session
 from edge_agent.protocol.messages import RemoteReady, RemoteReset
 from edge_agent.protocol.mqtt import BrokerClient
 from edge_agent.protocol.topics import Topics
@@ -98,6 +102,26 @@ def test_a_subscription_is_taken_once_the_broker_grants_it(
     finally:
         client.stop()
         operator.close()
+
+
+def test_edge_ctl_waits_out_a_passing_refusal_and_names_a_lasting_one(
+    broker: NatsCluster, t: Topics,
+) -> None:
+    """edge-ctl logged in as a device may not read every device's state: refused, and
+    said so once the refusal has outlasted REFUSED_GRACE_S. Made an operator within the
+    grace (as a cluster node that settles), the same login goes on."""
+    settings = broker.settings(DEVICE, prefix=t.prefix, nodes=[0])
+    started = time.monotonic()
+    with pytest.raises(CtlError, match=re.escape(f"refused the subscription to {t.all_states}")):
+        Session(settings, [t.all_states])
+    assert time.monotonic() - started >= REFUSED_GRACE_S
+    grant = threading.Timer(2.0, broker.add_device, (DEVICE,),
+                            {"operator": True, "password": broker.passwords[DEVICE]})
+    grant.start()
+    try:
+        Session(settings, [t.all_states]).close()  # refused at first, then granted
+    finally:
+        grant.join()
 
 
 def test_the_agent_waits_for_every_tag_subscription_before_its_view_is_complete(

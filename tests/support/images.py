@@ -14,8 +14,9 @@ httpd on port 8080 under a ``sh`` wrapper that exits at once on SIGTERM, so
 Each (repository path, kind, version) has its own digest. The first layer (busybox) also
 holds the repository's path (``/bin/.repository``), so no two repositories share a
 layer: a test's pull downloads what it measures even while other tests (another
-pytest-xdist worker) have their images on the daemon, and no test's cleanup can delete
-a cached layer another test's build is using. Within a repository builds use the
+pytest-xdist worker) have their images on the daemon. (A build can still fail when the
+builder, looking for a cached step, meets an image another test is deleting: such a
+build is run again.) Within a repository builds use the
 daemon's build cache, so a build+push takes well under a second once warm. Images carry
 the label ``io.edge-agent.test.image=1``.
 """
@@ -221,9 +222,10 @@ def build_image(  # noqa: PLR0913 - an image's name, content and target
             chunks = _consume(stream, f"docker build {ref}")
             break
         except ImageBuildError as exc:
-            # A cached layer deleted under the build (by a cleanup of this repository's
-            # images racing it): built again, it is simply not cached.
-            lost = ("unknown parent image ID", "failed to get digest")
+            # The classic builder looks through the daemon's images for a cached step;
+            # one that another test (another pytest-xdist worker) deletes meanwhile
+            # fails the build. Built again, the image is simply not there to look at.
+            lost = ("unknown parent image ID", "failed to get digest", "unable to find image")
             if not any(text in str(exc) for text in lost) or attempt == BUILD_ATTEMPTS:
                 raise
     for chunk in reversed(chunks):
