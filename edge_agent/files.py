@@ -45,11 +45,12 @@ class FileRefused(StorageError):
 
 
 def permission_hint(exc: OSError, path: Path) -> str:
-    """What to do about EACCES/EPERM on a file of DATA_DIR: whose the files must be."""
+    """What to do about EACCES/EPERM on a file of a data directory (the agent's DATA_DIR,
+    the bridge's rollout records): whose the files must be."""
     if exc.errno not in (errno.EACCES, errno.EPERM):
         return ""
     uid = os.getuid()
-    return (f" (the agent runs as uid {uid}: make {path.parent} its own, "
+    return (f" (this program runs as uid {uid}: make {path.parent} its own, "
             f"chown -R {uid} {path.parent})")
 
 
