@@ -70,13 +70,14 @@ class Session:
             self.close()
             raise CtlError(str(exc), EXIT_TIMEOUT) from None
         deadline = time.monotonic() + REFUSED_GRACE_S
-        while refused and time.monotonic() < deadline:
+        refusals = self.broker.refusals if refused else {}
+        while refusals and time.monotonic() < deadline:
             time.sleep(0.1)
-            still = self.broker.refused_subscriptions
-            refused = [r for r in refused if r.rsplit(" (", 1)[0] in still]
-        if refused:
+            refusals = self.broker.refusals
+        if refusals:
             self.close()
-            raise CtlError(f"the broker refused the subscription to {', '.join(refused)} for "
+            listed = ", ".join(f"{topic} ({reason})" for topic, reason in refusals.items())
+            raise CtlError(f"the broker refused the subscription to {listed} for "
                            f"{settings.username or 'this user'}; {OPERATOR_ACL}", EXIT_FAILED)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool,

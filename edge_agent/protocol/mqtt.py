@@ -591,11 +591,16 @@ class BrokerClient:
     def refused_subscriptions(self) -> frozenset[str]:
         """Topics of our subscriptions the broker refuses on this connection (asked for
         again with a backoff until granted)."""
+        return frozenset(self.refusals)
+
+    @property
+    def refusals(self) -> dict[str, str]:
+        """The refused topics with the broker's reason for each."""
         tracker = self._tracker()
         if tracker is None:
-            return frozenset()
+            return {}
         with tracker.lock:
-            return frozenset(tracker.refused)
+            return dict(tracker.refused)
 
     def publish(self, topic: str, payload: bytes | str, *, retain: bool,
                 properties: Properties | None = None) -> None:

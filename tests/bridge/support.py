@@ -265,13 +265,20 @@ def agents_behind_a_bridge(broker: Broker, versions: Iterable[str], extra: tuple
                                           work, groups=[group] if i < 2 else []))
             yield bridge, agents
     finally:
-        for agent in agents:
-            agent.stop()
-        remove_test_containers(docker_client, test_id, name_prefix)
-        for repo in repos:
-            remove_repo_images(repo, client=docker_client)
-        docker_client.close()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up_agents(docker_client, agents, test_id, name_prefix, repos, work)
+
+
+def clean_up_agents(docker_client: docker.DockerClient, agents: Iterable[AgentProcess],  # noqa: PLR0913, PLR0917 - what the fixture made
+                    test_id: str, name_prefix: str, repos: Iterable[str], work: Path) -> None:
+    """Stop the agents, remove their containers, the repositories' local images and the
+    work directory, and close ``docker_client``."""
+    for agent in agents:
+        agent.stop()
+    remove_test_containers(docker_client, test_id, name_prefix)
+    for repo in repos:
+        remove_repo_images(repo, client=docker_client)
+    docker_client.close()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # -- what a compromised device may publish ---------------------------------------------

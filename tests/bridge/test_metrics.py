@@ -34,6 +34,7 @@ from tests.bridge.support import (
     TOKEN,
     AgentProcess,
     ApiClient,
+    clean_up_agents,
     hostile_events,
     hostile_states,
     spawn_agent,
@@ -42,8 +43,7 @@ from tests.bridge.support import (
 )
 from tests.support import DEFAULT_REGISTRY, REPO_ROOT, free_port, wait_until
 from tests.support.broker import Broker, MqttWatcher
-from tests.support.containers import remove_test_containers
-from tests.support.images import build_and_push, remove_repo_images
+from tests.support.images import build_and_push
 
 METRICS_TOKEN = "metrics-token-" + "m" * 20
 DASHBOARD = REPO_ROOT / "grafana" / "edge-agent-fleet.json"
@@ -328,16 +328,10 @@ def stack(broker: Broker) -> Iterator[Stack]:
     finally:
         if hostile is not None:
             hostile.close()
-        for agent in agents:
-            agent.stop()
         if prometheus is not None:
             prometheus.stop()
         bridge.stop()
-        remove_test_containers(docker_client, test_id, name_prefix)
-        for repo in repos:
-            remove_repo_images(repo, client=docker_client)
-        docker_client.close()
-        shutil.rmtree(work, ignore_errors=True)
+        clean_up_agents(docker_client, agents, test_id, name_prefix, repos, work)
 
 
 def dashboard_expressions() -> list[str]:
