@@ -245,6 +245,9 @@ class _Probe:
             conn.request(method, target, headers={"User-Agent": USER_AGENT, **headers})
             response = conn.getresponse()
             body = response.read(max_body + 1) if max_body else b""
+            # expire() ends a read by shutting the socket: what was read up to then is a
+            # cut-off answer (http.client takes the end of input for the end of the head)
+            self.remaining()
             return response.status, response.headers, body
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.remaining()  # the deadline, if that is what ended it
@@ -275,10 +278,11 @@ def probe(repository: str, tag: str, settings: ProbeSettings) -> TagCheck:
     worker = threading.Thread(target=ask, name="registry-probe", daemon=True)
     worker.start()
     worker.join(settings.timeout_s + JOIN_GRACE_S)
-    if not outcome:
+    # decided once, here: whatever the worker appends after this came past the deadline
+    finished = bool(outcome)
+    if not finished:
         question.expire()
-        outcome.append(f"no answer within {settings.timeout_s:g} s")
-    answer = outcome[0]
+    answer = outcome[0] if finished else f"no answer within {settings.timeout_s:g} s"
     if isinstance(answer, Verdict):
         return TagCheck(repository, tag, answer)
     reason = f"{location.base_url}/v2/{location.name}: {answer}"

@@ -20,6 +20,8 @@ from edge_agent.protocol.errors import ConfigError
 from edge_agent.registry_probe import (
     ProbeSettings,
     Verdict,
+    _Probe,
+    _Unknown,
     load_probe_settings,
     locate,
     precheck,
@@ -191,6 +193,19 @@ def test_a_hostile_registry_gives_unknown_within_the_timeout(behaviour: Behaviou
     assert answer.reason.startswith(f"http://{address}/v2/acme/app: ")
     assert len(answer.reason) < 400
     assert took < 1.5 + 1.0  # the deadline holds, whatever the server does (with margin)
+
+
+def test_a_head_cut_off_by_the_deadline_is_no_answer() -> None:
+    # The deadline ends a read by shutting the socket down; http.client then takes the end
+    # of input for the end of the head, and a dripped "200 OK" read as an answer would say
+    # the tag exists (seen under load: the worker answered just after the deadline).
+    with hostile_server(drip) as address:
+        question = _Probe(locate(f"{address}/acme/app"), ProbeSettings(timeout_s=5))
+        deadline = threading.Timer(0.5, question.expire)
+        deadline.start()
+        with pytest.raises(_Unknown, match="no answer within 5 s"):
+            question.request(f"http://{address}/v2/acme/app/manifests/1.0", "HEAD", {})
+        deadline.join()
 
 
 def test_a_token_service_that_answers_too_much_is_unknown() -> None:
