@@ -12,7 +12,9 @@ Rules (docs/BRIDGE.md, "Rollouts"):
   ``max_updating`` devices are in flight (sent, updating or deferred: a deferred device
   keeps its slot, so the cap still holds when its window opens);
 - a sent device finishes when ``protocol/answers`` judges its request: succeeded, or
-  failed with the reason;
+  failed with the reason; one that is online but whose state has not shown the request
+  ``RESEND_AFTER_S`` after it was sent is sent the same message again (a broker node
+  that took over after another died may replay an older retained value to it);
 - offline devices are never sent (they would update on reconnect, outside the cap):
   ``unreachable`` = wait (the default: until the wave timeout, then skipped), skip, or
   fail; a deferred device that is skipped gets its previous override back, so it does
@@ -43,6 +45,9 @@ from edge_agent.protocol.timestamps import format_utc, parse_utc
 from edge_agent.rollout.spec import OnHalt, RolloutSpec, TargetKind, Unreachable
 
 BUSY_STATUSES = frozenset(str(s) for s in BUSY) | {str(UpdateStatus.CHECKING)}
+# An agent shows a desired tag in its state within a second or two of getting it: thirty
+# seconds of silence from an online device means the message did not reach it.
+RESEND_AFTER_S = 30.0
 
 
 class RolloutState(enum.StrEnum):
@@ -117,19 +122,21 @@ class DeviceEntry:
     previous_tag: str | None = None
     previous_request_id: str | None = None
     sent_at: float | None = None
+    resent_at: float | None = None  # the last time it was sent again (RESEND_AFTER_S)
 
     def to_json(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "outcome": str(self.outcome),
                 "reason": self.reason, "request_id": self.request_id,
                 "previous_tag": self.previous_tag,
                 "previous_request_id": self.previous_request_id,
-                "sent_at": _ts(self.sent_at)}
+                "sent_at": _ts(self.sent_at), "resent_at": _ts(self.resent_at)}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> DeviceEntry:
         return cls(obj["device_id"], DeviceOutcome(obj["outcome"]), obj.get("reason"),
                    obj.get("request_id"), obj.get("previous_tag"),
-                   obj.get("previous_request_id"), parse_utc(obj.get("sent_at")))
+                   obj.get("previous_request_id"), parse_utc(obj.get("sent_at")),
+                   parse_utc(obj.get("resent_at")))
 
 
 @dataclass
@@ -361,7 +368,7 @@ def _run_wave(rollout: Rollout, wave: WaveRecord, view: View, now: float
         if rollout.state is not RolloutState.RUNNING:
             return actions, False
     else:
-        actions += _send(rollout, wave, view, now)
+        actions += _resend(rollout, wave, view, now) + _send(rollout, wave, view, now)
     if any(d.outcome not in FINISHED for d in wave.devices):
         return actions, False
     return actions + _evaluate(rollout, wave, view, now), rollout.state is RolloutState.RUNNING
@@ -407,6 +414,27 @@ def _send(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[Ac
         in_flight += 1
         actions.append(Action(Scope.DEVICE, entry.device_id, rollout.spec.tag,
                               entry.request_id, format_utc(now)))
+    return actions
+
+
+def _resend(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[Action]:
+    """The same message again, for a sent device that is online and has not shown the
+    request for ``RESEND_AFTER_S``. Seen on a NATS cluster: the bridge published while the
+    devices' node died; the node they moved to replayed the device tag from before, and
+    the wave waited out its timeout. Publishing the same retained payload twice changes
+    nothing for a device that did get it."""
+    actions: list[Action] = []
+    for entry in wave.devices:
+        if (entry.outcome is not DeviceOutcome.SENT or entry.request_id is None
+                or entry.sent_at is None):
+            continue
+        device = view.device(entry.device_id)
+        if (now - (entry.resent_at or entry.sent_at) < RESEND_AFTER_S or not device.online
+                or lookup(device.state, "desired", "request_id") == entry.request_id):
+            continue
+        entry.resent_at = now
+        actions.append(Action(Scope.DEVICE, entry.device_id, rollout.spec.tag,
+                              entry.request_id, format_utc(entry.sent_at)))
     return actions
 
 

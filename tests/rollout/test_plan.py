@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from edge_agent.protocol.timestamps import format_utc
 from edge_agent.rollout import plan
 from edge_agent.rollout.plan import (
     Action,
@@ -192,6 +193,38 @@ def test_a_silent_device_times_the_wave_out_and_halts() -> None:
     assert rollout.waves[0].state is WaveState.TIMED_OUT
     assert fleet.sent == ["dev-00"]
     assert "dev-00" not in fleet.overrides  # its override is withdrawn
+
+
+def test_an_online_device_that_never_shows_the_request_is_sent_it_again() -> None:
+    """The message did not reach it (seen on a NATS cluster: the node that took over
+    replayed an older retained tag). Online, its state showing another request, the device
+    is sent the same message every RESEND_AFTER_S, never while offline, and no more once
+    its state shows the request."""
+    fleet = SimFleet(silent={"dev-00"})
+    rollout = make(waves=[1, "100%"], wave_timeout_s=600)
+    sends: list[tuple[float, Action]] = []
+    now = T0
+    for tick in range(150):
+        if tick == 70:
+            fleet.offline.add("dev-00")
+        if tick == 110:
+            fleet.offline.clear()
+        if tick == 120:
+            fleet.silent.clear()  # the last send got through
+        if tick % 7 == 0:  # a restart keeps the schedule: it is in the record
+            rollout = Rollout.from_json(rollout.to_json(), rollout.spec)
+        rollout, actions = plan.step(rollout, fleet.view(), now)
+        sends += [(now - T0, a) for a in actions if a.target == "dev-00" and a.tag]
+        fleet.apply(actions)
+        fleet.progress()
+        now += 1
+    assert [at for at, _ in sends] == [0, 30, 60, 110]  # back online: at once
+    assert len({action for _, action in sends}) == 1  # the same message each time
+    entry = rollout.waves[0].devices[0]
+    assert entry.outcome is DeviceOutcome.SUCCEEDED
+    assert entry.resent_at == T0 + 110
+    assert rollout.state is RolloutState.SUCCEEDED
+    assert entry.to_json()["resent_at"] == format_utc(T0 + 110)
 
 
 @pytest.mark.parametrize(("policy", "state", "outcome"), [
