@@ -14,7 +14,7 @@ Rules (docs/BRIDGE.md, "Rollouts"):
 - a sent device finishes when ``protocol/answers`` judges its request: succeeded, or
   failed with the reason; one that is online but whose state has not shown the request
   ``RESEND_AFTER_S`` after it was sent is sent the same message again (a broker node
-  that took over after another died may replay an older retained value to it);
+  that took over after another died may never serve it the retained message);
 - offline devices are never sent (they would update on reconnect, outside the cap):
   ``unreachable`` = wait (the default: until the wave timeout, then skipped), skip, or
   fail; a deferred device that is skipped gets its previous override back, so it does
@@ -419,9 +419,9 @@ def _send(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[Ac
 
 def _resend(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[Action]:
     """The same message again, for a sent device that is online and has not shown the
-    request for ``RESEND_AFTER_S``. Seen on a NATS cluster: the bridge published while the
-    devices' node died; the node they moved to replayed the device tag from before, and
-    the wave waited out its timeout. Publishing the same retained payload twice changes
+    request for ``RESEND_AFTER_S``. Seen on a NATS cluster: the bridge published as the
+    devices' node died; the node they moved to never served the new device tag, and the
+    wave waited out its timeout. Publishing the same retained payload twice changes
     nothing for a device that did get it."""
     actions: list[Action] = []
     for entry in wave.devices:
