@@ -197,7 +197,7 @@ def test_a_silent_device_times_the_wave_out_and_halts() -> None:
 
 def test_an_online_device_that_never_shows_the_request_is_sent_it_again() -> None:
     """The message did not reach it (seen on a NATS cluster: the node that took over
-    replayed an older retained tag). Online, its state showing another request, the device
+    never served the new retained tag). Online, its state showing another request, the device
     is sent the same message every RESEND_AFTER_S, never while offline, and no more once
     its state shows the request."""
     fleet = SimFleet(silent={"dev-00"})
