@@ -135,13 +135,18 @@ def device(docker_client: docker.DockerClient, broker: Broker, unique_repo: str,
         made.close()
 
 
-def _settled(device: Device, version: str, timeout: float = 90) -> dict[str, Any]:
-    """The device runs agent ``version`` with one agent container and the app running."""
+def _settled(device: Device, version: str, timeout: float = 90, *,
+             desired: str | None = None) -> dict[str, Any]:
+    """The device runs agent ``version`` with one agent container and the app running
+    (and, given ``desired``, shows that desired agent version: a new agent's first state
+    may come before the retained one reaches it)."""
     def check() -> dict[str, Any] | None:
         state = device.state()
+        agent = state.get("agent") or {}
         if (state.get("agent_version") == version and len(device.agents()) == 1
                 and (state.get("running") or {}).get("status") == "running"
-                and (state.get("agent") or {}).get("status") in ("idle", "failed")):
+                and agent.get("status") in ("idle", "failed")
+                and (desired is None or agent.get("desired") == desired)):
             return state
         return None
     try:
@@ -170,8 +175,8 @@ def test_agent_updates_itself_over_mqtt_and_leaves_the_app_alone(
     app_before = device.app()
     device.set_agent("0.2", "up-0.2")
     _event(device, "agent_update_succeeded", "up-0.2")
-    state = _settled(device, "0.2")
-    assert state["agent"]["desired"] == "0.2"
+    state = _settled(device, "0.2", desired="0.2")
+    assert state["agent"]["source"] == "device"
     with pytest.raises(docker.errors.NotFound):
         device.client.containers.get(old.id)
     [new] = device.agents()
