@@ -26,7 +26,10 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Self:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+        # PYTHONFAULTHANDLER: a SIGABRT makes the process print every thread's stack to
+        # its log (time_sigterm sends one to an agent that does not stop)
+        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
+               "PYTHONFAULTHANDLER": "1"}
         env.setdefault("LOG_LEVEL", "DEBUG")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent"], env=env,

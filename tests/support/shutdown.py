@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from tests.support.agent_process import AgentProcess
 
+ABORT_WAIT_S = 5.0  # for the stack dump to reach the log
+
 
 @dataclass(frozen=True)
 class Stopped:
@@ -20,7 +22,8 @@ class Stopped:
 
 
 def time_sigterm(agent: AgentProcess, give_up_s: float = 15.0) -> Stopped:
-    """Send SIGTERM and wait up to ``give_up_s`` for the exit; SIGKILL after that."""
+    """Send SIGTERM and wait up to ``give_up_s`` for the exit. After that, SIGABRT, so
+    that the agent's log shows where each thread was (PYTHONFAULTHANDLER), then SIGKILL."""
     proc = agent.proc
     assert proc is not None and proc.poll() is None, "the agent is not running"
     started = time.monotonic()
@@ -29,6 +32,10 @@ def time_sigterm(agent: AgentProcess, give_up_s: float = 15.0) -> Stopped:
         code: int | None = proc.wait(give_up_s)
     except subprocess.TimeoutExpired:
         code = None
-        proc.kill()
-        proc.wait(10)
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(ABORT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
     return Stopped(code, time.monotonic() - started)
