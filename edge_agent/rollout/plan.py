@@ -412,8 +412,7 @@ def _send(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[Ac
         entry.request_id = request_id_for(rollout.id, entry.device_id)
         entry.outcome, entry.reason, entry.sent_at = DeviceOutcome.SENT, None, now
         in_flight += 1
-        actions.append(Action(Scope.DEVICE, entry.device_id, rollout.spec.tag,
-                              entry.request_id, format_utc(now)))
+        actions.append(_request(rollout, entry))
     return actions
 
 
@@ -433,9 +432,15 @@ def _resend(rollout: Rollout, wave: WaveRecord, view: View, now: float) -> list[
                 or lookup(device.state, "desired", "request_id") == entry.request_id):
             continue
         entry.resent_at = now
-        actions.append(Action(Scope.DEVICE, entry.device_id, rollout.spec.tag,
-                              entry.request_id, format_utc(entry.sent_at)))
+        actions.append(_request(rollout, entry))
     return actions
+
+
+def _request(rollout: Rollout, entry: DeviceEntry) -> Action:
+    """The rollout's message to a sent device: the same every time it is sent."""
+    assert entry.sent_at is not None
+    return Action(Scope.DEVICE, entry.device_id, rollout.spec.tag, entry.request_id,
+                  format_utc(entry.sent_at))
 
 
 def _time_out(wave: WaveRecord, view: View, policy: Unreachable) -> list[Action]:
